@@ -1,0 +1,41 @@
+# Two commands: `make run` (set up and start the daemon on its embedded defaults)
+# and `make test` (set up and run the whole test suite). Both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: run test venv venv-test prometheus bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+run: venv
+	$(VENV)/bin/telepipe run $(ARGS)
+
+# Debian's prometheus is needed by the integration tests; installed when root and missing.
+prometheus:
+	@if ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "prometheus not found and not root: its integration tests will be skipped"; fi; \
+	fi
+
+test: venv-test prometheus
+	$(PY) -m pytest -q $(ARGS)
+
+bench: venv-test
+	$(PY) -m bench.replay_bench
+
+clean:
+	rm -rf $(VENV) .telepipe .pytest_cache

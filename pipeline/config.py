@@ -1,0 +1,246 @@
+"""Configuration: one TOML file -> nested frozen dataclasses.
+
+Every key has a default here and is documented in ``telepipe.example.toml``.
+Unknown keys and bad values raise ``ConfigError`` naming the key and what is
+allowed (with a "did you mean" hint for misspelt keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+MiB = 1024 * 1024
+
+# OTel Collector spanmetrics default explicit buckets (2 ms .. 15 s), in seconds.
+DEFAULT_BUCKETS = (
+    0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8,
+    1.0, 1.4, 2.0, 5.0, 10.0, 15.0,
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or has a value that is not allowed."""
+
+
+def _host_port(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT with a port 0-65535, got {value!r}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class OtlpConfig:
+    grpc_listen: str = "127.0.0.1:4317"
+    max_message_bytes: int = 4 * MiB
+    server_threads: int = 8
+    max_log_attributes: int = 16
+    max_attribute_value_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        _host_port("otlp.grpc_listen", self.grpc_listen)
+        if not 1024 <= self.max_message_bytes <= 64 * MiB:
+            raise ConfigError(
+                f"otlp.max_message_bytes: allowed 1024..{64 * MiB} (64 MiB), "
+                f"got {self.max_message_bytes}"
+            )
+        _positive("otlp.server_threads", self.server_threads)
+        _positive("otlp.max_log_attributes", self.max_log_attributes, zero_ok=True)
+        _positive("otlp.max_attribute_value_bytes", self.max_attribute_value_bytes)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9464"
+
+    def __post_init__(self) -> None:
+        _host_port("http.listen", self.listen)
+
+
+FSYNC_POLICIES = ("always", "interval", "never")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    data_dir: str = "./.telepipe"
+    segment_bytes: int = 64 * MiB
+    budget_bytes: int = 1024 * MiB
+    fsync: str = "interval"
+    fsync_interval_ms: int = 1000
+    retry_after_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.fsync not in FSYNC_POLICIES:
+            raise ConfigError(f"spool.fsync: allowed {', '.join(FSYNC_POLICIES)}; got {self.fsync!r}")
+        if self.segment_bytes < 4096:
+            raise ConfigError(f"spool.segment_bytes: must be >= 4096, got {self.segment_bytes}")
+        if self.budget_bytes < self.segment_bytes:
+            raise ConfigError(
+                f"spool.budget_bytes: must be >= spool.segment_bytes ({self.segment_bytes}), "
+                f"got {self.budget_bytes}"
+            )
+        _positive("spool.fsync_interval_ms", self.fsync_interval_ms)
+        _positive("spool.retry_after_ms", self.retry_after_ms)
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    length_s: float = 10.0
+    allowed_lateness_s: float = 5.0
+    idle_timeout_s: float = 15.0
+    max_operations_per_service: int = 500
+    relative_accuracy: float = 0.01
+
+    def __post_init__(self) -> None:
+        _positive("windows.length_s", self.length_s)
+        _positive("windows.allowed_lateness_s", self.allowed_lateness_s, zero_ok=True)
+        _positive("windows.idle_timeout_s", self.idle_timeout_s)
+        _positive("windows.max_operations_per_service", self.max_operations_per_service)
+        if not 0.0001 <= self.relative_accuracy <= 0.1:
+            raise ConfigError(
+                f"windows.relative_accuracy: allowed 0.0001..0.1, got {self.relative_accuracy}"
+            )
+        if (self.length_s * 1e9) % 1:
+            raise ConfigError("windows.length_s: must be a whole number of nanoseconds")
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    stale_after_s: float = 600.0
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        _positive("prometheus.stale_after_s", self.stale_after_s)
+        b = list(self.buckets)
+        if not b or b != sorted(set(b)) or b[0] <= 0:
+            raise ConfigError(
+                "prometheus.buckets: must be a non-empty list of increasing positive seconds"
+            )
+
+
+@dataclass(frozen=True)
+class LokiConfig:
+    url: str = ""
+    tenant: str = ""
+    batch_max_bytes: int = 1 * MiB
+    batch_max_wait_ms: int = 1000
+    max_line_bytes: int = 256 * 1024
+    queue_max_batches: int = 64
+    timeout_s: float = 10.0
+    retry_min_ms: int = 500
+    retry_max_ms: int = 300_000
+    max_retries: int = 10
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"loki.url: must start with http:// or https://, got {self.url!r}")
+        for key in ("batch_max_bytes", "batch_max_wait_ms", "max_line_bytes", "queue_max_batches",
+                    "timeout_s", "retry_min_ms", "retry_max_ms"):  # fmt: skip
+            _positive(f"loki.{key}", getattr(self, key))
+        _positive("loki.max_retries", self.max_retries, zero_ok=True)
+        if self.retry_max_ms < self.retry_min_ms:
+            raise ConfigError("loki.retry_max_ms: must be >= loki.retry_min_ms")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    emit_jsonl: str = ""
+    record_dir: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    windows: WindowsConfig = field(default_factory=WindowsConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    loki: LokiConfig = field(default_factory=LokiConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp == tuple[float, ...]:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{key}: expected a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            allowed = ", ".join(names)
+            msg = f"unknown key {full!r}"
+            msg += f" (did you mean {prefix}{hint[0]!r}?)" if hint else f"; allowed: {allowed}"
+            raise ConfigError(msg)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a table [{full}]")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, tp, value)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a TOML file (or the embedded defaults when ``path`` is None)."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return from_dict(data)
+
+
+def override(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Return ``cfg`` with some keys replaced, validated like the file (CLI flags)."""
+    replaced = {}
+    for section, values in sections.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            current = dataclasses.asdict(getattr(cfg, section))
+            current.update(values)
+            replaced[section] = _build(type(getattr(cfg, section)), current, f"{section}.")
+    return dataclasses.replace(cfg, **replaced)

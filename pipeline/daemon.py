@@ -1,0 +1,198 @@
+"""Wiring for ``telepipe run`` and ``telepipe replay``: sources, flow and sinks together.
+
+``Daemon`` owns the long-lived parts (spool, receiver, HTTP server, Loki client)
+and runs the dataflow in the calling thread until ``shutdown()``: the receiver
+stops accepting, the source drains what was acknowledged, windows close at EOF,
+sinks flush.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bytewax.testing import run_main
+from google.protobuf.internal import api_implementation
+
+from pipeline.config import Config
+from pipeline.decode import DecodeLimits
+from pipeline.flow import Outputs, build_flow
+from pipeline.selfmetrics import SelfMetrics
+from sinks.jsonl import JsonlSink
+from sinks.loki import LokiClient, LokiSink
+from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState, make_registry
+from sources.otlp_grpc import OtlpReceiver
+from sources.replay import ReplaySource
+from sources.spool import Spool
+from sources.spool_source import SpoolSource
+
+log = logging.getLogger("telepipe")
+
+SHARD = "shard-000"
+
+
+def protobuf_backend() -> str:
+    return api_implementation.Type()
+
+
+def check_protobuf_backend() -> None:
+    """upb is required: the pure-Python backend is ~10x slower and has recursion CVEs."""
+    backend = protobuf_backend()
+    if backend != "upb":
+        raise RuntimeError(
+            f"protobuf backend is {backend!r}, telepipe needs 'upb' "
+            "(unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION and install protobuf>=4.21 wheels)"
+        )
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Daemon:
+    """``telepipe run``: OTLP in, spool, dataflow, /metrics and Loki out."""
+
+    def __init__(self, cfg: Config, *, clock=time.time) -> None:
+        check_protobuf_backend()
+        self.cfg = cfg
+        self.metrics = SelfMetrics()
+        data_dir = Path(cfg.spool.data_dir)
+        sp = cfg.spool
+        self.spool = Spool(
+            data_dir / "spool" / SHARD,
+            segment_bytes=sp.segment_bytes,
+            budget_bytes=sp.budget_bytes,
+            fsync=sp.fsync,
+            fsync_interval_ms=sp.fsync_interval_ms,
+            metrics=self.metrics,
+        )
+        self.recorder = None
+        if cfg.output.record_dir:
+            self.recorder = Spool(
+                cfg.output.record_dir, segment_bytes=sp.segment_bytes, budget_bytes=2**62, fsync="never",
+                metrics=SelfMetrics(),
+            )  # fmt: skip
+        self.series = SeriesState(cfg.prometheus.buckets, self.metrics, cfg.prometheus.stale_after_s, clock)
+        self.stop_event = threading.Event()
+        self.receiver = OtlpReceiver(
+            cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, recorder=self.recorder
+        )
+        host, port = _host_port(cfg.http.listen)
+        self.http = MetricsHttpServer(host, port, make_registry(self.series, self.metrics), self.ready)
+        self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None
+        outputs = Outputs(window_sinks=[MetricsSink(self.series)])
+        if cfg.output.emit_jsonl:
+            outputs.keyed_window_sinks.append(JsonlSink(cfg.output.emit_jsonl))
+        if self.loki is not None:
+            outputs.log_sinks.append(LokiSink(self.loki))
+        source = SpoolSource({SHARD: self.spool}, stop=self.stop_event)
+        self.flow = build_flow(cfg, source, outputs, self.metrics, clock=clock)
+        self._started = False
+        self._shutdown_lock = threading.Lock()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._started:
+            return False, "starting"
+        if self.stop_event.is_set():
+            return False, "shutting down"
+        if self.spool.over_budget():
+            return False, "spool over its byte budget"
+        return True, "ready"
+
+    def run(self) -> None:
+        """Serve until ``shutdown()``; returns after the drain."""
+        self.http.start()
+        self.receiver.start()
+        self._started = True
+        log.info(
+            "telepipe running: OTLP gRPC %s, HTTP %s, data dir %s",
+            self.cfg.otlp.grpc_listen, self.cfg.http.listen, self.cfg.spool.data_dir,
+        )  # fmt: skip
+        try:
+            run_main(self.flow)
+        finally:
+            self.shutdown()
+            if self.loki is not None:
+                self.loki.close(timeout=10.0)
+            self.spool.close()
+            if self.recorder is not None:
+                self.recorder.close()
+            self.http.stop()
+            log.info("telepipe stopped")
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting, then let the source drain and end the flow."""
+        with self._shutdown_lock:
+            if self.stop_event.is_set():
+                return
+            self.receiver.stop(grace)
+            self.stop_event.set()
+
+
+@dataclass
+class ReplaySummary:
+    spans: int = 0
+    windows: int = 0
+    late: int = 0
+    seconds: float = 0.0
+
+
+def replay(
+    cfg: Config,
+    paths: list[str],
+    *,
+    speed: float | None = None,
+    emit_jsonl: str | None = None,
+    progress: bool = False,
+    extra_outputs: Outputs | None = None,
+) -> tuple[ReplaySummary, SelfMetrics]:
+    """Run the dataflow over recordings until they end (closing every window)."""
+    check_protobuf_backend()
+    metrics = SelfMetrics()
+    limits = DecodeLimits(cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes)
+    source = ReplaySource(paths, speed=speed, metrics=metrics, limits=limits)
+    series = SeriesState(cfg.prometheus.buckets, metrics, stale_after_s=float("inf"))
+    outputs = extra_outputs or Outputs()
+    outputs.window_sinks.append(MetricsSink(series))
+    if emit_jsonl:
+        outputs.keyed_window_sinks.append(JsonlSink(emit_jsonl, ordered=True))
+    loki = LokiClient(cfg.loki, metrics) if cfg.loki.url else None
+    if loki is not None:
+        outputs.log_sinks.append(LokiSink(loki))
+    flow = build_flow(cfg, source, outputs, metrics, idle_close=False)
+    stop = threading.Event()
+    reporter = None
+    if progress:
+        reporter = threading.Thread(target=_report_progress, args=(metrics, stop), daemon=True)
+        reporter.start()
+    t0 = time.perf_counter()
+    try:
+        run_main(flow)
+    finally:
+        stop.set()
+        if loki is not None:
+            loki.close(timeout=30.0)
+    summary = ReplaySummary(
+        spans=int(metrics.counter("processed_spans")),
+        windows=int(metrics.counter("windows_closed")),
+        late=int(metrics.counter("late_spans")),
+        seconds=time.perf_counter() - t0,
+    )
+    return summary, metrics
+
+
+def _report_progress(metrics: SelfMetrics, stop: threading.Event) -> None:
+    import sys
+
+    t0 = time.perf_counter()
+    while not stop.wait(1.0):
+        spans = metrics.counter("processed_spans")
+        print(
+            f"replay: {int(spans)} spans in closed windows, {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,258 @@
+"""Domain records: columnar span and log batches, window results.
+
+One OTLP request becomes one batch. Spans are kept as numpy columns plus small
+string tables, so that every later stage works on arrays, not per-span objects.
+Batches serialize to a compact binary form (``to_bytes``/``from_bytes``) that is
+what the spool stores, so the receiver decodes each request exactly once.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+# OTLP span kinds and status codes as they appear on the wire.
+SPAN_KINDS = (
+    "SPAN_KIND_UNSPECIFIED",
+    "SPAN_KIND_INTERNAL",
+    "SPAN_KIND_SERVER",
+    "SPAN_KIND_CLIENT",
+    "SPAN_KIND_PRODUCER",
+    "SPAN_KIND_CONSUMER",
+)
+STATUS_CODES = ("STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR")
+STATUS_ERROR = 2
+KIND_SERVER = 2
+
+# Operation name that stands for every operation over a service's cardinality limit.
+OVERFLOW_OPERATION = "__overflow__"
+
+_SPAN_COLUMNS = (
+    ("service_idx", np.int32),
+    ("op_idx", np.int32),
+    ("instance_idx", np.int32),
+    ("kind", np.int8),
+    ("status", np.int8),
+    ("end_ns", np.int64),
+    ("duration_ns", np.int64),
+    ("trace_id", "S16"),
+    ("span_id", "S8"),
+    ("parent_span_id", "S8"),
+)
+
+_MAGIC_SPANS = b"TPS1"
+_MAGIC_LOGS = b"TPL1"
+_HEADER = struct.Struct("<4sII")  # magic, header json length, row count
+
+
+@dataclass(frozen=True, eq=False)
+class SpanBatch:
+    """Spans of one request, as columns.
+
+    ``services``, ``operations`` and ``instances`` are string tables; the
+    ``*_idx`` columns index into them. Durations and end times are nanoseconds.
+    Ids are fixed-width bytes (all-zero ``parent_span_id`` means a root span).
+    """
+
+    services: tuple[str, ...]
+    operations: tuple[str, ...]
+    instances: tuple[str, ...]
+    service_idx: np.ndarray
+    op_idx: np.ndarray
+    instance_idx: np.ndarray
+    kind: np.ndarray
+    status: np.ndarray
+    end_ns: np.ndarray
+    duration_ns: np.ndarray
+    trace_id: np.ndarray
+    span_id: np.ndarray
+    parent_span_id: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.end_ns.shape[0])
+
+    def to_bytes(self) -> bytes:
+        head = orjson.dumps(
+            {"s": self.services, "o": self.operations, "i": self.instances}
+        )
+        parts = [_HEADER.pack(_MAGIC_SPANS, len(head), len(self)), head]
+        for name, _dtype in _SPAN_COLUMNS:
+            parts.append(getattr(self, name).tobytes())
+        return b"".join(parts)
+
+    @staticmethod
+    def from_bytes(data: bytes | memoryview) -> SpanBatch:
+        magic, hlen, n = _HEADER.unpack_from(data, 0)
+        if magic != _MAGIC_SPANS:
+            raise ValueError("not a span batch")
+        pos = _HEADER.size
+        head = orjson.loads(bytes(data[pos : pos + hlen]))
+        pos += hlen
+        cols = {}
+        for name, dtype in _SPAN_COLUMNS:
+            dt = np.dtype(dtype)
+            size = dt.itemsize * n
+            if pos + size > len(data):
+                raise ValueError("truncated span batch")
+            cols[name] = np.frombuffer(data, dtype=dt, count=n, offset=pos)
+            pos += size
+        return SpanBatch(
+            services=tuple(head["s"]),
+            operations=tuple(head["o"]),
+            instances=tuple(head["i"]),
+            **cols,
+        )
+
+    def first_end_ns(self) -> int:
+        return int(self.end_ns.min()) if len(self) else 0
+
+    def last_end_ns(self) -> int:
+        return int(self.end_ns.max()) if len(self) else 0
+
+
+@dataclass(frozen=True, eq=False)
+class LogBatch:
+    """Log records of one request, as parallel columns.
+
+    ``trace_id``/``span_id`` are lowercase hex ('' when absent). ``attributes``
+    holds a bounded set of attributes per record, values rendered as strings.
+    """
+
+    time_ns: np.ndarray  # int64, time_unix_nano (observed time when unset)
+    severity: np.ndarray  # int8, OTLP severity number (0 = unspecified)
+    severity_text: list[str]
+    body: list[str]
+    trace_id: list[str]
+    span_id: list[str]
+    service: list[str]
+    instance: list[str]
+    attributes: list[dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.time_ns.shape[0])
+
+    def to_bytes(self) -> bytes:
+        head = orjson.dumps(
+            {
+                "st": self.severity_text,
+                "b": self.body,
+                "t": self.trace_id,
+                "sp": self.span_id,
+                "s": self.service,
+                "i": self.instance,
+                "a": self.attributes,
+            }
+        )
+        return b"".join(
+            (
+                _HEADER.pack(_MAGIC_LOGS, len(head), len(self)),
+                head,
+                self.time_ns.astype(np.int64).tobytes(),
+                self.severity.astype(np.int8).tobytes(),
+            )
+        )
+
+    @staticmethod
+    def from_bytes(data: bytes | memoryview) -> LogBatch:
+        magic, hlen, n = _HEADER.unpack_from(data, 0)
+        if magic != _MAGIC_LOGS:
+            raise ValueError("not a log batch")
+        pos = _HEADER.size
+        head = orjson.loads(bytes(data[pos : pos + hlen]))
+        pos += hlen
+        if pos + 9 * n > len(data):
+            raise ValueError("truncated log batch")
+        time_ns = np.frombuffer(data, dtype=np.int64, count=n, offset=pos)
+        severity = np.frombuffer(data, dtype=np.int8, count=n, offset=pos + 8 * n)
+        return LogBatch(
+            time_ns=time_ns,
+            severity=severity,
+            severity_text=head["st"],
+            body=head["b"],
+            trace_id=head["t"],
+            span_id=head["sp"],
+            service=head["s"],
+            instance=head["i"],
+            attributes=head["a"],
+        )
+
+
+def batch_from_bytes(data: bytes | memoryview) -> SpanBatch | LogBatch:
+    """Decode a spooled batch of either kind."""
+    magic = bytes(data[:4])
+    if magic == _MAGIC_SPANS:
+        return SpanBatch.from_bytes(data)
+    if magic == _MAGIC_LOGS:
+        return LogBatch.from_bytes(data)
+    raise ValueError(f"unknown batch type {magic!r}")
+
+
+@dataclass(frozen=True)
+class WindowKey:
+    service: str
+    operation: str
+    span_kind: int
+
+    def as_str(self) -> str:
+        """The bytewax state key (unit separator between fields)."""
+        return f"{self.service}\x1f{self.operation}\x1f{self.span_kind}"
+
+    @staticmethod
+    def from_str(key: str) -> WindowKey:
+        service, operation, kind = key.split("\x1f")
+        return WindowKey(service, operation, int(kind))
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """One closed event-time window of one (service, operation, span kind)."""
+
+    service: str
+    operation: str
+    span_kind: int
+    window_start: int  # unix ns
+    window_end: int  # unix ns
+    count: int
+    errors: int
+    p50: float  # seconds
+    p90: float
+    p95: float
+    p99: float
+    max: float
+    sum: float  # seconds, all spans
+    status_counts: tuple[int, int, int]  # unset, ok, error
+    bucket_counts: tuple[tuple[int, ...], ...]  # per status, per explicit bucket (+Inf last)
+    status_sums: tuple[float, float, float]
+    late: int = 0  # spans that arrived for this key after their window closed, since last result
+
+    def to_json(self) -> dict:
+        return {
+            "type": "window",
+            "service": self.service,
+            "operation": self.operation,
+            "span_kind": SPAN_KINDS[self.span_kind]
+            if 0 <= self.span_kind < len(SPAN_KINDS)
+            else str(self.span_kind),
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "count": self.count,
+            "errors": self.errors,
+            "p50": self.p50,
+            "p90": self.p90,
+            "p95": self.p95,
+            "p99": self.p99,
+            "max": self.max,
+        }
+
+
+@dataclass(frozen=True)
+class LateSpans:
+    """Spans that arrived for a window that had already closed (counted, not merged)."""
+
+    service: str
+    operation: str
+    span_kind: int
+    count: int

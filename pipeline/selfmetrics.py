@@ -1,0 +1,83 @@
+"""telepipe's own counters and gauges, shared by the receiver, spool, flow and sinks.
+
+One ``SelfMetrics`` object is created at start-up and passed down (no module-level
+metric objects). ``sinks/prometheus`` exposes it as ``telepipe_<name>`` families.
+Every drop anywhere goes through ``dropped(reason, n)``, which logs and counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+
+log = logging.getLogger("telepipe")
+
+# name -> (help, label names). Counters get "_total" appended on exposition.
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "received_spans": ("Spans received in Export requests", ()),
+    "accepted_spans": ("Spans appended to the spool and acknowledged", ()),
+    "rejected_spans": ("Spans rejected, by reason", ("reason",)),
+    "received_logs": ("Log records received in Export requests", ()),
+    "accepted_logs": ("Log records appended to the spool and acknowledged", ()),
+    "rejected_logs": ("Log records rejected, by reason", ("reason",)),
+    "requests": ("Export requests answered, by signal and gRPC status code", ("signal", "code")),
+    "processed_spans": ("Spans that went through the windows", ()),
+    "processed_logs": ("Log records that went through the pipeline", ()),
+    "late_spans": ("Spans whose window had already closed (counted, not merged)", ()),
+    "overflow_spans": ("Spans folded into a service's overflow series (cardinality limit)", ()),
+    "windows_closed": ("Event-time windows closed", ()),
+    "sink_errors": ("Sink request failures, by sink and reason", ("sink", "reason")),
+    "sink_sent": ("Items delivered by sinks", ("sink",)),
+    "dropped": ("Items dropped, by reason (every drop is counted here)", ("reason",)),
+}
+GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "spool_bytes": ("Bytes in spool segments on disk", ()),
+    "pipeline_lag_seconds": ("Wall-clock time minus the newest span end time that closed a window", ()),
+    "series": ("Active per-operation series on /metrics", ()),
+    "loki_queue_batches": ("Batches waiting in the Loki sink's queue", ()),
+}
+
+
+class SelfMetrics:
+    """Thread-safe counters and gauges by (name, label values)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
+        self._gauges: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
+
+    def inc(self, name: str, n: float = 1, *labels: str) -> None:
+        if name not in COUNTERS:
+            raise KeyError(f"unknown counter {name}")
+        with self._lock:
+            series = self._counters[name]
+            series[labels] = series.get(labels, 0) + n
+
+    def set_gauge(self, name: str, value: float, *labels: str) -> None:
+        if name not in GAUGES:
+            raise KeyError(f"unknown gauge {name}")
+        with self._lock:
+            self._gauges[name][labels] = value
+
+    def dropped(self, reason: str, n: int = 1, detail: str = "") -> None:
+        """The one place where anything telepipe drops is logged and counted."""
+        if n <= 0:
+            return
+        self.inc("dropped", n, reason)
+        log.warning("dropped %d (%s)%s", n, reason, f": {detail}" if detail else "")
+
+    def counter(self, name: str, *labels: str) -> float:
+        with self._lock:
+            return self._counters.get(name, {}).get(labels, 0)
+
+    def gauge(self, name: str, *labels: str) -> float:
+        with self._lock:
+            return self._gauges.get(name, {}).get(labels, 0)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        with self._lock:
+            return (
+                {k: dict(v) for k, v in self._counters.items()},
+                {k: dict(v) for k, v in self._gauges.items()},
+            )

@@ -1,0 +1,262 @@
+"""Event-time tumbling windows per (service, operation, span kind).
+
+Three plain, picklable pieces (no bytewax here; ``pipeline/flow.py`` wraps them):
+
+- ``preaggregate``: one ``SpanBatch`` -> one ``Partial`` per (key, window) found in
+  it: status counts, explicit-bucket histogram, sums, sketch buckets. This is the
+  only per-span work, done on numpy arrays.
+- ``CardinalityLimiter`` (state per service): operations over the per-service
+  limit are folded into one overflow operation, so series stay bounded.
+- ``KeyWindows`` (state per key): merges partials into open windows; a window
+  closes when the key's watermark (its latest span end time) passes
+  ``window_end + allowed_lateness``, when the key has been idle for
+  ``idle_timeout`` on the injected clock, or at end of input. Spans for a window
+  that already closed are counted as late, never merged silently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import WindowsConfig
+from pipeline.model import OVERFLOW_OPERATION, LateSpans, SpanBatch, WindowResult
+from pipeline.sketch import LogMapping, LogSketch
+
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """What preaggregation and windows need to know, derived from config once."""
+
+    length_ns: int
+    lateness_ns: int
+    idle_timeout_s: float
+    mapping: LogMapping
+    bounds: np.ndarray  # explicit histogram bounds, seconds
+
+    @staticmethod
+    def from_config(cfg: WindowsConfig, buckets: tuple[float, ...]) -> WindowSpec:
+        return WindowSpec(
+            length_ns=int(round(cfg.length_s * 1e9)),
+            lateness_ns=int(round(cfg.allowed_lateness_s * 1e9)),
+            idle_timeout_s=cfg.idle_timeout_s,
+            mapping=LogMapping(cfg.relative_accuracy),
+            bounds=np.asarray(buckets, dtype=np.float64),
+        )
+
+
+@dataclass
+class Partial:
+    """Aggregate of the spans of one batch that share a key and a window."""
+
+    service: str
+    operation: str
+    span_kind: int
+    window_start: int
+    max_end_ns: int
+    status_counts: np.ndarray  # int64[3]: unset, ok, error
+    bucket_counts: np.ndarray  # int64[3, len(bounds) + 1]
+    status_sums: np.ndarray  # float64[3], seconds
+    sk_idx: np.ndarray  # sketch bucket indices (ascending)
+    sk_cnt: np.ndarray
+    zero: int
+    vmin: float
+    vmax: float
+
+    @property
+    def count(self) -> int:
+        return int(self.status_counts.sum())
+
+    def key(self) -> str:
+        return f"{self.service}\x1f{self.operation}\x1f{self.span_kind}"
+
+
+def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
+    """Group a batch's spans by (service, operation, kind, window) and aggregate each group."""
+    n = len(batch)
+    if n == 0:
+        return []
+    dur = batch.duration_ns.astype(np.float64) * 1e-9
+    window = batch.end_ns // spec.length_ns
+    n_ops = len(batch.operations)
+    key = (batch.service_idx.astype(np.int64) * n_ops + batch.op_idx) * 8 + batch.kind.astype(np.int64)
+    order = np.lexsort((window, key))
+    key_s, win_s = key[order], window[order]
+    cut = np.flatnonzero((np.diff(key_s) != 0) | (np.diff(win_s) != 0)) + 1
+    starts = np.concatenate(([0], cut))
+    stops = np.concatenate((cut, [n]))
+
+    dur_s = dur[order]
+    status_s = batch.status[order].astype(np.int64)
+    end_s = batch.end_ns[order]
+    nb = spec.bounds.size + 1
+    bucket_s = np.searchsorted(spec.bounds, dur_s, side="left")
+    hist_key = status_s * nb + bucket_s
+    positive = dur_s > 0
+    sk_all = np.zeros(n, dtype=np.int64)
+    if positive.any():
+        sk_all[positive] = spec.mapping.index(dur_s[positive])
+
+    out = []
+    services, operations = batch.services, batch.operations
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        k = int(key_s[a])
+        kind = k % 8
+        svc_op = k // 8
+        d = dur_s[a:b]
+        pos = positive[a:b]
+        if pos.all():
+            idx, cnt = np.unique(sk_all[a:b], return_counts=True)
+            zero = 0
+        else:
+            idx, cnt = np.unique(sk_all[a:b][pos], return_counts=True)
+            zero = int((~pos).sum())
+        st = status_s[a:b]
+        out.append(
+            Partial(
+                service=services[svc_op // n_ops],
+                operation=operations[svc_op % n_ops],
+                span_kind=kind,
+                window_start=int(win_s[a]) * spec.length_ns,
+                max_end_ns=int(end_s[a:b].max()),
+                status_counts=np.bincount(st, minlength=3),
+                bucket_counts=np.bincount(hist_key[a:b], minlength=3 * nb).reshape(3, nb),
+                status_sums=np.bincount(st, weights=d, minlength=3),
+                sk_idx=idx,
+                sk_cnt=cnt,
+                zero=zero,
+                vmin=float(d.min()),
+                vmax=float(d.max()),
+            )
+        )
+    return out
+
+
+class CardinalityLimiter:
+    """Per-service set of live operations; those past the limit become the overflow series.
+
+    An operation stays live while it has been seen within ``expire_ns`` of event
+    time; expired ones free their slot. State is small and picklable.
+    """
+
+    def __init__(self, limit: int, expire_ns: int) -> None:
+        self.limit = limit
+        self.expire_ns = expire_ns
+        self.last_seen: dict[str, int] = {}
+        self.watermark = 0
+        self.overflowed = 0  # partials folded into the overflow series
+
+    def admit(self, p: Partial) -> Partial:
+        self.watermark = max(self.watermark, p.max_end_ns)
+        op = p.operation
+        if op in self.last_seen:
+            self.last_seen[op] = max(self.last_seen[op], p.max_end_ns)
+            return p
+        if len(self.last_seen) >= self.limit:
+            self._expire()
+        if len(self.last_seen) < self.limit:
+            self.last_seen[op] = p.max_end_ns
+            return p
+        self.overflowed += p.count
+        p.operation = OVERFLOW_OPERATION
+        return p
+
+    def _expire(self) -> None:
+        horizon = self.watermark - self.expire_ns
+        for op in [o for o, t in self.last_seen.items() if t < horizon]:
+            del self.last_seen[op]
+
+
+class _Window:
+    __slots__ = ("status_counts", "bucket_counts", "status_sums", "sketch")
+
+    def __init__(self, p: Partial, mapping: LogMapping) -> None:
+        self.status_counts = p.status_counts.copy()
+        self.bucket_counts = p.bucket_counts.copy()
+        self.status_sums = p.status_sums.copy()
+        self.sketch = LogSketch(mapping)
+        self.sketch.add_buckets(p.sk_idx, p.sk_cnt, p.zero, p.vmin, p.vmax)
+
+    def merge(self, p: Partial) -> None:
+        self.status_counts += p.status_counts
+        self.bucket_counts += p.bucket_counts
+        self.status_sums += p.status_sums
+        self.sketch.add_buckets(p.sk_idx, p.sk_cnt, p.zero, p.vmin, p.vmax)
+
+
+class KeyWindows:
+    """Open windows of one key, with its watermark and idle timer. Picklable."""
+
+    def __init__(self, service: str, operation: str, span_kind: int, spec: WindowSpec) -> None:
+        self.service, self.operation, self.span_kind = service, operation, span_kind
+        self.spec = spec
+        self.open: dict[int, _Window] = {}
+        self.watermark = -math.inf  # latest span end time seen (ns)
+        self.closed_until = -math.inf  # end of the latest closed window (ns)
+        self.last_activity = 0.0  # injected clock, seconds
+
+    def on_partial(self, p: Partial, now: float) -> list[WindowResult | LateSpans]:
+        self.last_activity = now
+        out: list[WindowResult | LateSpans] = []
+        if p.window_start < self.closed_until:
+            out.append(LateSpans(self.service, self.operation, self.span_kind, p.count))
+        else:
+            w = self.open.get(p.window_start)
+            if w is None:
+                self.open[p.window_start] = _Window(p, self.spec.mapping)
+            else:
+                w.merge(p)
+        self.watermark = max(self.watermark, p.max_end_ns)
+        horizon = self.watermark - self.spec.lateness_ns
+        ready = [s for s in self.open if s + self.spec.length_ns <= horizon]
+        out.extend(self._close(sorted(ready)))
+        return out
+
+    def idle_deadline(self) -> float | None:
+        """Clock time at which open windows close for lack of traffic (None if none open)."""
+        if not self.open:
+            return None
+        return self.last_activity + self.spec.idle_timeout_s
+
+    def on_idle(self, now: float) -> list[WindowResult]:
+        deadline = self.idle_deadline()
+        if deadline is None or now < deadline:
+            return []
+        return self.close_all()
+
+    def close_all(self) -> list[WindowResult]:
+        return self._close(sorted(self.open))
+
+    def _close(self, starts: list[int]) -> list[WindowResult]:
+        results = []
+        length = self.spec.length_ns
+        for start in starts:
+            w = self.open.pop(start)
+            self.closed_until = max(self.closed_until, start + length)
+            sk = w.sketch
+            q = [sk.quantile(x) for x in QUANTILES]
+            results.append(
+                WindowResult(
+                    service=self.service,
+                    operation=self.operation,
+                    span_kind=self.span_kind,
+                    window_start=start,
+                    window_end=start + length,
+                    count=sk.count,
+                    errors=int(w.status_counts[2]),
+                    p50=q[0],
+                    p90=q[1],
+                    p95=q[2],
+                    p99=q[3],
+                    max=sk.max,
+                    sum=float(w.status_sums.sum()),
+                    status_counts=tuple(int(x) for x in w.status_counts),
+                    bucket_counts=tuple(tuple(int(x) for x in row) for row in w.bucket_counts),
+                    status_sums=tuple(float(x) for x in w.status_sums),
+                )
+            )
+        return results

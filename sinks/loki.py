@@ -1,0 +1,422 @@
+"""Grafana Loki sink: log batches -> gzip JSON push requests.
+
+Shaped like Vector's loki sink, one straight pipeline:
+``encode_streams`` (pure) -> batch by size and age -> ``encode_push`` (pure)
+-> send in order with ``RetryPolicy``. Labels stay few and low-cardinality
+(``service``, ``level``); trace and span ids go into structured metadata.
+Every line that is not delivered is counted through ``metrics.dropped``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import orjson
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from pipeline.config import ConfigError, LokiConfig
+from pipeline.model import LogBatch
+from pipeline.selfmetrics import SelfMetrics
+
+log = logging.getLogger("telepipe")
+
+PUSH_PATH = "/loki/api/v1/push"
+MAX_LABEL_VALUE_BYTES = 2048  # Loki's default validation limit
+MAX_ERROR_BODY_BYTES = 64 * 1024
+UNKNOWN_SERVICE = "unknown_service"  # OTel's name for a missing service.name
+_STREAM_OVERHEAD = 64  # JSON bytes around one stream's labels and values
+
+# OTLP severity number 1..24, four per level.
+_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
+_TEXT_LEVELS = {
+    **{name: name for name in _LEVELS},
+    "information": "info",
+    "notice": "info",
+    "warning": "warn",
+    "err": "error",
+    "critical": "fatal",
+    "crit": "fatal",
+    "alert": "fatal",
+    "emerg": "fatal",
+    "emergency": "fatal",
+    "panic": "fatal",
+}
+_BAD_KEY_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+
+# --- encoder (pure) ---------------------------------------------------------------
+
+
+def _cut_utf8(text: str, limit: int) -> tuple[str, bool]:
+    """``text`` cut to at most ``limit`` UTF-8 bytes on a character boundary."""
+    if len(text) * 4 <= limit:  # cannot be over: skip the encode
+        return text, False
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text, False
+    return raw[:limit].decode(errors="ignore"), True
+
+
+def level_of(severity: int, severity_text: str) -> str:
+    """OTLP severity number (or, when 0, the severity text) -> level label."""
+    if 1 <= severity <= 24:
+        return _LEVELS[(severity - 1) // 4]
+    # Text like "INFO", "Warning" or OTel's short names with a digit ("ERROR2").
+    return _TEXT_LEVELS.get(severity_text.strip().lower().rstrip("0123456789"), "unknown")
+
+
+def metadata_key(key: str) -> str:
+    """An attribute key as a structured metadata name: ``[a-zA-Z_][a-zA-Z0-9_]*``."""
+    key = _BAD_KEY_CHARS.sub("_", key)
+    return key if key and not key[0].isdigit() else f"_{key}"
+
+
+def encode_streams(
+    batch: LogBatch, max_line_bytes: int, *, metrics: SelfMetrics | None = None
+) -> list[dict]:
+    """One Loki stream per (service, level), entries sorted by time (stable).
+
+    Each value is ``[unix ns as str, line]`` plus a structured metadata dict
+    when there is any. Lines over ``max_line_bytes`` are truncated (counted as
+    ``loki_line_truncated`` when ``metrics`` is given).
+    """
+    groups: dict[tuple[str, str], list[tuple[int, list]]] = {}
+    truncated = 0
+    attributes = batch.attributes
+    for i in range(len(batch)):
+        line, cut = _cut_utf8(batch.body[i], max_line_bytes)
+        truncated += cut
+        service, _ = _cut_utf8(batch.service[i] or UNKNOWN_SERVICE, MAX_LABEL_VALUE_BYTES)
+        level = level_of(int(batch.severity[i]), batch.severity_text[i])
+        meta = {metadata_key(k): str(v) for k, v in attributes[i].items()} if i < len(attributes) else {}
+        # Our own fields win over an attribute that sanitizes to the same name.
+        for key, value in (
+            ("trace_id", batch.trace_id[i]),
+            ("span_id", batch.span_id[i]),
+            ("service_instance_id", batch.instance[i]),
+        ):
+            if value:
+                meta[key] = value
+        ts = max(int(batch.time_ns[i]), 0)  # uint64 garbage shows up negative
+        value = [str(ts), line, meta] if meta else [str(ts), line]
+        groups.setdefault((service, level), []).append((ts, value))
+    if truncated and metrics is not None:
+        metrics.dropped("loki_line_truncated", truncated, detail=f"lines cut to {max_line_bytes} bytes")
+    streams = []
+    for (service, level), entries in groups.items():
+        entries.sort(key=lambda e: e[0])
+        streams.append({"stream": {"service": service, "level": level}, "values": [v for _, v in entries]})
+    return streams
+
+
+def encode_push(streams: list[dict]) -> bytes:
+    """Streams -> the gzip-compressed JSON push body."""
+    return gzip.compress(orjson.dumps({"streams": streams}), compresslevel=6, mtime=0)
+
+
+def _merge_sorted(groups: dict[tuple[str, str], list[list]]) -> list[dict]:
+    """Accumulated values per label set -> streams, each sorted by time (stable)."""
+    streams = []
+    for (service, level), values in groups.items():
+        values.sort(key=lambda v: int(v[0]))
+        streams.append({"stream": {"service": service, "level": level}, "values": values})
+    return streams
+
+
+# --- retry policy -------------------------------------------------------------------
+
+
+class RetryPolicy:
+    """Which answers to retry, and how long to wait before try ``attempt + 1``."""
+
+    def __init__(self, min_ms: int, max_ms: int, rng: random.Random | None = None) -> None:
+        self.min_ms = min_ms
+        self.max_ms = max_ms
+        # Unseeded by default so that replicas do not retry in lockstep; tests inject a seeded one.
+        self.rng = rng or random.Random()
+
+    @staticmethod
+    def retryable(status: int | None) -> bool:
+        """None (connection error, timeout), 429 and 5xx are retried; anything else is permanent."""
+        return status is None or status == 429 or 500 <= status <= 599
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed try ``attempt`` (0-based): jittered in [min, capped 2^attempt * min]."""
+        cap = min(self.max_ms, self.min_ms * 2 ** min(attempt, 62))
+        return self.rng.uniform(self.min_ms, cap) / 1000.0
+
+
+# --- client: bounded queue + one sender thread ------------------------------------
+
+
+@dataclass
+class _Request:
+    seq: int
+    streams: list[dict]
+    lines: int
+
+
+def push_url(url: str) -> httpx.URL:
+    """The configured URL as is, or with Loki's push path when it has none."""
+    if not url:
+        raise ConfigError("loki.url: must be set to use the Loki sink")
+    parsed = httpx.URL(url)
+    return parsed if parsed.path not in ("", "/") else parsed.copy_with(path=PUSH_PATH)
+
+
+class LokiClient:
+    """Batches log streams into push requests and sends them, one at a time, in order.
+
+    ``push`` never blocks on the network. At most ``cfg.queue_max_batches``
+    sealed requests wait; beyond that the oldest is dropped (``loki_queue_full``).
+    """
+
+    def __init__(
+        self,
+        cfg: LokiConfig,
+        metrics: SelfMetrics,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.policy = RetryPolicy(cfg.retry_min_ms, cfg.retry_max_ms, rng)
+        self.url = push_url(cfg.url)
+        self._clock = clock
+        self._stop = threading.Event()
+        # Default sleep wakes up on close(), so a long backoff does not hold shutdown.
+        self._sleep = sleep or self._stop.wait
+        headers = {
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+            "Accept-Encoding": "identity",  # keeps the capped error body readable
+            "User-Agent": "telepipe",
+        }
+        if cfg.tenant:
+            headers["X-Scope-OrgID"] = cfg.tenant
+        self._http = httpx.Client(transport=transport, timeout=cfg.timeout_s, headers=headers)
+        self._cond = threading.Condition()
+        self._pending: deque[_Request] = deque()
+        self._inflight: _Request | None = None
+        self._seq = 0
+        self._closed = False
+        self._reset_open()
+        self._thread = threading.Thread(target=self._run, name="loki-sender", daemon=True)
+        self._thread.start()
+
+    # -- producer side
+
+    def push(self, batch: LogBatch) -> None:
+        """Add a batch's lines to the request being built (sealed by size here, by age in the sender)."""
+        if not len(batch):
+            return
+        streams = encode_streams(batch, self.cfg.max_line_bytes, metrics=self.metrics)
+        with self._cond:
+            if self._closed:
+                self.metrics.dropped("loki_closed", len(batch), detail="push after close")
+                return
+            for stream in streams:
+                labels = stream["stream"]
+                key = (labels["service"], labels["level"])
+                for value in stream["values"]:
+                    size = len(orjson.dumps(value)) + 1
+                    if self._open_lines and self._open_bytes + size > self.cfg.batch_max_bytes:
+                        self._seal()
+                    if key not in self._open:
+                        size += len(key[0]) + len(key[1]) + _STREAM_OVERHEAD
+                    if not self._open_lines:
+                        self._open_at = self._clock()
+                    self._open.setdefault(key, []).append(value)
+                    self._open_lines += 1
+                    self._open_bytes += size
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything pushed so far is sent or dropped; False on timeout."""
+        with self._cond:
+            self._seal()
+            target = self._seq
+
+            def done() -> bool:
+                head = self._inflight or (self._pending[0] if self._pending else None)
+                return head is None or head.seq > target
+
+            return self._cond.wait_for(done, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the sender; what is still unsent after ``timeout`` is dropped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drained = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._stop.set()
+            self._cond.notify_all()
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not self._thread.is_alive():
+            self._http.close()
+        return drained
+
+    # -- queue (called with self._cond held)
+
+    def _reset_open(self) -> None:
+        self._open: dict[tuple[str, str], list[list]] = {}
+        self._open_lines = 0
+        self._open_bytes = 0
+        self._open_at = 0.0
+
+    def _seal(self) -> None:
+        """Turn the request being built into a pending one, dropping the oldest if full."""
+        if not self._open_lines:
+            return
+        self._seq += 1
+        self._pending.append(_Request(self._seq, _merge_sorted(self._open), self._open_lines))
+        self._reset_open()
+        while len(self._pending) > self.cfg.queue_max_batches:
+            old = self._pending.popleft()
+            self.metrics.dropped("loki_queue_full", old.lines, detail=f"{len(self._pending)} requests waiting")
+        self.metrics.set_gauge("loki_queue_batches", len(self._pending))
+        self._cond.notify_all()
+
+    def _next(self) -> _Request | None:
+        """The next request to send, waiting for one; None when stopped."""
+        while True:
+            if self._stop.is_set():
+                self._seal()
+                for req in self._pending:
+                    self.metrics.dropped("loki_closed", req.lines, detail="not sent before close")
+                self._pending.clear()
+                self.metrics.set_gauge("loki_queue_batches", 0)
+                return None
+            if self._pending:
+                self._inflight = self._pending.popleft()
+                self.metrics.set_gauge("loki_queue_batches", len(self._pending))
+                return self._inflight
+            if self._open_lines:
+                wait = self._open_at + self.cfg.batch_max_wait_ms / 1000.0 - self._clock()
+                if wait <= 0:
+                    self._seal()
+                    continue
+                self._cond.wait(wait)
+            else:
+                self._cond.wait()
+
+    # -- sender thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                req = self._next()
+            if req is None:
+                return
+            try:
+                self._deliver(req)
+            except Exception as exc:  # never let the sender die: count and go on
+                log.exception("loki sender")
+                self.metrics.dropped("loki_internal_error", req.lines, detail=repr(exc))
+            with self._cond:
+                self._inflight = None
+                self._cond.notify_all()
+
+    def _deliver(self, req: _Request) -> None:
+        body = encode_push(req.streams)
+        attempt = 0
+        while True:
+            status, reason, detail = self._post(body)
+            if status is not None and 200 <= status < 300:
+                self.metrics.inc("sink_sent", req.lines, "loki")
+                return
+            self.metrics.inc("sink_errors", 1, "loki", reason)
+            if not self.policy.retryable(status):
+                # A 4xx may mean Loki kept part of the request; we cannot tell which lines.
+                self.metrics.dropped(f"loki_rejected_{status}", req.lines, detail=detail)
+                return
+            if attempt >= self.cfg.max_retries:
+                self.metrics.dropped("loki_retries_exhausted", req.lines, detail=f"{reason}: {detail}")
+                return
+            if not self._stop.is_set():
+                self._sleep(self.policy.backoff(attempt))
+            if self._stop.is_set():
+                self.metrics.dropped("loki_closed", req.lines, detail=f"retrying at close: {reason}")
+                return
+            attempt += 1
+
+    def _post(self, body: bytes) -> tuple[int | None, str, str]:
+        """(status or None, error reason label, capped response body or error text)."""
+        try:
+            with self._http.stream("POST", self.url, content=body) as resp:
+                if resp.is_success:
+                    return resp.status_code, "", ""
+                raw = bytearray()
+                for chunk in resp.iter_raw():
+                    raw += chunk[: MAX_ERROR_BODY_BYTES - len(raw)]
+                    if len(raw) >= MAX_ERROR_BODY_BYTES:
+                        break
+                return resp.status_code, f"http_{resp.status_code}", raw.decode(errors="replace").strip()
+        except httpx.TimeoutException as exc:
+            return None, "timeout", f"{type(exc).__name__}: {exc}"
+        except httpx.TransportError as exc:
+            return None, "connection", f"{type(exc).__name__}: {exc}"
+
+
+# --- bytewax sink -------------------------------------------------------------------
+
+
+class _LokiPartition(StatelessSinkPartition[LogBatch]):
+    def __init__(self, sink: LokiSink) -> None:
+        self.sink = sink
+        self.client = sink._acquire()
+
+    def write_batch(self, items: list[LogBatch]) -> None:
+        for batch in items:
+            self.client.push(batch)
+
+    def close(self) -> None:
+        self.sink._release()
+
+
+class LokiSink(DynamicSink[LogBatch]):
+    """Writes LogBatch items to Loki through one ``LokiClient`` per process.
+
+    Give it a client or a factory (called once, at the first ``build``). The
+    client is closed (flushed, up to ``close_timeout_s``) when the last
+    partition of this process closes.
+    """
+
+    def __init__(self, client: LokiClient | Callable[[], LokiClient], close_timeout_s: float = 30.0) -> None:
+        self._client = client if isinstance(client, LokiClient) else None
+        self._factory = None if isinstance(client, LokiClient) else client
+        self.close_timeout_s = close_timeout_s
+        self._lock = threading.Lock()
+        self._users = 0
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _LokiPartition:
+        return _LokiPartition(self)
+
+    def _acquire(self) -> LokiClient:
+        with self._lock:
+            if self._client is None:
+                assert self._factory is not None
+                self._client = self._factory()
+            self._users += 1
+            return self._client
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users or self._client is None:
+                return
+            client = self._client
+            if self._factory is not None:  # a later run builds a fresh client
+                self._client = None
+        client.close(self.close_timeout_s)

@@ -1,0 +1,244 @@
+"""Prometheus scrape endpoint: window results and self-metrics as metric families.
+
+``SeriesState`` holds what the windows produced (cumulative calls and duration
+histograms per (service, operation, kind, status), quantiles of the last closed
+window per (service, operation, kind)); ``TelepipeCollector.collect()`` builds
+families fresh from it and from ``SelfMetrics`` on every scrape, registered in an
+injected ``CollectorRegistry``. Series not updated for ``stale_after_s`` (on the
+injected clock) expire. ``MetricsHttpServer`` serves ``/metrics``, ``/healthz``
+and ``/readyz``.
+
+Families (label names follow the OTel Collector's spanmetrics connector):
+
+- ``telepipe_calls_total{service_name,span_name,span_kind,status_code}``
+- ``telepipe_duration_seconds_{bucket,sum,count}{...same labels, le}``
+- ``telepipe_window_latency_seconds{service_name,span_name,span_kind,quantile}``
+  (quantile 0.5, 0.9, 0.95, 0.99 and 1 = max, from the last closed window)
+- ``telepipe_window_calls{service_name,span_name,span_kind}`` (spans in that window)
+- self-metrics ``telepipe_<name>_total`` and ``telepipe_<name>`` (see pipeline/selfmetrics.py)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline.model import SPAN_KINDS, STATUS_CODES, OVERFLOW_OPERATION, LateSpans, WindowResult
+from pipeline.selfmetrics import COUNTERS, GAUGES, SelfMetrics
+
+log = logging.getLogger("telepipe.prometheus")
+
+SERIES_LABELS = ["service_name", "span_name", "span_kind", "status_code"]
+WINDOW_LABELS = ["service_name", "span_name", "span_kind"]
+QUANTILE_LABELS = ("0.5", "0.9", "0.95", "0.99", "1")
+
+
+def _kind(k: int) -> str:
+    return SPAN_KINDS[k] if 0 <= k < len(SPAN_KINDS) else str(k)
+
+
+class _Series:
+    __slots__ = ("calls", "buckets", "sum", "updated")
+
+    def __init__(self, nb: int) -> None:
+        self.calls = 0
+        self.buckets = [0] * nb
+        self.sum = 0.0
+        self.updated = 0.0
+
+
+class SeriesState:
+    """Current per-operation metric state, updated from window results. Thread-safe."""
+
+    def __init__(
+        self,
+        buckets: tuple[float, ...],
+        metrics: SelfMetrics,
+        stale_after_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bounds = tuple(buckets)
+        self.metrics = metrics
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str, str, str], _Series] = {}
+        self._latest: dict[tuple[str, str, str], tuple[tuple[float, ...], int, float]] = {}
+
+    def update(self, items: Iterable[WindowResult | LateSpans]) -> None:
+        now = self.clock()
+        nb = len(self.bounds) + 1
+        newest_end = 0
+        with self._lock:
+            for r in items:
+                if isinstance(r, LateSpans):
+                    self.metrics.inc("late_spans", r.count)
+                    continue
+                kind = _kind(r.span_kind)
+                for status, n in enumerate(r.status_counts):
+                    if not n:
+                        continue
+                    key = (r.service, r.operation, kind, STATUS_CODES[status])
+                    s = self._series.get(key)
+                    if s is None:
+                        s = self._series[key] = _Series(nb)
+                    s.calls += n
+                    row = r.bucket_counts[status]
+                    for i in range(nb):
+                        s.buckets[i] += row[i]
+                    s.sum += r.status_sums[status]
+                    s.updated = now
+                q = (r.p50, r.p90, r.p95, r.p99, r.max)
+                self._latest[(r.service, r.operation, kind)] = (q, r.count, now)
+                self.metrics.inc("windows_closed", 1)
+                self.metrics.inc("processed_spans", r.count)
+                if r.operation == OVERFLOW_OPERATION:
+                    self.metrics.inc("overflow_spans", r.count)
+                newest_end = max(newest_end, r.window_end)
+            self._expire(now)
+            self.metrics.set_gauge("series", len(self._series))
+        if newest_end:
+            self.metrics.set_gauge("pipeline_lag_seconds", max(0.0, now - newest_end / 1e9))
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.stale_after_s
+        for key in [k for k, s in self._series.items() if s.updated < horizon]:
+            del self._series[key]
+        for key in [k for k, v in self._latest.items() if v[2] < horizon]:
+            del self._latest[key]
+
+    def families(self) -> list:
+        calls = CounterMetricFamily("telepipe_calls", "Spans per operation and status (closed windows)", labels=SERIES_LABELS)
+        dur = HistogramMetricFamily(
+            "telepipe_duration_seconds", "Span duration per operation and status (closed windows)", labels=SERIES_LABELS
+        )
+        lat = GaugeMetricFamily(
+            "telepipe_window_latency_seconds",
+            "Latency quantiles of the last closed window (quantile 1 is the max)",
+            labels=WINDOW_LABELS + ["quantile"],
+        )
+        wcalls = GaugeMetricFamily("telepipe_window_calls", "Spans in the last closed window", labels=WINDOW_LABELS)
+        les = [_fmt(b) for b in self.bounds] + ["+Inf"]
+        with self._lock:
+            self._expire(self.clock())
+            for key, s in sorted(self._series.items()):
+                labels = list(key)
+                calls.add_metric(labels, s.calls)
+                cum, acc = [], 0
+                for le, c in zip(les, s.buckets, strict=True):
+                    acc += c
+                    cum.append((le, acc))
+                dur.add_metric(labels, cum, s.sum)
+            for key, (q, count, _) in sorted(self._latest.items()):
+                for label, value in zip(QUANTILE_LABELS, q, strict=True):
+                    lat.add_metric([*key, label], value)
+                wcalls.add_metric(list(key), count)
+        return [calls, dur, lat, wcalls]
+
+    def calls(self, service: str, operation: str) -> int:
+        """Total calls of one operation over all kinds and statuses (tests, CLI)."""
+        with self._lock:
+            return sum(s.calls for k, s in self._series.items() if k[0] == service and k[1] == operation)
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+class TelepipeCollector(Collector):
+    def __init__(self, state: SeriesState, metrics: SelfMetrics) -> None:
+        self.state = state
+        self.metrics = metrics
+
+    def collect(self):
+        yield from self.state.families()
+        counters, gauges = self.metrics.snapshot()
+        for name, (doc, labels) in COUNTERS.items():
+            fam = CounterMetricFamily(f"telepipe_{name}", doc, labels=list(labels))
+            for lv, v in sorted(counters.get(name, {}).items()):
+                fam.add_metric(list(lv), v)
+            if not labels and not counters.get(name):
+                fam.add_metric([], 0)
+            yield fam
+        for name, (doc, labels) in GAUGES.items():
+            fam = GaugeMetricFamily(f"telepipe_{name}", doc, labels=list(labels))
+            for lv, v in sorted(gauges.get(name, {}).items()):
+                fam.add_metric(list(lv), v)
+            if not labels and not gauges.get(name):
+                fam.add_metric([], 0)
+            yield fam
+
+
+def make_registry(state: SeriesState, metrics: SelfMetrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TelepipeCollector(state, metrics))
+    return registry
+
+
+class _MetricsPartition(StatelessSinkPartition[WindowResult | LateSpans]):
+    def __init__(self, state: SeriesState) -> None:
+        self.state = state
+
+    def write_batch(self, items: list[WindowResult | LateSpans]) -> None:
+        self.state.update(items)
+
+
+class MetricsSink(DynamicSink[WindowResult | LateSpans]):
+    """bytewax output that feeds window results into the process's SeriesState."""
+
+    def __init__(self, state: SeriesState) -> None:
+        self.state = state
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _MetricsPartition:
+        return _MetricsPartition(self.state)
+
+
+class MetricsHttpServer:
+    """``/metrics``, ``/healthz`` (liveness) and ``/readyz`` (readiness) on one address."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body, ctype, code = generate_latest(outer.registry), CONTENT_TYPE_LATEST, 200
+                elif path == "/healthz":
+                    body, ctype, code = b"ok\n", "text/plain", 200
+                elif path == "/readyz":
+                    ok, why = outer.ready()
+                    body, ctype, code = (why + "\n").encode(), "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args) -> None:
+                log.debug("http: " + fmt, *args)
+
+        self.registry = registry
+        self.ready = ready
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

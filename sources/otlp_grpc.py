@@ -1,0 +1,147 @@
+"""OTLP/gRPC receiver: TraceService/Export and LogsService/Export.
+
+grpcio hands us raw request bytes (no deserializer), so every answer is ours:
+
+- malformed protobuf -> INVALID_ARGUMENT (grpcio's own deserializer would say INTERNAL);
+- some spans/log records invalid -> OK with ``partial_success`` (count and reason),
+  the valid rest is processed;
+- empty request -> OK without ``partial_success``;
+- over ``max_message_bytes`` after decompression -> RESOURCE_EXHAUSTED (grpcio enforces
+  it before inflating further); gzip is accepted;
+- spool over its budget -> UNAVAILABLE with ``google.rpc.RetryInfo`` (clients retry);
+- OK only after the decoded batch was appended to the spool.
+
+MetricsService is not served: grpcio answers UNIMPLEMENTED for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from pipeline.config import OtlpConfig
+from pipeline.decode import DecodeLimits, Decoded, MalformedRequest, decode_logs, decode_traces
+from pipeline.selfmetrics import SelfMetrics
+from sources.spool import Spool, SpoolFull
+
+log = logging.getLogger("telepipe.otlp")
+
+TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+LOGS_SERVICE = "opentelemetry.proto.collector.logs.v1.LogsService"
+
+
+def retry_status(code: int, message: str, retry_ms: int) -> grpc.Status:
+    """A gRPC status carrying RetryInfo, so OTLP clients retry after ``retry_ms``."""
+    info = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=retry_ms // 1000, nanos=(retry_ms % 1000) * 1_000_000)
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
+
+
+class OtlpReceiver:
+    """The gRPC server. ``recorder`` (optional) receives a copy of every accepted batch."""
+
+    def __init__(
+        self,
+        cfg: OtlpConfig,
+        spool: Spool,
+        metrics: SelfMetrics,
+        *,
+        retry_after_ms: int = 1000,
+        recorder: Spool | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.recorder = recorder
+        self.metrics = metrics
+        self.retry_after_ms = retry_after_ms
+        self.limits = DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.server_threads, thread_name_prefix="otlp"),
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        raw = dict(request_deserializer=None, response_serializer=None)
+        self.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    TRACE_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self.export_traces, **raw)}
+                ),
+                grpc.method_handlers_generic_handler(
+                    LOGS_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self.export_logs, **raw)}
+                ),
+            )
+        )
+        self.port = self.server.add_insecure_port(cfg.grpc_listen)
+        if self.port == 0:
+            raise OSError(f"cannot bind the OTLP gRPC address {cfg.grpc_listen}")
+
+    def start(self) -> None:
+        self.server.start()
+        log.info("OTLP/gRPC receiver on port %d", self.port)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting (new calls get UNAVAILABLE); in-flight calls get ``grace`` seconds."""
+        self.server.stop(grace).wait()
+
+    # -- handlers
+    def export_traces(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._export("spans", request, context, decode_traces)
+
+    def export_logs(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._export("logs", request, context, lambda data: decode_logs(data, self.limits))
+
+    def _export(self, signal: str, request: bytes, context, decode) -> bytes:
+        if self.spool.over_budget():
+            self._refuse(context, signal, "spool over its byte budget; retry later")
+        try:
+            decoded: Decoded = decode(request)
+        except MalformedRequest as exc:
+            self.metrics.inc("requests", 1, signal, "INVALID_ARGUMENT")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.metrics.inc(f"received_{signal}", decoded.received)
+        if decoded.batch is not None:
+            payload = decoded.batch.to_bytes()
+            try:
+                self.spool.append(payload)
+            except SpoolFull as exc:
+                self._refuse(context, signal, str(exc))
+            if self.recorder is not None:
+                try:
+                    self.recorder.append(payload)
+                except SpoolFull:
+                    self.metrics.dropped("recording_full", len(decoded.batch))
+            self.metrics.inc(f"accepted_{signal}", len(decoded.batch))
+        if decoded.rejected:
+            self.metrics.inc(f"rejected_{signal}", decoded.rejected, "invalid")
+        self.metrics.inc("requests", 1, signal, "OK")
+        return self._response(signal, decoded)
+
+    def _refuse(self, context, signal: str, message: str) -> None:
+        self.metrics.inc("requests", 1, signal, "UNAVAILABLE")
+        context.abort_with_status(retry_status(code_pb2.UNAVAILABLE, message, self.retry_after_ms))
+
+    @staticmethod
+    def _response(signal: str, decoded: Decoded) -> bytes:
+        if signal == "spans":
+            resp = trace_service_pb2.ExportTraceServiceResponse()
+            if decoded.rejected:
+                resp.partial_success.rejected_spans = decoded.rejected
+                resp.partial_success.error_message = decoded.message
+        else:
+            resp = logs_service_pb2.ExportLogsServiceResponse()
+            if decoded.rejected:
+                resp.partial_success.rejected_log_records = decoded.rejected
+                resp.partial_success.error_message = decoded.message
+        return resp.SerializeToString()

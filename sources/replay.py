@@ -1,0 +1,168 @@
+"""Recordings as a bytewax source, for ``telepipe replay`` and benchmarks.
+
+Accepted forms (one partition per path):
+
+- OTLP/JSON lines, as the Collector's file exporter writes them (``.jsonl``,
+  also ``.jsonl.zst`` / ``.jsonl.gz``);
+- native recordings: spool segment files (``*.seg``) or a directory of them,
+  as written by ``telepipe run --record DIR``.
+
+Both become the same batches as live traffic. Event time is kept as recorded.
+With ``speed`` a factor, batches are paced by their event time (``next_awake``,
+never sleeping); with ``speed=None`` (max) they are read as fast as possible.
+The output does not depend on the speed: windows work on event time only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import zstandard
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+from pipeline.decode import DecodeLimits, MalformedRequest, decode_json_line
+from pipeline.model import LogBatch, SpanBatch, batch_from_bytes
+from pipeline.selfmetrics import SelfMetrics
+from sources.spool import list_segments, read_records, segment_name
+
+LINES_PER_BATCH = 32
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def open_text(path: Path) -> io.BufferedIOBase:
+    """Open a possibly compressed file for reading bytes."""
+    if path.name.endswith(".zst"):
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def is_native(path: Path) -> bool:
+    return path.is_dir() or path.suffix == ".seg"
+
+
+def iter_batches(
+    path: Path, metrics: SelfMetrics, limits: DecodeLimits = DecodeLimits()
+) -> Iterator[SpanBatch | LogBatch]:
+    """Every batch of one recording, in file order. Bad lines are counted, not fatal."""
+    if is_native(path):
+        files = [path / segment_name(s) for s in list_segments(path)] if path.is_dir() else [path]
+        for seg in files:
+            size = seg.stat().st_size
+            with open(seg, "rb") as f:
+                offset = 0
+                while offset < size:
+                    res = read_records(f, offset, size, 256, 16 * 1024 * 1024)
+                    for payload in res.payloads:
+                        yield batch_from_bytes(payload)
+                    offset = res.offset
+                    if res.corrupt:
+                        metrics.dropped("recording_corrupt_record", 1, detail=f"{seg} at {offset}")
+                        break
+                    if not res.payloads:
+                        break
+        return
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                decoded = decode_json_line(line, limits)
+            except MalformedRequest as exc:
+                metrics.dropped("recording_bad_line", 1, detail=f"{path}:{lineno}: {exc}")
+                continue
+            for d in decoded:
+                signal = "spans" if d.batch is None or isinstance(d.batch, SpanBatch) else "logs"
+                if d.rejected:
+                    metrics.inc(f"rejected_{signal}", d.rejected, "invalid")
+                if d.batch is not None:
+                    yield d.batch
+
+
+def _event_time(batch: SpanBatch | LogBatch) -> int:
+    if isinstance(batch, SpanBatch):
+        return batch.last_end_ns()
+    return int(batch.time_ns.max()) if len(batch) else 0
+
+
+class _ReplayPartition(StatefulSourcePartition[SpanBatch | LogBatch, int]):
+    def __init__(self, path: Path, resume: int | None, speed: float | None, metrics, limits, now) -> None:
+        self.batches = iter_batches(path, metrics, limits)
+        self.position = resume or 0
+        for _ in range(self.position):  # resume: skip what was already emitted
+            next(self.batches, None)
+        self.speed = speed
+        self.now = now
+        self.pending: SpanBatch | LogBatch | None = None
+        self.origin: tuple[datetime, int] | None = None  # (wall, event ns) of the first batch
+        self.wake: datetime | None = None
+
+    def next_batch(self) -> list[SpanBatch | LogBatch]:
+        if self.speed is None:
+            out = []
+            for b in self.batches:
+                out.append(b)
+                if len(out) >= LINES_PER_BATCH:
+                    break
+            if not out:
+                raise StopIteration()
+            self.position += len(out)
+            return out
+        if self.pending is None:
+            self.pending = next(self.batches, None)
+            if self.pending is None:
+                raise StopIteration()
+        t = _event_time(self.pending)
+        now = self.now()
+        if self.origin is None:
+            self.origin = (now, t)
+        due = self.origin[0] + timedelta(seconds=max(0, t - self.origin[1]) / 1e9 / self.speed)
+        if due > now:
+            self.wake = due
+            return []
+        self.wake = None
+        out, self.pending = [self.pending], None
+        self.position += 1
+        return out
+
+    def next_awake(self) -> datetime | None:
+        return self.wake
+
+    def snapshot(self) -> int:
+        return self.position
+
+
+class ReplaySource(FixedPartitionedSource[SpanBatch | LogBatch, int]):
+    """One partition per recording path; resume state is the number of batches emitted."""
+
+    def __init__(
+        self,
+        paths: list[str | Path],
+        speed: float | None = None,
+        metrics: SelfMetrics | None = None,
+        limits: DecodeLimits = DecodeLimits(),
+        now: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        for p in self.paths:
+            if not p.exists():
+                raise FileNotFoundError(f"recording not found: {p}")
+        self.speed = speed
+        self.metrics = metrics or SelfMetrics()
+        self.limits = limits
+        self.now = now
+
+    def list_parts(self) -> list[str]:
+        return [f"{i}:{p}" for i, p in enumerate(self.paths)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None):
+        path = self.paths[int(for_part.split(":", 1)[0])]
+        return _ReplayPartition(path, resume_state, self.speed, self.metrics, self.limits, self.now)

@@ -1,0 +1,129 @@
+"""bytewax source over the local spool shards.
+
+One partition per local shard (``list_parts`` lists only this process's
+shards). A partition's state is just ``(segment, offset)``: everything else is
+derived from it, so a resumed partition continues exactly after the last
+record it emitted. ``next_batch`` never blocks: with nothing new it returns
+``[]`` and asks to be woken a little later.
+
+The source ends (EOF, which closes all windows) when ``stop`` is set and every
+committed record has been read: that is the drain step of a graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+from pipeline.model import LogBatch, SpanBatch, batch_from_bytes
+from sources.spool import Spool, read_records
+
+POLL_INTERVAL = timedelta(milliseconds=20)
+MAX_RECORDS_PER_BATCH = 64
+MAX_BYTES_PER_BATCH = 8 * 1024 * 1024
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, int]]):
+    def __init__(
+        self,
+        spool: Spool,
+        resume_state: tuple[int, int] | None,
+        stop: threading.Event,
+        now: Callable[[], datetime],
+    ) -> None:
+        self.spool = spool
+        self.stop = stop
+        self.now = now
+        segments = spool.segments()
+        if resume_state is None:
+            self.seq, self.offset = (segments[0] if segments else 1), 0
+        else:
+            self.seq, self.offset = resume_state
+        self._file = None
+        self._file_seq = -1
+        self._idle = False
+
+    def _open(self):
+        if self._file_seq != self.seq:
+            if self._file is not None:
+                self._file.close()
+            self._file = open(self.spool.path_of(self.seq), "rb")
+            self._file_seq = self.seq
+        return self._file
+
+    def _advance(self) -> bool:
+        """Move to the next existing segment; False if this is the active one."""
+        later = [s for s in self.spool.segments() if s > self.seq]
+        if not later:
+            return False
+        self.spool.retire_before(later[0])
+        self.seq, self.offset = later[0], 0
+        return True
+
+    def next_batch(self) -> list[SpanBatch | LogBatch]:
+        active_seq, active_off = self.spool.committed()
+        if self.seq not in self.spool.segments() and not self._advance():
+            return self._nothing(active_seq, active_off)
+        limit = active_off if self.seq == active_seq else self.spool.size_of(self.seq)
+        if self.offset >= limit:
+            if self.seq != active_seq and self._advance():
+                return self.next_batch()
+            return self._nothing(active_seq, active_off)
+        res = read_records(self._open(), self.offset, limit, MAX_RECORDS_PER_BATCH, MAX_BYTES_PER_BATCH)
+        self.offset = res.offset
+        if res.corrupt:
+            self.spool.metrics.dropped(
+                "spool_corrupt_record", 1, detail=f"segment {self.seq} at {self.offset}: rest of segment skipped"
+            )
+            self.offset = limit
+        out = []
+        for payload in res.payloads:
+            try:
+                out.append(batch_from_bytes(payload))
+            except ValueError as exc:
+                self.spool.metrics.dropped("spool_undecodable_record", 1, detail=str(exc))
+        self._idle = not out
+        return out
+
+    def _nothing(self, active_seq: int, active_off: int) -> list:
+        if self.stop.is_set() and self.seq >= active_seq and self.offset >= active_off:
+            raise StopIteration()
+        self._idle = True
+        return []
+
+    def next_awake(self) -> datetime | None:
+        return self.now() + POLL_INTERVAL if self._idle else None
+
+    def snapshot(self) -> tuple[int, int]:
+        return (self.seq, self.offset)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int]]):
+    """Reads the spool shards that live in this process."""
+
+    def __init__(
+        self,
+        spools: dict[str, Spool],
+        stop: threading.Event | None = None,
+        now: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.spools = spools
+        self.stop = stop or threading.Event()
+        self.now = now
+
+    def list_parts(self) -> list[str]:
+        return list(self.spools)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int] | None):
+        return _SpoolPartition(self.spools[for_part], resume_state, self.stop, self.now)
