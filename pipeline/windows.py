@@ -80,7 +80,7 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     n = len(batch)
     if n == 0:
         return []
-    dur = batch.duration_ns.astype(np.float64) * 1e-9
+    dur = batch.duration_ns / 1e9  # seconds, rounded exactly like Python does
     window = batch.end_ns // spec.length_ns
     n_ops = len(batch.operations)
     key = (batch.service_idx.astype(np.int64) * n_ops + batch.op_idx) * 8 + batch.kind.astype(np.int64)

@@ -129,9 +129,8 @@ class Spool:
         self.metrics = metrics or SelfMetrics()
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}
-        self._recover()
-        last = max(self._sizes, default=0)
-        self._seq = last + 1
+        last = self._recover()
+        self._seq = last + 1  # never reuse a number, even of an empty segment
         self._file = open(self.dir / segment_name(self._seq), "ab")
         self._offset = 0
         self._sizes[self._seq] = 0
@@ -147,8 +146,10 @@ class Spool:
         self._publish_bytes()
 
     # -- start-up
-    def _recover(self) -> None:
-        for seq in list_segments(self.dir):
+    def _recover(self) -> int:
+        """Check every segment; returns the highest sequence number found."""
+        segments = list_segments(self.dir)
+        for seq in segments:
             path = self.dir / segment_name(seq)
             good, bad = scan_segment(path)
             size = path.stat().st_size
@@ -160,6 +161,7 @@ class Spool:
                 path.unlink()
                 continue
             self._sizes[seq] = good
+        return max(segments, default=0)
 
     # -- writing
     def append(self, payload: bytes) -> tuple[int, int]:

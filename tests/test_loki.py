@@ -1,0 +1,435 @@
+"""Loki sink: encoder tests (no network) and delivery to a strict in-test push server."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import pytest
+from bytewax import operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSource, run_main
+
+from pipeline.config import LokiConfig
+from pipeline.model import LogBatch
+from pipeline.selfmetrics import SelfMetrics
+from sinks.loki import (
+    LokiClient,
+    LokiSink,
+    RetryPolicy,
+    encode_push,
+    encode_streams,
+    level_of,
+    metadata_key,
+    push_url,
+)
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+SPAN = "b7ad6b7169203331"
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+def make_batch(rows: list[dict]) -> LogBatch:
+    """rows: dicts with t, body and optional sev, text, trace, span, service, instance, attrs."""
+    return LogBatch(
+        time_ns=np.array([r["t"] for r in rows], dtype=np.int64),
+        severity=np.array([r.get("sev", 9) for r in rows], dtype=np.int8),
+        severity_text=[r.get("text", "") for r in rows],
+        body=[r["body"] for r in rows],
+        trace_id=[r.get("trace", "") for r in rows],
+        span_id=[r.get("span", "") for r in rows],
+        service=[r.get("service", "checkout") for r in rows],
+        instance=[r.get("instance", "") for r in rows],
+        attributes=[r.get("attrs", {}) for r in rows],
+    )
+
+
+def lines_batch(start: int, n: int) -> LogBatch:
+    return make_batch([{"t": 1_700_000_000_000_000_000 + i, "body": f"line {i}"} for i in range(start, start + n)])
+
+
+# --- strict Loki push server ----------------------------------------------------------
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError(f"duplicate keys {keys}")
+    return dict(pairs)
+
+
+def check_push(method: str, path: str, headers, body: bytes) -> dict:
+    """Decode a push request exactly as Loki expects it; raise ValueError on any deviation."""
+    if method != "POST" or path != "/loki/api/v1/push":
+        raise ValueError(f"{method} {path}")
+    if headers.get("Content-Type") != "application/json":
+        raise ValueError(f"content-type {headers.get('Content-Type')}")
+    if headers.get("Content-Encoding") != "gzip":
+        raise ValueError(f"content-encoding {headers.get('Content-Encoding')}")
+    doc = json.loads(gzip.decompress(body), object_pairs_hook=_no_duplicates)
+    if not isinstance(doc, dict) or list(doc) != ["streams"] or not isinstance(doc["streams"], list):
+        raise ValueError("body must be exactly {'streams': [...]}")
+    for stream in doc["streams"]:
+        if not isinstance(stream, dict) or set(stream) != {"stream", "values"}:
+            raise ValueError(f"stream keys {stream!r}")
+        labels = stream["stream"]
+        if not isinstance(labels, dict) or not labels or len(labels) > 15:
+            raise ValueError(f"labels {labels!r}")
+        for name, value in labels.items():
+            if not LABEL_NAME.match(name) or not isinstance(value, str) or not value:
+                raise ValueError(f"label {name!r}={value!r}")
+            if len(value.encode()) > 2048:
+                raise ValueError(f"label value of {name} too long")
+        last = -1
+        for entry in stream["values"]:
+            if not isinstance(entry, list) or len(entry) not in (2, 3):
+                raise ValueError(f"entry {entry!r}")
+            ts, line = entry[0], entry[1]
+            if not isinstance(ts, str) or not ts.isdigit() or not isinstance(line, str):
+                raise ValueError(f"entry {entry!r}")
+            if len(entry) == 3 and not (
+                isinstance(entry[2], dict) and all(isinstance(v, str) for v in entry[2].values())
+            ):
+                raise ValueError(f"structured metadata {entry[2]!r}")
+            if int(ts) < last:
+                raise ValueError(f"out of order in {labels}: {ts} after {last}")
+            last = int(ts)
+    return doc
+
+
+class LokiServer:
+    """ThreadingHTTPServer on 127.0.0.1:0; ``script`` holds statuses to answer first."""
+
+    def __init__(self) -> None:
+        self.script: deque[tuple[int, str]] = deque()
+        self.requests = 0
+        self.accepted: list[dict] = []  # decoded pushes answered 204
+        self.headers: list[dict] = []
+        self.violations: list[str] = []
+        self.lock = threading.Lock()
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with state.lock:
+                    state.requests += 1
+                    try:
+                        doc = check_push("POST", self.path, self.headers, body)
+                    except Exception as exc:
+                        state.violations.append(str(exc))
+                        return self._answer(400, f"bad push: {exc}")
+                    if state.script:
+                        return self._answer(*state.script.popleft())
+                    state.accepted.append(doc)
+                    state.headers.append(dict(self.headers))
+                self._answer(204, "")
+
+            def do_GET(self) -> None:
+                state.violations.append(f"GET {self.path}")
+                self._answer(405, "method not allowed")
+
+            def _answer(self, status: int, text: str) -> None:
+                data = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/loki/api/v1/push"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+
+    def lines(self) -> list[str]:
+        """Every accepted line, in the order the server received them."""
+        return [v[1] for doc in self.accepted for s in doc["streams"] for v in s["values"]]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = LokiServer()
+    yield srv
+    srv.stop()
+    assert srv.violations == []
+
+
+def make_client(server: LokiServer, metrics: SelfMetrics, sleeps: list | None = None, **cfg) -> LokiClient:
+    cfg.setdefault("retry_min_ms", 10)
+    cfg.setdefault("retry_max_ms", 100)
+    cfg.setdefault("batch_max_wait_ms", 10_000)  # tests flush explicitly unless they test age
+    sleep = None if sleeps is None else sleeps.append
+    return LokiClient(LokiConfig(url=server.url, **cfg), metrics, sleep=sleep, rng=random.Random(7))
+
+
+# --- encoder ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("number", "text", "level"),
+    [
+        (1, "", "trace"), (4, "", "trace"), (5, "", "debug"), (8, "", "debug"),
+        (9, "", "info"), (12, "", "info"), (13, "", "warn"), (16, "", "warn"),
+        (17, "", "error"), (20, "", "error"), (21, "", "fatal"), (24, "", "fatal"),
+        (9, "ERROR", "info"),  # the number wins
+        (0, "WARNING", "warn"), (0, "Error", "error"), (0, "INFO2", "info"),
+        (0, "critical", "fatal"), (0, "", "unknown"), (0, "loud", "unknown"), (30, "", "unknown"),
+    ],
+)  # fmt: skip
+def test_level_of(number, text, level):
+    assert level_of(number, text) == level
+
+
+def test_encode_streams_labels_and_metadata():
+    batch = make_batch(
+        [
+            {"t": 30, "body": "paid", "sev": 9, "trace": TRACE, "span": SPAN, "instance": "pod-1",
+             "attrs": {"http.method": "POST", "order-id": "42", "9lives": "x"}},
+            {"t": 10, "body": "card declined", "sev": 17, "trace": TRACE, "span": SPAN},
+            {"t": 20, "body": "no context", "sev": 10, "service": ""},
+        ]
+    )  # fmt: skip
+    streams = encode_streams(batch, 1024)
+    by_labels = {(s["stream"]["service"], s["stream"]["level"]): s for s in streams}
+    assert set(by_labels) == {("checkout", "info"), ("checkout", "error"), ("unknown_service", "info")}
+    for s in streams:
+        assert set(s["stream"]) == {"service", "level"}
+        assert TRACE not in json.dumps(s["stream"])
+    assert by_labels[("checkout", "info")]["values"] == [
+        ["30", "paid", {"http_method": "POST", "order_id": "42", "_9lives": "x",
+                        "trace_id": TRACE, "span_id": SPAN, "service_instance_id": "pod-1"}],
+    ]  # fmt: skip
+    assert by_labels[("checkout", "error")]["values"] == [["10", "card declined", {"trace_id": TRACE, "span_id": SPAN}]]
+    assert by_labels[("unknown_service", "info")]["values"] == [["20", "no context"]]
+
+
+def test_encode_streams_sorted_and_stable():
+    rows = [{"t": t, "body": b} for t, b in [(5, "e"), (1, "a"), (3, "c1"), (3, "c2"), (2, "b"), (3, "c3")]]
+    [stream] = encode_streams(make_batch(rows), 1024)
+    assert [v[1] for v in stream["values"]] == ["a", "b", "c1", "c2", "c3", "e"]
+
+
+def test_encode_streams_truncates_lines_and_labels():
+    metrics = SelfMetrics()
+    body = "ab€€€"  # 2 + 3*3 bytes; a 6-byte cut must not split a euro sign
+    batch = make_batch([{"t": 1, "body": body}, {"t": 2, "body": "short"}, {"t": 3, "body": "x" * 6, "service": "é" * 2000}])
+    streams = encode_streams(batch, 6, metrics=metrics)
+    lines = [v[1] for s in streams for v in s["values"]]
+    assert lines == ["ab€", "short", "x" * 6]
+    assert metrics.counter("dropped", "loki_line_truncated") == 1
+    long_service = [s["stream"]["service"] for s in streams if s["stream"]["service"] != "checkout"][0]
+    assert long_service == "é" * 1024 and len(long_service.encode()) == 2048
+
+
+def test_encode_push_is_gzip_json_the_server_accepts():
+    batch = make_batch([{"t": 2, "body": "b", "trace": TRACE}, {"t": 1, "body": "a"}])
+    body = encode_push(encode_streams(batch, 1024))
+    doc = check_push("POST", "/loki/api/v1/push", {"Content-Type": "application/json", "Content-Encoding": "gzip"}, body)
+    assert doc["streams"][0]["values"] == [["1", "a"], ["2", "b", {"trace_id": TRACE}]]
+
+
+def test_metadata_key_and_push_url():
+    assert metadata_key("k8s.pod.name") == "k8s_pod_name"
+    assert metadata_key("") == "_"
+    assert str(push_url("http://loki:3100")) == "http://loki:3100/loki/api/v1/push"
+    assert str(push_url("http://loki:3100/")) == "http://loki:3100/loki/api/v1/push"
+    assert str(push_url("https://gw/tenant/a/push")) == "https://gw/tenant/a/push"
+
+
+@pytest.mark.parametrize(
+    ("status", "retry"),
+    [(None, True), (429, True), (500, True), (502, True), (503, True), (599, True),
+     (400, False), (401, False), (403, False), (404, False), (413, False), (422, False), (301, False)],
+)  # fmt: skip
+def test_retry_policy_table(status, retry):
+    assert RetryPolicy.retryable(status) is retry
+
+
+def test_retry_policy_backoff_capped_with_jitter():
+    policy = RetryPolicy(500, 4000, random.Random(1))
+    waits = [policy.backoff(a) for a in range(8)]
+    caps = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    assert all(0.5 <= w <= cap for w, cap in zip(waits, caps, strict=True))
+    again = RetryPolicy(500, 4000, random.Random(1))
+    assert waits == [again.backoff(a) for a in range(8)]  # seeded: reproducible
+    assert len(set(waits[3:])) > 1  # jittered, not a fixed cap
+
+
+# --- delivery -----------------------------------------------------------------------
+
+
+def test_delivers_batch_with_labels_metadata_and_tenant(server):
+    metrics = SelfMetrics()
+    client = make_client(server, metrics, tenant="team-a")
+    client.push(
+        make_batch(
+            [
+                {"t": 2, "body": "paid", "trace": TRACE, "span": SPAN},
+                {"t": 1, "body": "declined", "sev": 17, "trace": TRACE},
+                {"t": 3, "body": "shipped", "service": "shipping"},
+            ]
+        )
+    )
+    assert client.close(5)
+    [doc] = server.accepted
+    got = {(s["stream"]["service"], s["stream"]["level"]): s["values"] for s in doc["streams"]}
+    assert got == {
+        ("checkout", "info"): [["2", "paid", {"trace_id": TRACE, "span_id": SPAN}]],
+        ("checkout", "error"): [["1", "declined", {"trace_id": TRACE}]],
+        ("shipping", "info"): [["3", "shipped"]],
+    }
+    assert server.headers[0]["X-Scope-OrgID"] == "team-a"
+    assert metrics.counter("sink_sent", "loki") == 3
+    assert metrics.counter("dropped", "loki_line_truncated") == 0
+
+
+def test_merges_batches_into_one_request_sorted_per_stream(server):
+    client = make_client(server, SelfMetrics())
+    client.push(make_batch([{"t": 5, "body": "late"}]))
+    client.push(make_batch([{"t": 1, "body": "early"}]))
+    assert client.close(5)
+    assert len(server.accepted) == 1 and server.lines() == ["early", "late"]
+    assert "X-Scope-OrgID" not in server.headers[0]
+
+
+def test_retries_500_and_429_then_delivers_everything_once_in_order(server):
+    server.script.extend([(500, "ingester down"), (429, "rate limited")])
+    metrics, sleeps = SelfMetrics(), []
+    client = make_client(server, metrics, sleeps, batch_max_bytes=300)  # a few lines per request
+    for start in range(0, 40, 4):
+        client.push(lines_batch(start, 4))
+    assert client.close(5)
+    assert server.lines() == [f"line {i}" for i in range(40)]
+    assert len(server.accepted) > 3
+    assert server.requests == len(server.accepted) + 2
+    assert metrics.counter("sink_errors", "loki", "http_500") == 1
+    assert metrics.counter("sink_errors", "loki", "http_429") == 1
+    assert metrics.counter("sink_sent", "loki") == 40
+    assert metrics.counter("dropped", "loki_retries_exhausted") == 0
+    assert len(sleeps) == 2 and 0.01 <= sleeps[0] <= 0.01 and 0.01 <= sleeps[1] <= 0.02
+
+
+def test_400_is_dropped_with_reason_and_not_retried(server, caplog):
+    server.script.append((400, "entry for stream has timestamp too old"))
+    metrics, sleeps = SelfMetrics(), []
+    client = make_client(server, metrics, sleeps)
+    with caplog.at_level(logging.WARNING, logger="telepipe"):
+        client.push(lines_batch(0, 3))
+        assert client.close(5)
+    assert server.requests == 1 and sleeps == []
+    assert metrics.counter("dropped", "loki_rejected_400") == 3
+    assert metrics.counter("sink_errors", "loki", "http_400") == 1
+    assert metrics.counter("sink_sent", "loki") == 0
+    assert "timestamp too old" in caplog.text
+
+
+def test_retries_exhausted_is_counted(server):
+    server.script.extend([(503, "unavailable")] * 3)
+    metrics, sleeps = SelfMetrics(), []
+    client = make_client(server, metrics, sleeps, max_retries=2)
+    client.push(lines_batch(0, 5))
+    assert client.close(5)
+    assert server.requests == 3 and len(sleeps) == 2 and server.accepted == []
+    assert metrics.counter("dropped", "loki_retries_exhausted") == 5
+
+
+def test_queue_full_drops_oldest_pending_request(server):
+    server.script.append((500, "down"))
+    entered, release = threading.Event(), threading.Event()
+
+    def sleep(_seconds: float) -> None:  # holds the sender in its first backoff
+        entered.set()
+        release.wait(5)
+
+    metrics = SelfMetrics()
+    cfg = LokiConfig(url=server.url, batch_max_bytes=64, queue_max_batches=2, retry_min_ms=10, batch_max_wait_ms=10_000)
+    client = LokiClient(cfg, metrics, sleep=sleep, rng=random.Random(0))
+    client.push(lines_batch(0, 1))
+    client.flush(0)  # seal it so the sender takes it
+    assert entered.wait(5)
+    for i in range(1, 6):  # each push seals the one before: lines 1..5 become five requests
+        client.push(lines_batch(i, 1))
+    assert client.flush(0) is False  # seal line 5 too, still blocked
+    assert metrics.counter("dropped", "loki_queue_full") == 3  # lines 1, 2, 3
+    assert metrics.gauge("loki_queue_batches") == 2
+    release.set()
+    assert client.close(5)
+    assert server.lines() == ["line 0", "line 4", "line 5"]
+    assert metrics.counter("sink_sent", "loki") == 3
+    assert metrics.gauge("loki_queue_batches") == 0
+
+
+def test_sends_by_age_without_flush(server):
+    client = make_client(server, SelfMetrics(), batch_max_wait_ms=20)
+    client.push(lines_batch(0, 2))
+    deadline = time.monotonic() + 3
+    while not server.accepted and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert server.lines() == ["line 0", "line 1"]
+    client.close(5)
+
+
+def test_connection_error_is_retried():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.ConnectError("refused", request=request)
+        check_push(request.method, request.url.path, request.headers, request.content)
+        return httpx.Response(204)
+
+    metrics = SelfMetrics()
+    cfg = LokiConfig(url="http://loki:3100", retry_min_ms=10)
+    client = LokiClient(cfg, metrics, transport=httpx.MockTransport(handler), sleep=lambda s: None)
+    client.push(lines_batch(0, 2))
+    assert client.close(5)
+    assert len(calls) == 2
+    assert metrics.counter("sink_errors", "loki", "connection") == 1
+    assert metrics.counter("sink_sent", "loki") == 2
+
+
+def test_close_interrupts_backoff_and_counts_unsent(server):
+    server.script.extend([(500, "down")] * 100)
+    metrics = SelfMetrics()
+    client = make_client(server, metrics, None, retry_min_ms=5000, retry_max_ms=5000)  # real, interruptible sleep
+    client.push(lines_batch(0, 3))
+    started = time.monotonic()
+    assert client.close(0.3) is False
+    assert time.monotonic() - started < 2
+    assert metrics.counter("dropped", "loki_closed") == 3
+    client.push(lines_batch(3, 1))
+    assert metrics.counter("dropped", "loki_closed") == 4
+
+
+def test_bytewax_sink_delivers_and_closes_client(server):
+    metrics = SelfMetrics()
+    clients = []
+
+    def factory() -> LokiClient:
+        clients.append(make_client(server, metrics))
+        return clients[-1]
+
+    flow = Dataflow("loki_test")
+    logs = op.input("in", flow, TestingSource([lines_batch(0, 2), lines_batch(2, 3)]))
+    op.output("loki", logs, LokiSink(factory))
+    run_main(flow)
+    assert len(clients) == 1
+    assert server.lines() == [f"line {i}" for i in range(5)]
+    assert not clients[0]._thread.is_alive()

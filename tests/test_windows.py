@@ -1,0 +1,104 @@
+import pickle
+
+import numpy as np
+
+from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
+from pipeline.model import OVERFLOW_OPERATION, LateSpans, SpanBatch, WindowResult
+from pipeline.windows import CardinalityLimiter, KeyWindows, WindowSpec, preaggregate
+
+S = 1_000_000_000
+
+
+def spec(**kw):
+    return WindowSpec.from_config(WindowsConfig(**kw), DEFAULT_BUCKETS)
+
+
+def batch(rows, services=("svc",), operations=("op",)):
+    """rows: (service_idx, op_idx, kind, status, end_ns, duration_ns)."""
+    n = len(rows)
+    cols = list(zip(*rows)) if rows else [[]] * 6
+    return SpanBatch(
+        services=services, operations=operations, instances=("i",),
+        service_idx=np.array(cols[0], np.int32), op_idx=np.array(cols[1], np.int32),
+        instance_idx=np.zeros(n, np.int32), kind=np.array(cols[2], np.int8),
+        status=np.array(cols[3], np.int8), end_ns=np.array(cols[4], np.int64),
+        duration_ns=np.array(cols[5], np.int64), trace_id=np.zeros(n, "S16"),
+        span_id=np.zeros(n, "S8"), parent_span_id=np.zeros(n, "S8"),
+    )  # fmt: skip
+
+
+def test_preaggregate_groups_by_key_and_window():
+    b = batch(
+        [
+            (0, 0, 2, 0, 1 * S, 10_000_000),
+            (0, 0, 2, 2, 2 * S, 30_000_000),
+            (0, 1, 2, 0, 3 * S, 1_000_000),
+            (0, 0, 2, 0, 12 * S, 5_000_000),  # next window
+            (0, 0, 3, 0, 4 * S, 5_000_000),  # other kind
+        ],
+        operations=("a", "b"),
+    )
+    parts = preaggregate(b, spec())
+    got = {(p.operation, p.span_kind, p.window_start): p for p in parts}
+    assert set(got) == {("a", 2, 0), ("b", 2, 0), ("a", 2, 10 * S), ("a", 3, 0)}
+    p = got[("a", 2, 0)]
+    assert p.status_counts.tolist() == [1, 0, 1] and p.count == 2
+    assert p.max_end_ns == 2 * S
+    assert abs(p.status_sums.sum() - 0.04) < 1e-12
+    # 10 ms falls in le=0.01, 30 ms in le=0.05
+    assert p.bucket_counts[0][4] == 1 and p.bucket_counts[2][5] == 1
+    assert sum(p.count for p in parts) == 5
+
+
+def test_window_closes_when_watermark_passes_end_plus_lateness():
+    sp = spec(length_s=10, allowed_lateness_s=5)
+    kw = KeyWindows("svc", "op", 2, sp)
+    p1 = preaggregate(batch([(0, 0, 2, 0, 3 * S, 1_000_000)]), sp)[0]
+    assert kw.on_partial(p1, now=0.0) == []
+    p2 = preaggregate(batch([(0, 0, 2, 0, 14 * S, 1_000_000)]), sp)[0]
+    assert kw.on_partial(p2, now=0.0) == []  # watermark 14 s < 10 + 5
+    p3 = preaggregate(batch([(0, 0, 2, 2, 15 * S, 2_000_000)]), sp)[0]
+    out = kw.on_partial(p3, now=0.0)
+    assert len(out) == 1 and isinstance(out[0], WindowResult)
+    r = out[0]
+    assert (r.window_start, r.window_end, r.count, r.errors) == (0, 10 * S, 1, 0)
+    # a span for the closed window is late: counted, not merged
+    late = kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 9 * S, 1)]), sp)[0], now=0.0)
+    assert late == [LateSpans("svc", "op", 2, 1)]
+    rest = kw.close_all()
+    assert [(r.window_start, r.count, r.errors) for r in rest] == [(10 * S, 2, 1)]
+
+
+def test_idle_timeout_on_injected_clock():
+    sp = spec(idle_timeout_s=30)
+    kw = KeyWindows("svc", "op", 2, sp)
+    kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)]), sp)[0], now=100.0)
+    assert kw.idle_deadline() == 130.0
+    assert kw.on_idle(129.9) == []
+    out = kw.on_idle(130.0)
+    assert len(out) == 1 and out[0].count == 1
+    assert kw.idle_deadline() is None
+
+
+def test_key_windows_pickle_round_trip():
+    sp = spec()
+    kw = KeyWindows("svc", "op", 2, sp)
+    kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1_000), (0, 0, 2, 0, 2 * S, 3_000)]), sp)[0], 0.0)
+    back = pickle.loads(pickle.dumps(kw))
+    assert back.close_all() == kw.close_all()
+
+
+def test_cardinality_limit_folds_excess_operations():
+    lim = CardinalityLimiter(limit=2, expire_ns=60 * S)
+    ops = ["a", "b", "c", "a", "d"]
+    sp = spec()
+    names = []
+    for i, name in enumerate(ops):
+        p = preaggregate(batch([(0, 0, 2, 0, (i + 1) * S, 1)], operations=(name,)), sp)[0]
+        names.append(lim.admit(p).operation)
+    assert names == ["a", "b", OVERFLOW_OPERATION, "a", OVERFLOW_OPERATION]
+    # after "b" has not been seen for longer than expire_ns, a new operation gets its slot
+    p = preaggregate(batch([(0, 0, 2, 0, 100 * S, 1)], operations=("e",)), sp)[0]
+    lim.admit(preaggregate(batch([(0, 0, 2, 0, 99 * S, 1)], operations=("a",)), sp)[0])
+    assert lim.admit(p).operation == "e"
+    assert pickle.loads(pickle.dumps(lim)).last_seen == lim.last_seen
