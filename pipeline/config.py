@@ -204,7 +204,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             hint = difflib.get_close_matches(key, names, n=1)
             allowed = ", ".join(names)
             msg = f"unknown key {full!r}"
-            msg += f" (did you mean {prefix}{hint[0]!r}?)" if hint else f"; allowed: {allowed}"
+            msg += f" (did you mean {prefix + hint[0]!r}?)" if hint else f"; allowed: {allowed}"
             raise ConfigError(msg)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):

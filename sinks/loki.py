@@ -32,6 +32,7 @@ log = logging.getLogger("telepipe")
 PUSH_PATH = "/loki/api/v1/push"
 MAX_LABEL_VALUE_BYTES = 2048  # Loki's default validation limit
 MAX_ERROR_BODY_BYTES = 64 * 1024
+CLOSE_GRACE_S = 1.0  # close() waits this long for the sender after a timed-out flush
 UNKNOWN_SERVICE = "unknown_service"  # OTel's name for a missing service.name
 _STREAM_OVERHEAD = 64  # JSON bytes around one stream's labels and values
 
@@ -150,7 +151,11 @@ class RetryPolicy:
         return status is None or status == 429 or 500 <= status <= 599
 
     def backoff(self, attempt: int) -> float:
-        """Seconds to wait after failed try ``attempt`` (0-based): jittered in [min, capped 2^attempt * min]."""
+        """Seconds to wait after failed try ``attempt`` (0-based).
+
+        Uniform in [min, min * 2^attempt capped at max]: the floor keeps tries at
+        least ``min`` apart, the jitter spreads clients that failed together.
+        """
         cap = min(self.max_ms, self.min_ms * 2 ** min(attempt, 62))
         return self.rng.uniform(self.min_ms, cap) / 1000.0
 
@@ -255,14 +260,17 @@ class LokiClient:
             return self._cond.wait_for(done, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush, then stop the sender; what is still unsent after ``timeout`` is dropped."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Flush, then stop the sender; what is still unsent after ``timeout`` is dropped.
+
+        Backoff sleeps end at once on close, so the sender normally stops (and has
+        counted what it dropped) within ``CLOSE_GRACE_S`` after the flush.
+        """
         drained = self.flush(timeout)
         with self._cond:
             self._closed = True
             self._stop.set()
             self._cond.notify_all()
-        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._thread.join(None if timeout is None else CLOSE_GRACE_S)
         if not self._thread.is_alive():
             self._http.close()
         return drained
@@ -284,7 +292,8 @@ class LokiClient:
         self._reset_open()
         while len(self._pending) > self.cfg.queue_max_batches:
             old = self._pending.popleft()
-            self.metrics.dropped("loki_queue_full", old.lines, detail=f"{len(self._pending)} requests waiting")
+            waiting = f"{len(self._pending)} requests waiting"
+            self.metrics.dropped("loki_queue_full", old.lines, detail=waiting)
         self.metrics.set_gauge("loki_queue_batches", len(self._pending))
         self._cond.notify_all()
 

@@ -54,7 +54,8 @@ def make_batch(rows: list[dict]) -> LogBatch:
 
 
 def lines_batch(start: int, n: int) -> LogBatch:
-    return make_batch([{"t": 1_700_000_000_000_000_000 + i, "body": f"line {i}"} for i in range(start, start + n)])
+    t0 = 1_700_000_000_000_000_000
+    return make_batch([{"t": t0 + i, "body": f"line {i}"} for i in range(start, start + n)])
 
 
 # --- strict Loki push server ----------------------------------------------------------
@@ -215,7 +216,9 @@ def test_encode_streams_labels_and_metadata():
         ["30", "paid", {"http_method": "POST", "order_id": "42", "_9lives": "x",
                         "trace_id": TRACE, "span_id": SPAN, "service_instance_id": "pod-1"}],
     ]  # fmt: skip
-    assert by_labels[("checkout", "error")]["values"] == [["10", "card declined", {"trace_id": TRACE, "span_id": SPAN}]]
+    assert by_labels[("checkout", "error")]["values"] == [
+        ["10", "card declined", {"trace_id": TRACE, "span_id": SPAN}]
+    ]
     assert by_labels[("unknown_service", "info")]["values"] == [["20", "no context"]]
 
 
@@ -228,7 +231,9 @@ def test_encode_streams_sorted_and_stable():
 def test_encode_streams_truncates_lines_and_labels():
     metrics = SelfMetrics()
     body = "ab€€€"  # 2 + 3*3 bytes; a 6-byte cut must not split a euro sign
-    batch = make_batch([{"t": 1, "body": body}, {"t": 2, "body": "short"}, {"t": 3, "body": "x" * 6, "service": "é" * 2000}])
+    batch = make_batch(
+        [{"t": 1, "body": body}, {"t": 2, "body": "short"}, {"t": 3, "body": "x" * 6, "service": "é" * 2000}]
+    )
     streams = encode_streams(batch, 6, metrics=metrics)
     lines = [v[1] for s in streams for v in s["values"]]
     assert lines == ["ab€", "short", "x" * 6]
@@ -240,7 +245,8 @@ def test_encode_streams_truncates_lines_and_labels():
 def test_encode_push_is_gzip_json_the_server_accepts():
     batch = make_batch([{"t": 2, "body": "b", "trace": TRACE}, {"t": 1, "body": "a"}])
     body = encode_push(encode_streams(batch, 1024))
-    doc = check_push("POST", "/loki/api/v1/push", {"Content-Type": "application/json", "Content-Encoding": "gzip"}, body)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    doc = check_push("POST", "/loki/api/v1/push", headers, body)
     assert doc["streams"][0]["values"] == [["1", "a"], ["2", "b", {"trace_id": TRACE}]]
 
 
@@ -358,7 +364,9 @@ def test_queue_full_drops_oldest_pending_request(server):
         release.wait(5)
 
     metrics = SelfMetrics()
-    cfg = LokiConfig(url=server.url, batch_max_bytes=64, queue_max_batches=2, retry_min_ms=10, batch_max_wait_ms=10_000)
+    cfg = LokiConfig(
+        url=server.url, batch_max_bytes=64, queue_max_batches=2, retry_min_ms=10, batch_max_wait_ms=10_000
+    )
     client = LokiClient(cfg, metrics, sleep=sleep, rng=random.Random(0))
     client.push(lines_batch(0, 1))
     client.flush(0)  # seal it so the sender takes it
@@ -408,7 +416,8 @@ def test_connection_error_is_retried():
 def test_close_interrupts_backoff_and_counts_unsent(server):
     server.script.extend([(500, "down")] * 100)
     metrics = SelfMetrics()
-    client = make_client(server, metrics, None, retry_min_ms=5000, retry_max_ms=5000)  # real, interruptible sleep
+    # sleeps=None: the client's own backoff sleep, which close() interrupts
+    client = make_client(server, metrics, None, retry_min_ms=5000, retry_max_ms=5000)
     client.push(lines_batch(0, 3))
     started = time.monotonic()
     assert client.close(0.3) is False
