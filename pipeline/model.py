@@ -8,6 +8,7 @@ what the spool stores, so the receiver decodes each request exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass, field
 
@@ -70,6 +71,9 @@ class SpanBatch:
     trace_id: np.ndarray
     span_id: np.ndarray
     parent_span_id: np.ndarray
+    # Set by the source, not stored: (partition, step number) of the read step this
+    # batch came in. Watermarks advance only between steps (see pipeline/windows.py).
+    step: tuple[int, int] = (0, 0)
 
     def __len__(self) -> int:
         return int(self.end_ns.shape[0])
@@ -106,11 +110,53 @@ class SpanBatch:
             **cols,
         )
 
+    @staticmethod
+    def concat(batches: list[SpanBatch]) -> SpanBatch:
+        """One batch of several (order kept), string tables merged.
+
+        Fewer, larger batches mean less per-batch overhead downstream (the
+        recordings and many SDKs send a few dozen spans per request).
+        """
+        if len(batches) == 1:
+            return batches[0]
+        tables: dict[str, dict[str, int]] = {"services": {}, "operations": {}, "instances": {}}
+        cols: dict[str, list[np.ndarray]] = {name: [] for name, _ in _SPAN_COLUMNS}
+        remap = {"services": "service_idx", "operations": "op_idx", "instances": "instance_idx"}
+        for b in batches:
+            for table, col in remap.items():
+                merged = tables[table]
+                mapping = np.fromiter(
+                    (merged.setdefault(x, len(merged)) for x in getattr(b, table)), np.int32, len(getattr(b, table))
+                )
+                cols[col].append(mapping[getattr(b, col)] if len(b) else getattr(b, col))
+            for name, _ in _SPAN_COLUMNS:
+                if name not in remap.values():
+                    cols[name].append(getattr(b, name))
+        return SpanBatch(
+            services=tuple(tables["services"]),
+            operations=tuple(tables["operations"]),
+            instances=tuple(tables["instances"]),
+            **{name: np.concatenate(parts) for name, parts in cols.items()},
+        )
+
     def first_end_ns(self) -> int:
         return int(self.end_ns.min()) if len(self) else 0
 
     def last_end_ns(self) -> int:
         return int(self.end_ns.max()) if len(self) else 0
+
+
+class Steps:
+    """Numbers the steps of one source partition and stamps them on its span batches."""
+
+    def __init__(self, partition: int, next_seq: int = 0) -> None:
+        self.partition = partition
+        self.next_seq = next_seq
+
+    def stamp(self, step: list[SpanBatch | LogBatch]) -> list[SpanBatch | LogBatch]:
+        mark = (self.partition, self.next_seq)
+        self.next_seq += 1
+        return [dataclasses.replace(b, step=mark) if isinstance(b, SpanBatch) else b for b in step]
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,6 +224,28 @@ class LogBatch:
             instance=head["i"],
             attributes=head["a"],
         )
+
+
+def coalesce(batches: list[SpanBatch | LogBatch], max_spans: int = 8192) -> list[SpanBatch | LogBatch]:
+    """Merge runs of consecutive span batches (up to ``max_spans`` each); logs pass through."""
+    out: list[SpanBatch | LogBatch] = []
+    run: list[SpanBatch] = []
+    size = 0
+    for b in batches:
+        if isinstance(b, SpanBatch) and size + len(b) <= max_spans:
+            run.append(b)
+            size += len(b)
+            continue
+        if run:
+            out.append(SpanBatch.concat(run))
+            run, size = [], 0
+        if isinstance(b, SpanBatch):
+            run, size = [b], len(b)
+        else:
+            out.append(b)
+    if run:
+        out.append(SpanBatch.concat(run))
+    return out
 
 
 def batch_from_bytes(data: bytes | memoryview) -> SpanBatch | LogBatch:

@@ -8,10 +8,18 @@ Three plain, picklable pieces (no bytewax here; ``pipeline/flow.py`` wraps them)
 - ``CardinalityLimiter`` (state per service): operations over the per-service
   limit are folded into one overflow operation, so series stay bounded.
 - ``KeyWindows`` (state per key): merges partials into open windows; a window
-  closes when the key's watermark (its latest span end time) passes
-  ``window_end + allowed_lateness``, when the key has been idle for
-  ``idle_timeout`` on the injected clock, or at end of input. Spans for a window
-  that already closed are counted as late, never merged silently.
+  closes when the watermark passes ``window_end + allowed_lateness``, when the
+  key has been idle for ``idle_timeout`` on the injected clock, or at end of
+  input. Spans for a window that already closed are counted as late, never
+  merged silently.
+
+A key's watermark is the newest span end time of that key, taken into account
+only once the source step that carried it is over (each batch carries its
+step, ``SpanBatch.step``). So every partial of one step is merged before
+anything that step contains can close a window; sources cut their input into
+fixed steps, so what closes when depends on the input alone, not on timing.
+Per-key watermarks keep a service whose clock runs behind from having its
+spans judged late by other services' clocks.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ class Partial:
     span_kind: int
     window_start: int
     max_end_ns: int
+    step: tuple[int, int]  # (source partition, step number) it was read in
     status_counts: np.ndarray  # int64[3]: unset, ok, error
     bucket_counts: np.ndarray  # int64[3, len(bounds) + 1]
     status_sums: np.ndarray  # float64[3], seconds
@@ -76,61 +85,71 @@ class Partial:
 
 
 def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
-    """Group a batch's spans by (service, operation, kind, window) and aggregate each group."""
+    """Group a batch's spans by (service, operation, kind, window) and aggregate each group.
+
+    All arithmetic is done once over the whole batch (one sort, a few bincounts);
+    the loop at the end only slices the results, once per group.
+    """
     n = len(batch)
     if n == 0:
         return []
-    dur = batch.duration_ns / 1e9  # seconds, rounded exactly like Python does
-    window = batch.end_ns // spec.length_ns
     n_ops = len(batch.operations)
     key = (batch.service_idx.astype(np.int64) * n_ops + batch.op_idx) * 8 + batch.kind.astype(np.int64)
+    window = batch.end_ns // spec.length_ns
     order = np.lexsort((window, key))
     key_s, win_s = key[order], window[order]
-    cut = np.flatnonzero((np.diff(key_s) != 0) | (np.diff(win_s) != 0)) + 1
-    starts = np.concatenate(([0], cut))
-    stops = np.concatenate((cut, [n]))
+    new_group = np.empty(n, dtype=bool)
+    new_group[0] = True
+    np.not_equal(key_s[1:], key_s[:-1], out=new_group[1:])
+    new_group[1:] |= win_s[1:] != win_s[:-1]
+    starts = np.flatnonzero(new_group)
+    groups = starts.size
+    gid = np.cumsum(new_group) - 1  # group of each sorted span
 
-    dur_s = dur[order]
-    status_s = batch.status[order].astype(np.int64)
-    end_s = batch.end_ns[order]
+    dur = batch.duration_ns[order] / 1e9  # seconds, rounded exactly like Python does
+    status = batch.status[order].astype(np.int64)
     nb = spec.bounds.size + 1
-    bucket_s = np.searchsorted(spec.bounds, dur_s, side="left")
-    hist_key = status_s * nb + bucket_s
-    positive = dur_s > 0
-    sk_all = np.zeros(n, dtype=np.int64)
-    if positive.any():
-        sk_all[positive] = spec.mapping.index(dur_s[positive])
+    bucket = np.searchsorted(spec.bounds, dur, side="left")
+    status_counts = np.bincount(gid * 3 + status, minlength=groups * 3).reshape(groups, 3)
+    bucket_counts = np.bincount((gid * 3 + status) * nb + bucket, minlength=groups * 3 * nb).reshape(groups, 3, nb)
+    status_sums = np.bincount(gid * 3 + status, weights=dur, minlength=groups * 3).reshape(groups, 3)
+    vmin = np.minimum.reduceat(dur, starts)
+    vmax = np.maximum.reduceat(dur, starts)
+    max_end = np.maximum.reduceat(batch.end_ns[order], starts)
+
+    # Sketch buckets of every group at once: unique (group, bucket index) pairs.
+    positive = dur > 0
+    zero = np.bincount(gid[~positive], minlength=groups) if not positive.all() else np.zeros(groups, np.int64)
+    sk = spec.mapping.index(dur[positive])
+    pair = gid[positive] * 1_000_000 + (sk + 500_000)  # bucket indices stay well inside +-500k
+    upair, ucnt = np.unique(pair, return_counts=True)
+    ugid = upair // 1_000_000
+    uidx = upair % 1_000_000 - 500_000
+    bounds = np.searchsorted(ugid, np.arange(groups + 1))
 
     out = []
     services, operations = batch.services, batch.operations
-    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-        k = int(key_s[a])
-        kind = k % 8
+    keys, wins = key_s[starts].tolist(), win_s[starts].tolist()
+    for g in range(groups):
+        k = keys[g]
         svc_op = k // 8
-        d = dur_s[a:b]
-        pos = positive[a:b]
-        if pos.all():
-            idx, cnt = np.unique(sk_all[a:b], return_counts=True)
-            zero = 0
-        else:
-            idx, cnt = np.unique(sk_all[a:b][pos], return_counts=True)
-            zero = int((~pos).sum())
-        st = status_s[a:b]
+        a, b = bounds[g], bounds[g + 1]
         out.append(
             Partial(
                 service=services[svc_op // n_ops],
                 operation=operations[svc_op % n_ops],
-                span_kind=kind,
-                window_start=int(win_s[a]) * spec.length_ns,
-                max_end_ns=int(end_s[a:b].max()),
-                status_counts=np.bincount(st, minlength=3),
-                bucket_counts=np.bincount(hist_key[a:b], minlength=3 * nb).reshape(3, nb),
-                status_sums=np.bincount(st, weights=d, minlength=3),
-                sk_idx=idx,
-                sk_cnt=cnt,
-                zero=zero,
-                vmin=float(d.min()),
-                vmax=float(d.max()),
+                span_kind=k % 8,
+                window_start=wins[g] * spec.length_ns,
+                max_end_ns=int(max_end[g]),
+                step=batch.step,
+                status_counts=status_counts[g],
+                bucket_counts=bucket_counts[g],
+                status_sums=status_sums[g],
+                sk_idx=uidx[a:b],
+                sk_cnt=ucnt[a:b],
+                zero=int(zero[g]),
+                vmin=float(vmin[g]),
+                vmax=float(vmax[g]),
             )
         )
     return out
@@ -195,12 +214,18 @@ class KeyWindows:
         self.service, self.operation, self.span_kind = service, operation, span_kind
         self.spec = spec
         self.open: dict[int, _Window] = {}
-        self.watermark = -math.inf  # latest span end time seen (ns)
+        self.watermark = -math.inf  # newest span end time of earlier steps (ns)
+        self.step: tuple[int, int] | None = None  # the step being merged
+        self.step_high = -math.inf  # newest span end time of that step
         self.closed_until = -math.inf  # end of the latest closed window (ns)
         self.last_activity = 0.0  # injected clock, seconds
 
     def on_partial(self, p: Partial, now: float) -> list[WindowResult | LateSpans]:
         self.last_activity = now
+        if p.step != self.step:  # the previous step is complete: its times count now
+            self.watermark = max(self.watermark, self.step_high)
+            self.step, self.step_high = p.step, -math.inf
+        self.step_high = max(self.step_high, p.max_end_ns)
         out: list[WindowResult | LateSpans] = []
         if p.window_start < self.closed_until:
             out.append(LateSpans(self.service, self.operation, self.span_kind, p.count))
@@ -210,7 +235,6 @@ class KeyWindows:
                 self.open[p.window_start] = _Window(p, self.spec.mapping)
             else:
                 w.merge(p)
-        self.watermark = max(self.watermark, p.max_end_ns)
         horizon = self.watermark - self.spec.lateness_ns
         ready = [s for s in self.open if s + self.spec.length_ns <= horizon]
         out.extend(self._close(sorted(ready)))
@@ -238,7 +262,7 @@ class KeyWindows:
             w = self.open.pop(start)
             self.closed_until = max(self.closed_until, start + length)
             sk = w.sketch
-            q = [sk.quantile(x) for x in QUANTILES]
+            q = sk.quantiles(QUANTILES)
             results.append(
                 WindowResult(
                     service=self.service,
@@ -254,9 +278,9 @@ class KeyWindows:
                     p99=q[3],
                     max=sk.max,
                     sum=float(w.status_sums.sum()),
-                    status_counts=tuple(int(x) for x in w.status_counts),
-                    bucket_counts=tuple(tuple(int(x) for x in row) for row in w.bucket_counts),
-                    status_sums=tuple(float(x) for x in w.status_sums),
+                    status_counts=tuple(w.status_counts.tolist()),
+                    bucket_counts=tuple(map(tuple, w.bucket_counts.tolist())),
+                    status_sums=tuple(w.status_sums.tolist()),
                 )
             )
         return results

@@ -25,11 +25,13 @@ import zstandard
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from pipeline.decode import DecodeLimits, MalformedRequest, decode_json_line
-from pipeline.model import LogBatch, SpanBatch, batch_from_bytes
+from pipeline.model import LogBatch, SpanBatch, Steps, batch_from_bytes, coalesce
 from pipeline.selfmetrics import SelfMetrics
 from sources.spool import list_segments, read_records, segment_name
 
-LINES_PER_BATCH = 32
+# Records read per step and merged into one batch: a fixed count, so the batches the
+# flow sees (and so its output) do not depend on the replay speed.
+RECORDS_PER_STEP = 32
 
 
 def _utcnow() -> datetime:
@@ -87,6 +89,22 @@ def iter_batches(
                     yield d.batch
 
 
+def iter_steps(batches: Iterator[SpanBatch | LogBatch]) -> Iterator[list[SpanBatch | LogBatch]]:
+    """Fixed groups of ``RECORDS_PER_STEP`` batches, span batches of a group merged."""
+    group: list[SpanBatch | LogBatch] = []
+    for b in batches:
+        group.append(b)
+        if len(group) == RECORDS_PER_STEP:
+            yield coalesce(group)
+            group = []
+    if group:
+        yield coalesce(group)
+
+
+def _step_time(step: list[SpanBatch | LogBatch]) -> int:
+    return max(_event_time(b) for b in step)
+
+
 def _event_time(batch: SpanBatch | LogBatch) -> int:
     if isinstance(batch, SpanBatch):
         return batch.last_end_ns()
@@ -94,33 +112,28 @@ def _event_time(batch: SpanBatch | LogBatch) -> int:
 
 
 class _ReplayPartition(StatefulSourcePartition[SpanBatch | LogBatch, int]):
-    def __init__(self, path: Path, resume: int | None, speed: float | None, metrics, limits, now) -> None:
-        self.batches = iter_batches(path, metrics, limits)
+    def __init__(self, index: int, path: Path, resume: int | None, speed: float | None, metrics, limits, now) -> None:
+        self.steps = iter_steps(iter_batches(path, metrics, limits))
         self.position = resume or 0
+        self.stamp = Steps(index, self.position).stamp
         for _ in range(self.position):  # resume: skip what was already emitted
-            next(self.batches, None)
+            next(self.steps, None)
         self.speed = speed
         self.now = now
-        self.pending: SpanBatch | LogBatch | None = None
+        self.pending: list[SpanBatch | LogBatch] | None = None
         self.origin: tuple[datetime, int] | None = None  # (wall, event ns) of the first batch
         self.wake: datetime | None = None
 
     def next_batch(self) -> list[SpanBatch | LogBatch]:
-        if self.speed is None:
-            out = []
-            for b in self.batches:
-                out.append(b)
-                if len(out) >= LINES_PER_BATCH:
-                    break
-            if not out:
-                raise StopIteration()
-            self.position += len(out)
-            return out
         if self.pending is None:
-            self.pending = next(self.batches, None)
+            self.pending = next(self.steps, None)
             if self.pending is None:
                 raise StopIteration()
-        t = _event_time(self.pending)
+        if self.speed is None:
+            out, self.pending = self.pending, None
+            self.position += 1
+            return self.stamp(out)
+        t = _step_time(self.pending)
         now = self.now()
         if self.origin is None:
             self.origin = (now, t)
@@ -129,9 +142,9 @@ class _ReplayPartition(StatefulSourcePartition[SpanBatch | LogBatch, int]):
             self.wake = due
             return []
         self.wake = None
-        out, self.pending = [self.pending], None
+        out, self.pending = self.pending, None
         self.position += 1
-        return out
+        return self.stamp(out)
 
     def next_awake(self) -> datetime | None:
         return self.wake
@@ -141,7 +154,7 @@ class _ReplayPartition(StatefulSourcePartition[SpanBatch | LogBatch, int]):
 
 
 class ReplaySource(FixedPartitionedSource[SpanBatch | LogBatch, int]):
-    """One partition per recording path; resume state is the number of batches emitted."""
+    """One partition per recording path; resume state: the number of steps emitted."""
 
     def __init__(
         self,
@@ -164,5 +177,5 @@ class ReplaySource(FixedPartitionedSource[SpanBatch | LogBatch, int]):
         return [f"{i}:{p}" for i, p in enumerate(self.paths)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None):
-        path = self.paths[int(for_part.split(":", 1)[0])]
-        return _ReplayPartition(path, resume_state, self.speed, self.metrics, self.limits, self.now)
+        index = int(for_part.split(":", 1)[0])
+        return _ReplayPartition(index, self.paths[index], resume_state, self.speed, self.metrics, self.limits, self.now)

@@ -1,9 +1,9 @@
 """bytewax source over the local spool shards.
 
 One partition per local shard (``list_parts`` lists only this process's
-shards). A partition's state is just ``(segment, offset)``: everything else is
-derived from it, so a resumed partition continues exactly after the last
-record it emitted. ``next_batch`` never blocks: with nothing new it returns
+shards). A partition's state is just ``(segment, offset, step)``:
+everything else is derived from it, so a resumed partition continues exactly
+after the last record it emitted. ``next_batch`` never blocks: with nothing new it returns
 ``[]`` and asks to be woken a little later.
 
 The source ends (EOF, which closes all windows) when ``stop`` is set and every
@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from pipeline.model import LogBatch, SpanBatch, batch_from_bytes
+from pipeline.model import LogBatch, SpanBatch, Steps, batch_from_bytes, coalesce
 from sources.spool import Spool, read_records
 
 POLL_INTERVAL = timedelta(milliseconds=20)
@@ -30,11 +30,12 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, int]]):
+class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, int, int]]):
     def __init__(
         self,
         spool: Spool,
-        resume_state: tuple[int, int] | None,
+        resume_state: tuple[int, int, int] | None,
+        index: int,
         stop: threading.Event,
         now: Callable[[], datetime],
     ) -> None:
@@ -43,9 +44,10 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         self.now = now
         segments = spool.segments()
         if resume_state is None:
-            self.seq, self.offset = (segments[0] if segments else 1), 0
+            self.seq, self.offset, step = (segments[0] if segments else 1), 0, 0
         else:
-            self.seq, self.offset = resume_state
+            self.seq, self.offset, step = resume_state
+        self.steps = Steps(index, step)
         self._file = None
         self._file_seq = -1
         self._idle = False
@@ -90,7 +92,7 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
             except ValueError as exc:
                 self.spool.metrics.dropped("spool_undecodable_record", 1, detail=str(exc))
         self._idle = not out
-        return out
+        return self.steps.stamp(coalesce(out))
 
     def _nothing(self, active_seq: int, active_off: int) -> list:
         if self.stop.is_set() and self.seq >= active_seq and self.offset >= active_off:
@@ -101,15 +103,15 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
     def next_awake(self) -> datetime | None:
         return self.now() + POLL_INTERVAL if self._idle else None
 
-    def snapshot(self) -> tuple[int, int]:
-        return (self.seq, self.offset)
+    def snapshot(self) -> tuple[int, int, int]:
+        return (self.seq, self.offset, self.steps.next_seq)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
 
 
-class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int]]):
+class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, int]]):
     """Reads the spool shards that live in this process."""
 
     def __init__(
@@ -125,5 +127,6 @@ class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int]])
     def list_parts(self) -> list[str]:
         return list(self.spools)
 
-    def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int] | None):
-        return _SpoolPartition(self.spools[for_part], resume_state, self.stop, self.now)
+    def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int, int] | None):
+        index = sorted(self.spools).index(for_part)
+        return _SpoolPartition(self.spools[for_part], resume_state, index, self.stop, self.now)

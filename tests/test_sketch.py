@@ -20,6 +20,8 @@ def test_quantiles_within_relative_accuracy(seed):
     for q in (0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0):
         est, ex = sk.quantile(q), exact(values, q)
         assert abs(est - ex) <= 0.01 * ex + 1e-15, (q, est, ex)
+    qs = (0.0, 0.5, 0.9, 0.99, 1.0)
+    assert sk.quantiles(qs) == [sk.quantile(q) for q in qs]
 
 
 def test_merge_equals_single_sketch():

@@ -13,7 +13,7 @@ def spec(**kw):
     return WindowSpec.from_config(WindowsConfig(**kw), DEFAULT_BUCKETS)
 
 
-def batch(rows, services=("svc",), operations=("op",)):
+def batch(rows, services=("svc",), operations=("op",), step=0):
     """rows: (service_idx, op_idx, kind, status, end_ns, duration_ns)."""
     n = len(rows)
     cols = list(zip(*rows)) if rows else [[]] * 6
@@ -23,7 +23,7 @@ def batch(rows, services=("svc",), operations=("op",)):
         instance_idx=np.zeros(n, np.int32), kind=np.array(cols[2], np.int8),
         status=np.array(cols[3], np.int8), end_ns=np.array(cols[4], np.int64),
         duration_ns=np.array(cols[5], np.int64), trace_id=np.zeros(n, "S16"),
-        span_id=np.zeros(n, "S8"), parent_span_id=np.zeros(n, "S8"),
+        span_id=np.zeros(n, "S8"), parent_span_id=np.zeros(n, "S8"), step=(0, step),
     )  # fmt: skip
 
 
@@ -53,20 +53,32 @@ def test_preaggregate_groups_by_key_and_window():
 def test_window_closes_when_watermark_passes_end_plus_lateness():
     sp = spec(length_s=10, allowed_lateness_s=5)
     kw = KeyWindows("svc", "op", 2, sp)
-    p1 = preaggregate(batch([(0, 0, 2, 0, 3 * S, 1_000_000)]), sp)[0]
+    p1 = preaggregate(batch([(0, 0, 2, 0, 3 * S, 1_000_000)], step=1), sp)[0]
     assert kw.on_partial(p1, now=0.0) == []
-    p2 = preaggregate(batch([(0, 0, 2, 0, 14 * S, 1_000_000)]), sp)[0]
-    assert kw.on_partial(p2, now=0.0) == []  # watermark 14 s < 10 + 5
-    p3 = preaggregate(batch([(0, 0, 2, 2, 15 * S, 2_000_000)]), sp)[0]
-    out = kw.on_partial(p3, now=0.0)
+    p2 = preaggregate(batch([(0, 0, 2, 0, 15 * S, 1_000_000)], step=2), sp)[0]
+    assert kw.on_partial(p2, now=0.0) == []  # watermark 3 s (step 1) < 10 + 5
+    p3 = preaggregate(batch([(0, 0, 2, 2, 16 * S, 2_000_000)], step=3), sp)[0]
+    out = kw.on_partial(p3, now=0.0)  # watermark 15 s (step 2): [0, 10) closes
     assert len(out) == 1 and isinstance(out[0], WindowResult)
     r = out[0]
     assert (r.window_start, r.window_end, r.count, r.errors) == (0, 10 * S, 1, 0)
     # a span for the closed window is late: counted, not merged
-    late = kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 9 * S, 1)]), sp)[0], now=0.0)
+    late = kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 9 * S, 1)], step=4), sp)[0], now=0.0)
     assert late == [LateSpans("svc", "op", 2, 1)]
     rest = kw.close_all()
     assert [(r.window_start, r.count, r.errors) for r in rest] == [(10 * S, 2, 1)]
+
+
+def test_a_step_cannot_close_a_window_before_all_its_spans_are_merged():
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    kw = KeyWindows("svc", "op", 2, sp)
+    # one step with spans in two windows, the later one first: its own times do not
+    # count until the step is over, so window [0, 10) is still open for the earlier span
+    parts = preaggregate(batch([(0, 0, 2, 0, 25 * S, 1), (0, 0, 2, 0, 5 * S, 1)], step=1), sp)
+    out = [r for p in sorted(parts, key=lambda p: -p.window_start) for r in kw.on_partial(p, now=0.0)]
+    assert out == []
+    closed = kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 26 * S, 1)], step=2), sp)[0], now=0.0)
+    assert [(r.window_start, r.count) for r in closed] == [(0, 1)]
 
 
 def test_idle_timeout_on_injected_clock():
