@@ -1,12 +1,12 @@
 """The telepipe dataflow, top to bottom.
 
     read batches (spool or recording)
-      -> split spans / logs
-      spans -> preaggregate per (service, operation, kind, window) on numpy
-            -> key by service -> cardinality limit (excess operations -> overflow series)
-            -> key by (service, operation, kind) -> event-time windows
-            -> window results -> /metrics state, --emit-jsonl file
-      logs  -> Loki (when configured)
+      -> preaggregate on numpy: per (service, operation, kind, window) span aggregates,
+         per (service, window) log counts and instance sets
+      -> key by service -> service windows (cardinality limit, event-time windows of
+         every operation of the service, closing together)
+      -> window results -> /metrics state, --emit-jsonl file
+    log batches -> Loki (when configured)
 
 Stateful logic lives in plain classes (``pipeline/windows.py``); the bytewax
 steps here only wrap them. No step reads the wall clock: the idle timer uses
@@ -16,6 +16,7 @@ on the recording alone.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ from bytewax.operators import StatefulLogic
 from bytewax.outputs import Sink
 
 from pipeline.config import Config
-from pipeline.model import LateSpans, LogBatch, SpanBatch, WindowResult
+from pipeline.model import LateSpans, LogBatch, ServiceWindow, SpanBatch, WindowResult
 from pipeline.selfmetrics import SelfMetrics
-from pipeline.windows import CardinalityLimiter, KeyWindows, Partial, WindowSpec, preaggregate
+from pipeline.windows import ServiceWindows, WindowSpec, instance_sets, preaggregate, preaggregate_logs
 
 Clock = Callable[[], float]  # seconds since the epoch
 
@@ -45,38 +46,54 @@ class Outputs:
     log_sinks: list[Sink] = field(default_factory=list)
 
 
-class _WindowStep(StatefulLogic[Partial, WindowResult | LateSpans, KeyWindows]):
-    """bytewax wrapper of ``KeyWindows`` for one key."""
+class _ServiceStep(StatefulLogic[object, object, ServiceWindows]):
+    """bytewax wrapper of ``ServiceWindows`` for one service."""
 
-    def __init__(self, spec: WindowSpec, clock: Clock, idle: bool, resume: KeyWindows | None) -> None:
-        self.spec, self.clock, self.idle = spec, clock, idle
-        self.state = resume
+    def __init__(self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, resume) -> None:
+        self.cfg, self.spec, self.clock, self.idle = cfg, spec, clock, idle
+        self.state: ServiceWindows | None = resume
 
-    def on_item(self, value: Partial):
+    def on_item(self, value):
         if self.state is None:
-            self.state = KeyWindows(value.service, value.operation, value.span_kind, self.spec)
-        return self.state.on_partial(value, self.clock()), StatefulLogic.RETAIN
+            self.state = ServiceWindows(
+                value.service,
+                self.spec,
+                self.cfg.windows.max_operations_per_service,
+                int(self.cfg.prometheus.stale_after_s * 1e9),
+            )
+        return _flatten(self.state.on_item(value, self.clock())), StatefulLogic.RETAIN
 
     def on_notify(self):
-        return self.state.on_idle(self.clock()), StatefulLogic.RETAIN
+        return _flatten(self.state.on_idle(self.clock())), StatefulLogic.RETAIN
 
     def on_eof(self):
-        return self.state.close_all(), StatefulLogic.RETAIN
+        return _flatten(self.state.close_all()), StatefulLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         deadline = self.state.idle_deadline() if (self.idle and self.state) else None
         return None if deadline is None else datetime.fromtimestamp(deadline, timezone.utc)
 
-    def snapshot(self) -> KeyWindows:
-        return self.state
+    def snapshot(self) -> ServiceWindows:
+        return copy.deepcopy(self.state)
 
 
-def _limit_step(limit: int, expire_ns: int):
-    def step(state: CardinalityLimiter | None, p: Partial):
-        state = state or CardinalityLimiter(limit, expire_ns)
-        return state, state.admit(p)
+def _flatten(closed: list) -> list:
+    """Closed service windows -> their per-operation results, then the service window."""
+    out = []
+    for item in closed:
+        if isinstance(item, ServiceWindow):
+            out.extend(item.results)
+        out.append(item)
+    return out
 
-    return step
+
+def _partials(spec: WindowSpec):
+    def split(batch: SpanBatch | LogBatch) -> list:
+        if isinstance(batch, SpanBatch):
+            return [*preaggregate(batch, spec), *instance_sets(batch, spec)]
+        return preaggregate_logs(batch, spec, batch.step)
+
+    return split
 
 
 def build_flow(
@@ -92,19 +109,15 @@ def build_flow(
     flow = Dataflow("telepipe")
 
     batches = op.input("read", flow, source)
-    signals = op.branch("split_signals", batches, lambda b: isinstance(b, SpanBatch))
-    spans, logs = signals.trues, signals.falses
 
-    # Spans: one small aggregate per (key, window) per batch; the only per-span work.
-    partials = op.flat_map("preaggregate", spans, lambda b: preaggregate(b, spec))
+    # One small aggregate per (service, operation, kind, window) per batch, plus per-service
+    # log counts and instance sets: the only per-span (and per-record) work, on numpy.
+    partials = op.flat_map("preaggregate", batches, _partials(spec))
     by_service = op.key_on("key_by_service", partials, lambda p: p.service)
-    expire_ns = int(cfg.prometheus.stale_after_s * 1e9)
-    limited = op.stateful_map(
-        "cardinality_limit", by_service, _limit_step(cfg.windows.max_operations_per_service, expire_ns)
+    closed = op.stateful(
+        "service_windows", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, resume)
     )
-    by_key = op.key_on("key_by_operation", op.key_rm("unkey_service", limited), lambda p: p.key())
-    windowed = op.stateful("windows", by_key, lambda resume: _WindowStep(spec, clock, idle_close, resume))
-    results = op.key_rm("window_results", windowed)
+    results = op.filter("window_results", op.key_rm("unkey", closed), lambda x: not isinstance(x, ServiceWindow))
 
     for i, sink in enumerate(outputs.window_sinks):
         op.output(f"window_out_{i}", results, sink)
@@ -114,6 +127,8 @@ def build_flow(
             op.output(f"window_file_{i}", keyed, sink)
 
     # Logs: counted, then shipped.
+    logs = op.filter("logs", batches, lambda b: isinstance(b, LogBatch))
+
     def count_logs(_step: str, batch: LogBatch) -> None:
         metrics.inc("processed_logs", len(batch))
 

@@ -156,7 +156,7 @@ class Steps:
     def stamp(self, step: list[SpanBatch | LogBatch]) -> list[SpanBatch | LogBatch]:
         mark = (self.partition, self.next_seq)
         self.next_seq += 1
-        return [dataclasses.replace(b, step=mark) if isinstance(b, SpanBatch) else b for b in step]
+        return [dataclasses.replace(b, step=mark) for b in step]
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,6 +176,7 @@ class LogBatch:
     service: list[str]
     instance: list[str]
     attributes: list[dict[str, str]] = field(default_factory=list)
+    step: tuple[int, int] = (0, 0)  # set by the source, like SpanBatch.step
 
     def __len__(self) -> int:
         return int(self.time_ns.shape[0])
@@ -314,6 +315,22 @@ class WindowResult:
             "p99": self.p99,
             "max": self.max,
         }
+
+
+@dataclass(frozen=True)
+class ServiceWindow:
+    """Everything one service did in one closed window (input of anomaly detection and scaling)."""
+
+    service: str
+    window_start: int
+    window_end: int
+    results: tuple[WindowResult, ...]  # one per (operation, span kind), sorted
+    instances: tuple[str, ...]  # distinct service.instance.id seen
+    logs: int
+    error_logs: int  # severity ERROR or worse
+    server_calls: int  # SERVER spans
+    server_errors: int
+    server_p95: float  # seconds, over all SERVER spans (NaN when none)
 
 
 @dataclass(frozen=True)

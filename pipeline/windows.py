@@ -30,7 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import WindowsConfig
-from pipeline.model import OVERFLOW_OPERATION, LateSpans, SpanBatch, WindowResult
+from pipeline.model import (
+    KIND_SERVER,
+    OVERFLOW_OPERATION,
+    LateSpans,
+    LogBatch,
+    ServiceWindow,
+    SpanBatch,
+    WindowResult,
+)
 from pipeline.sketch import LogMapping, LogSketch
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -155,6 +163,87 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     return out
 
 
+@dataclass
+class LogPartial:
+    """Log records of one batch that share a service and a window."""
+
+    service: str
+    window_start: int
+    max_time_ns: int
+    step: tuple[int, int]
+    records: int
+    errors: int  # severity ERROR or worse (number >= 17)
+
+
+@dataclass
+class InstanceSet:
+    """The ``service.instance.id`` values one batch shows for a service in a window."""
+
+    service: str
+    window_start: int
+    max_end_ns: int
+    step: tuple[int, int]
+    instances: tuple[str, ...]
+
+
+SEVERITY_ERROR = 17
+
+
+def preaggregate_logs(batch: LogBatch, spec: WindowSpec, step: tuple[int, int]) -> list[LogPartial]:
+    n = len(batch)
+    if n == 0:
+        return []
+    services: dict[str, int] = {}
+    code = np.fromiter((services.setdefault(s, len(services)) for s in batch.service), np.int64, n)
+    window = batch.time_ns // spec.length_ns
+    wmin = int(window.min())
+    span = int(window.max()) - wmin + 1
+    group = code * span + (window - wmin)
+    ugroup, inverse = np.unique(group, return_inverse=True)
+    records = np.bincount(inverse)
+    errors = np.bincount(inverse, weights=batch.severity >= SEVERITY_ERROR).astype(np.int64)
+    newest = np.full(ugroup.size, np.iinfo(np.int64).min)
+    np.maximum.at(newest, inverse, batch.time_ns)
+    names = list(services)
+    return [
+        LogPartial(
+            service=names[int(g) // span],
+            window_start=(int(g) % span + wmin) * spec.length_ns,
+            max_time_ns=int(newest[i]),
+            step=step,
+            records=int(records[i]),
+            errors=int(errors[i]),
+        )
+        for i, g in enumerate(ugroup.tolist())
+    ]
+
+
+def instance_sets(batch: SpanBatch, spec: WindowSpec) -> list[InstanceSet]:
+    """Distinct instances per (service, window) in a span batch."""
+    if len(batch) == 0:
+        return []
+    n_inst = len(batch.instances)
+    window = batch.end_ns // spec.length_ns
+    wmin = int(window.min())
+    span = int(window.max()) - wmin + 1
+    code = (batch.service_idx.astype(np.int64) * n_inst + batch.instance_idx) * span + (window - wmin)
+    ucode, inverse = np.unique(code, return_inverse=True)
+    newest = np.full(ucode.size, np.iinfo(np.int64).min)
+    np.maximum.at(newest, inverse, batch.end_ns)
+    grouped: dict[tuple[int, int], tuple[list[str], int]] = {}
+    for i, c in enumerate(ucode.tolist()):
+        svc_inst, w = divmod(c, span)
+        svc, inst = divmod(svc_inst, n_inst)
+        names, high = grouped.get((svc, w), ([], 0))
+        names.append(batch.instances[inst])
+        grouped[(svc, w)] = (names, max(high, int(newest[i])))
+    return [
+        InstanceSet(batch.services[svc], (w + wmin) * spec.length_ns, high, batch.step, tuple(sorted(names)))
+        for (svc, w), (names, high) in grouped.items()
+        if any(names)
+    ]
+
+
 class CardinalityLimiter:
     """Per-service set of live operations; those past the limit become the overflow series.
 
@@ -167,7 +256,6 @@ class CardinalityLimiter:
         self.expire_ns = expire_ns
         self.last_seen: dict[str, int] = {}
         self.watermark = 0
-        self.overflowed = 0  # partials folded into the overflow series
 
     def admit(self, p: Partial) -> Partial:
         self.watermark = max(self.watermark, p.max_end_ns)
@@ -180,7 +268,6 @@ class CardinalityLimiter:
         if len(self.last_seen) < self.limit:
             self.last_seen[op] = p.max_end_ns
             return p
-        self.overflowed += p.count
         p.operation = OVERFLOW_OPERATION
         return p
 
@@ -207,38 +294,80 @@ class _Window:
         self.sketch.add_buckets(p.sk_idx, p.sk_cnt, p.zero, p.vmin, p.vmax)
 
 
-class KeyWindows:
-    """Open windows of one key, with its watermark and idle timer. Picklable."""
+class _ServiceSlot:
+    """Everything one service has in one open window."""
 
-    def __init__(self, service: str, operation: str, span_kind: int, spec: WindowSpec) -> None:
-        self.service, self.operation, self.span_kind = service, operation, span_kind
+    __slots__ = ("ops", "logs", "error_logs", "instances")
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, int], _Window] = {}
+        self.logs = 0
+        self.error_logs = 0
+        self.instances: set[str] = set()
+
+
+class ServiceWindows:
+    """Open windows of one service (all its operations), its watermark and idle timer.
+
+    Keyed by service so that every operation's window ``W`` closes at the same
+    moment: what comes after (anomaly detection, scaling) sees the whole service
+    for ``W`` at once, in an order that depends on the input alone. Picklable.
+    """
+
+    def __init__(self, service: str, spec: WindowSpec, max_operations: int, expire_ns: int) -> None:
+        self.service = service
         self.spec = spec
-        self.open: dict[int, _Window] = {}
-        self.watermark = -math.inf  # newest span end time of earlier steps (ns)
+        self.limiter = CardinalityLimiter(max_operations, expire_ns)
+        self.open: dict[int, _ServiceSlot] = {}
+        self.watermark = -math.inf  # newest event time of earlier steps (ns)
         self.step: tuple[int, int] | None = None  # the step being merged
-        self.step_high = -math.inf  # newest span end time of that step
+        self.step_high = -math.inf  # newest event time of that step
         self.closed_until = -math.inf  # end of the latest closed window (ns)
         self.last_activity = 0.0  # injected clock, seconds
+        self.late_logs = 0
 
-    def on_partial(self, p: Partial, now: float) -> list[WindowResult | LateSpans]:
+    def on_item(self, item: Partial | LogPartial | InstanceSet, now: float) -> list:
+        """Merge one item; returns what closed: ``LateSpans`` and ``ServiceWindow`` objects."""
         self.last_activity = now
-        if p.step != self.step:  # the previous step is complete: its times count now
+        if item.step != self.step:  # the previous step is complete: its times count now
             self.watermark = max(self.watermark, self.step_high)
-            self.step, self.step_high = p.step, -math.inf
-        self.step_high = max(self.step_high, p.max_end_ns)
-        out: list[WindowResult | LateSpans] = []
-        if p.window_start < self.closed_until:
-            out.append(LateSpans(self.service, self.operation, self.span_kind, p.count))
-        else:
-            w = self.open.get(p.window_start)
-            if w is None:
-                self.open[p.window_start] = _Window(p, self.spec.mapping)
+            self.step, self.step_high = item.step, -math.inf
+        out: list = []
+        late = item.window_start < self.closed_until
+        if isinstance(item, Partial):
+            self.step_high = max(self.step_high, item.max_end_ns)
+            p = self.limiter.admit(item)
+            if late:
+                out.append(LateSpans(self.service, p.operation, p.span_kind, p.count))
             else:
-                w.merge(p)
+                slot = self._slot(p.window_start)
+                w = slot.ops.get((p.operation, p.span_kind))
+                if w is None:
+                    slot.ops[(p.operation, p.span_kind)] = _Window(p, self.spec.mapping)
+                else:
+                    w.merge(p)
+        elif isinstance(item, LogPartial):
+            self.step_high = max(self.step_high, item.max_time_ns)
+            if late:
+                self.late_logs += item.records
+            else:
+                slot = self._slot(item.window_start)
+                slot.logs += item.records
+                slot.error_logs += item.errors
+        else:
+            self.step_high = max(self.step_high, item.max_end_ns)
+            if not late:
+                self._slot(item.window_start).instances.update(item.instances)
         horizon = self.watermark - self.spec.lateness_ns
-        ready = [s for s in self.open if s + self.spec.length_ns <= horizon]
-        out.extend(self._close(sorted(ready)))
+        ready = sorted(s for s in self.open if s + self.spec.length_ns <= horizon)
+        out.extend(self._close(ready))
         return out
+
+    def _slot(self, start: int) -> _ServiceSlot:
+        slot = self.open.get(start)
+        if slot is None:
+            slot = self.open[start] = _ServiceSlot()
+        return slot
 
     def idle_deadline(self) -> float | None:
         """Clock time at which open windows close for lack of traffic (None if none open)."""
@@ -246,41 +375,64 @@ class KeyWindows:
             return None
         return self.last_activity + self.spec.idle_timeout_s
 
-    def on_idle(self, now: float) -> list[WindowResult]:
+    def on_idle(self, now: float) -> list[ServiceWindow]:
         deadline = self.idle_deadline()
         if deadline is None or now < deadline:
             return []
         return self.close_all()
 
-    def close_all(self) -> list[WindowResult]:
+    def close_all(self) -> list[ServiceWindow]:
         return self._close(sorted(self.open))
 
-    def _close(self, starts: list[int]) -> list[WindowResult]:
-        results = []
+    def _close(self, starts: list[int]) -> list[ServiceWindow]:
+        closed = []
         length = self.spec.length_ns
         for start in starts:
-            w = self.open.pop(start)
+            slot = self.open.pop(start)
             self.closed_until = max(self.closed_until, start + length)
-            sk = w.sketch
-            q = sk.quantiles(QUANTILES)
-            results.append(
-                WindowResult(
+            results = []
+            server = LogSketch(self.spec.mapping)
+            server_errors = 0
+            for (op, kind), w in sorted(slot.ops.items()):
+                results.append(_result(self.service, op, kind, start, length, w))
+                if kind == KIND_SERVER:
+                    server.merge(w.sketch)
+                    server_errors += int(w.status_counts[2])
+            closed.append(
+                ServiceWindow(
                     service=self.service,
-                    operation=self.operation,
-                    span_kind=self.span_kind,
                     window_start=start,
                     window_end=start + length,
-                    count=sk.count,
-                    errors=int(w.status_counts[2]),
-                    p50=q[0],
-                    p90=q[1],
-                    p95=q[2],
-                    p99=q[3],
-                    max=sk.max,
-                    sum=float(w.status_sums.sum()),
-                    status_counts=tuple(w.status_counts.tolist()),
-                    bucket_counts=tuple(map(tuple, w.bucket_counts.tolist())),
-                    status_sums=tuple(w.status_sums.tolist()),
+                    results=tuple(results),
+                    instances=tuple(sorted(i for i in slot.instances if i)),
+                    logs=slot.logs,
+                    error_logs=slot.error_logs,
+                    server_calls=server.count,
+                    server_errors=server_errors,
+                    server_p95=server.quantile(0.95) if server.count else math.nan,
                 )
             )
-        return results
+        return closed
+
+
+def _result(service: str, op: str, kind: int, start: int, length: int, w: _Window) -> WindowResult:
+    sk = w.sketch
+    q = sk.quantiles(QUANTILES)
+    return WindowResult(
+        service=service,
+        operation=op,
+        span_kind=kind,
+        window_start=start,
+        window_end=start + length,
+        count=sk.count,
+        errors=int(w.status_counts[2]),
+        p50=q[0],
+        p90=q[1],
+        p95=q[2],
+        p99=q[3],
+        max=sk.max,
+        sum=float(w.status_sums.sum()),
+        status_counts=tuple(w.status_counts.tolist()),
+        bucket_counts=tuple(map(tuple, w.bucket_counts.tolist())),
+        status_sums=tuple(w.status_sums.tolist()),
+    )

@@ -3,8 +3,15 @@ import pickle
 import numpy as np
 
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
-from pipeline.model import OVERFLOW_OPERATION, LateSpans, SpanBatch, WindowResult
-from pipeline.windows import CardinalityLimiter, KeyWindows, WindowSpec, preaggregate
+from pipeline.model import OVERFLOW_OPERATION, LateSpans, LogBatch, ServiceWindow, SpanBatch, WindowResult
+from pipeline.windows import (
+    CardinalityLimiter,
+    ServiceWindows,
+    WindowSpec,
+    instance_sets,
+    preaggregate,
+    preaggregate_logs,
+)
 
 S = 1_000_000_000
 
@@ -50,54 +57,93 @@ def test_preaggregate_groups_by_key_and_window():
     assert sum(p.count for p in parts) == 5
 
 
+def service_windows(sp, limit=100):
+    return ServiceWindows("svc", sp, limit, 600 * S)
+
+
+def closed_results(out):
+    return [r for w in out if isinstance(w, ServiceWindow) for r in w.results]
+
+
 def test_window_closes_when_watermark_passes_end_plus_lateness():
     sp = spec(length_s=10, allowed_lateness_s=5)
-    kw = KeyWindows("svc", "op", 2, sp)
+    sw = service_windows(sp)
     p1 = preaggregate(batch([(0, 0, 2, 0, 3 * S, 1_000_000)], step=1), sp)[0]
-    assert kw.on_partial(p1, now=0.0) == []
+    assert sw.on_item(p1, now=0.0) == []
     p2 = preaggregate(batch([(0, 0, 2, 0, 15 * S, 1_000_000)], step=2), sp)[0]
-    assert kw.on_partial(p2, now=0.0) == []  # watermark 3 s (step 1) < 10 + 5
+    assert sw.on_item(p2, now=0.0) == []  # watermark 3 s (step 1) < 10 + 5
     p3 = preaggregate(batch([(0, 0, 2, 2, 16 * S, 2_000_000)], step=3), sp)[0]
-    out = kw.on_partial(p3, now=0.0)  # watermark 15 s (step 2): [0, 10) closes
-    assert len(out) == 1 and isinstance(out[0], WindowResult)
-    r = out[0]
+    out = sw.on_item(p3, now=0.0)  # watermark 15 s (step 2): [0, 10) closes
+    assert len(out) == 1 and isinstance(out[0], ServiceWindow)
+    (r,) = out[0].results
     assert (r.window_start, r.window_end, r.count, r.errors) == (0, 10 * S, 1, 0)
+    assert out[0].server_calls == 1 and out[0].server_p95 > 0
     # a span for the closed window is late: counted, not merged
-    late = kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 9 * S, 1)], step=4), sp)[0], now=0.0)
+    late = sw.on_item(preaggregate(batch([(0, 0, 2, 0, 9 * S, 1)], step=4), sp)[0], now=0.0)
     assert late == [LateSpans("svc", "op", 2, 1)]
-    rest = kw.close_all()
+    rest = closed_results(sw.close_all())
     assert [(r.window_start, r.count, r.errors) for r in rest] == [(10 * S, 2, 1)]
+
+
+def test_every_operation_of_a_service_closes_together():
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = service_windows(sp)
+    b1 = batch([(0, 0, 2, 0, 1 * S, 1), (0, 1, 3, 0, 2 * S, 1)], operations=("busy", "rare"), step=1)
+    for p in preaggregate(b1, sp):
+        assert sw.on_item(p, 0.0) == []
+    b2 = batch([(0, 0, 2, 0, 11 * S, 1)], operations=("busy",), step=2)
+    b3 = batch([(0, 0, 2, 0, 12 * S, 1)], operations=("busy",), step=3)
+    sw.on_item(preaggregate(b2, sp)[0], 0.0)
+    (window,) = sw.on_item(preaggregate(b3, sp)[0], 0.0)  # the rare operation closes with the busy one
+    assert [(r.operation, r.span_kind) for r in window.results] == [("busy", 2), ("rare", 3)]
 
 
 def test_a_step_cannot_close_a_window_before_all_its_spans_are_merged():
     sp = spec(length_s=10, allowed_lateness_s=0)
-    kw = KeyWindows("svc", "op", 2, sp)
+    sw = service_windows(sp)
     # one step with spans in two windows, the later one first: its own times do not
     # count until the step is over, so window [0, 10) is still open for the earlier span
     parts = preaggregate(batch([(0, 0, 2, 0, 25 * S, 1), (0, 0, 2, 0, 5 * S, 1)], step=1), sp)
-    out = [r for p in sorted(parts, key=lambda p: -p.window_start) for r in kw.on_partial(p, now=0.0)]
+    out = [r for p in sorted(parts, key=lambda p: -p.window_start) for r in sw.on_item(p, now=0.0)]
     assert out == []
-    closed = kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 26 * S, 1)], step=2), sp)[0], now=0.0)
+    closed = closed_results(sw.on_item(preaggregate(batch([(0, 0, 2, 0, 26 * S, 1)], step=2), sp)[0], now=0.0))
     assert [(r.window_start, r.count) for r in closed] == [(0, 1)]
+
+
+def test_logs_and_instances_join_the_service_window():
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = service_windows(sp)
+    b = batch([(0, 0, 2, 0, 1 * S, 1)], step=1)
+    b = SpanBatch(**{**b.__dict__, "instances": ("pod-a",)})
+    logs = LogBatch(
+        time_ns=np.array([1 * S, 2 * S, 3 * S], np.int64), severity=np.array([9, 17, 21], np.int8),
+        severity_text=["INFO", "ERROR", "FATAL"], body=["a", "b", "c"], trace_id=["", "", ""],
+        span_id=["", "", ""], service=["svc", "svc", "svc"], instance=["", "", ""], attributes=[{}, {}, {}],
+    )  # fmt: skip
+    items = [*preaggregate(b, sp), *instance_sets(b, sp), *preaggregate_logs(logs, sp, (0, 1))]
+    for item in items:
+        assert sw.on_item(item, 0.0) == []
+    (window,) = sw.close_all()
+    assert window.instances == ("pod-a",) and (window.logs, window.error_logs) == (3, 2)
 
 
 def test_idle_timeout_on_injected_clock():
     sp = spec(idle_timeout_s=30)
-    kw = KeyWindows("svc", "op", 2, sp)
-    kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)]), sp)[0], now=100.0)
-    assert kw.idle_deadline() == 130.0
-    assert kw.on_idle(129.9) == []
-    out = kw.on_idle(130.0)
+    sw = service_windows(sp)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)]), sp)[0], now=100.0)
+    assert sw.idle_deadline() == 130.0
+    assert sw.on_idle(129.9) == []
+    out = closed_results(sw.on_idle(130.0))
     assert len(out) == 1 and out[0].count == 1
-    assert kw.idle_deadline() is None
+    assert sw.idle_deadline() is None
 
 
-def test_key_windows_pickle_round_trip():
+def test_service_windows_pickle_round_trip():
     sp = spec()
-    kw = KeyWindows("svc", "op", 2, sp)
-    kw.on_partial(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1_000), (0, 0, 2, 0, 2 * S, 3_000)]), sp)[0], 0.0)
-    back = pickle.loads(pickle.dumps(kw))
-    assert back.close_all() == kw.close_all()
+    sw = service_windows(sp)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1_000), (0, 0, 2, 0, 2 * S, 3_000)]), sp)[0], 0.0)
+    back = pickle.loads(pickle.dumps(sw))
+    assert back.close_all() == sw.close_all()
 
 
 def test_cardinality_limit_folds_excess_operations():
