@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,117 @@ class LokiConfig:
             raise ConfigError("loki.retry_max_ms: must be >= loki.retry_min_ms")
 
 
+FEATURES = ("latency_p95", "latency_p99", "error_rate", "call_rate", "error_log_rate")
+DETECTORS = ("band", "hst", "band_and_hst", "band_or_hst")
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """A static threshold rule; it goes through the same pending/firing/resolved lifecycle."""
+
+    name: str = ""
+    feature: str = "error_rate"
+    above: float = math.inf
+    below: float = -math.inf
+    for_s: float = 60.0
+    service: str = "*"
+    operation: str = "*"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("anomaly.rules.name: every rule needs a name")
+        if self.feature not in FEATURES:
+            raise ConfigError(f"anomaly.rules.feature: allowed {', '.join(FEATURES)}; got {self.feature!r}")
+        if math.isinf(self.above) and math.isinf(self.below):
+            raise ConfigError(f"anomaly.rules ({self.name}): set 'above' or 'below'")
+        _positive("anomaly.rules.for_s", self.for_s, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    detector: str = "band"
+    band_k: float = 4.0
+    fading_factor: float = 0.05
+    warmup_windows: int = 12
+    min_calls: int = 20
+    pending_windows: int = 2
+    resolve_windows: int = 3
+    hst_threshold: float = 0.95
+    hst_window: int = 60
+    seed: int = 42
+    max_trace_ids: int = 5
+    rules: tuple[RuleConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"anomaly.detector: allowed {', '.join(DETECTORS)}; got {self.detector!r}")
+        _positive("anomaly.band_k", self.band_k)
+        if not 0 < self.fading_factor <= 1:
+            raise ConfigError(f"anomaly.fading_factor: allowed (0, 1], got {self.fading_factor}")
+        for key in ("warmup_windows", "pending_windows", "resolve_windows", "hst_window"):
+            _positive(f"anomaly.{key}", getattr(self, key))
+        _positive("anomaly.min_calls", self.min_calls, zero_ok=True)
+        if not 0 < self.hst_threshold < 1:
+            raise ConfigError(f"anomaly.hst_threshold: allowed (0, 1), got {self.hst_threshold}")
+
+
+@dataclass(frozen=True)
+class ServiceScalingConfig:
+    """Per-service overrides of the scaling targets (0 or empty: use the [scaling] default)."""
+
+    name: str = ""
+    target_rps_per_replica: float = 0.0
+    target_p95_s: float = 0.0
+    target_error_rate: float = 0.0
+    min_replicas: int = 0
+    max_replicas: int = 0
+    replicas: int = 0  # observed replicas when spans carry no service.instance.id
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("scaling.services.name: every entry needs the service name")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    target_rps_per_replica: float = 100.0
+    target_p95_s: float = 0.0
+    target_error_rate: float = 0.0
+    min_replicas: int = 1
+    max_replicas: int = 100
+    default_replicas: int = 1
+    tolerance: float = 0.1
+    scale_up_pods: int = 4
+    scale_up_percent: float = 100.0
+    scale_up_period_s: float = 15.0
+    scale_down_stabilization_s: float = 300.0
+    forecast_horizon_s: float = 60.0
+    season_s: float = 86400.0
+    downstream_error_rate: float = 0.2
+    services: tuple[ServiceScalingConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive("scaling.target_rps_per_replica", self.target_rps_per_replica)
+        for key in ("target_p95_s", "target_error_rate", "tolerance", "scale_up_percent", "scale_up_period_s",
+                    "scale_down_stabilization_s", "forecast_horizon_s", "season_s"):  # fmt: skip
+            _positive(f"scaling.{key}", getattr(self, key), zero_ok=True)
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError("scaling.min_replicas/max_replicas: need 1 <= min_replicas <= max_replicas")
+        _positive("scaling.default_replicas", self.default_replicas)
+        _positive("scaling.scale_up_pods", self.scale_up_pods, zero_ok=True)
+        if not 0 < self.downstream_error_rate <= 1:
+            raise ConfigError("scaling.downstream_error_rate: allowed (0, 1]")
+
+
+@dataclass(frozen=True)
+class KedaConfig:
+    listen: str = ""  # empty: the KEDA external scaler is off
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _host_port("keda.listen", self.listen)
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     emit_jsonl: str = ""
@@ -165,6 +277,9 @@ class Config:
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     loki: LokiConfig = field(default_factory=LokiConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    keda: KedaConfig = field(default_factory=KedaConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -191,6 +306,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         ):
             raise ConfigError(f"{key}: expected a list of numbers, got {value!r}")
         return tuple(float(v) for v in value)
+    item = getattr(tp, "__args__", (None,))[0]
+    if dataclasses.is_dataclass(item):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{key}: expected a list of tables [[{key}]]")
+        return tuple(_build(item, v, f"{key}.") for v in value)
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
 
 

@@ -84,11 +84,11 @@ class Daemon:
         host, port = _host_port(cfg.http.listen)
         self.http = MetricsHttpServer(host, port, make_registry(self.series, self.metrics), self.ready)
         self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None
-        outputs = Outputs(window_sinks=[MetricsSink(self.series)])
+        outputs = Outputs(result_sinks=[MetricsSink(self.series)])
         if cfg.output.emit_jsonl:
-            outputs.keyed_window_sinks.append(JsonlSink(cfg.output.emit_jsonl))
+            outputs.file_sinks.append(JsonlSink(cfg.output.emit_jsonl))
         if self.loki is not None:
-            outputs.log_sinks.append(LokiSink(self.loki))
+            outputs.loki_sinks.append(LokiSink(self.loki))
         source = SpoolSource({SHARD: self.spool}, stop=self.stop_event)
         self.flow = build_flow(cfg, source, outputs, self.metrics, clock=clock)
         self._started = False
@@ -157,12 +157,12 @@ def replay(
     source = ReplaySource(paths, speed=speed, metrics=metrics, limits=limits)
     series = SeriesState(cfg.prometheus.buckets, metrics, stale_after_s=float("inf"))
     outputs = extra_outputs or Outputs()
-    outputs.window_sinks.append(MetricsSink(series))
+    outputs.result_sinks.append(MetricsSink(series))
     if emit_jsonl:
-        outputs.keyed_window_sinks.append(JsonlSink(emit_jsonl, ordered=True))
+        outputs.file_sinks.append(JsonlSink(emit_jsonl, ordered=True))
     loki = LokiClient(cfg.loki, metrics) if cfg.loki.url else None
     if loki is not None:
-        outputs.log_sinks.append(LokiSink(loki))
+        outputs.loki_sinks.append(LokiSink(loki))
     flow = build_flow(cfg, source, outputs, metrics, idle_close=False)
     stop = threading.Event()
     reporter = None

@@ -3,9 +3,12 @@
     read batches (spool or recording)
       -> preaggregate on numpy: per (service, operation, kind, window) span aggregates,
          per (service, window) log counts and instance sets
-      -> key by service -> service windows (cardinality limit, event-time windows of
-         every operation of the service, closing together)
-      -> window results -> /metrics state, --emit-jsonl file
+      -> key by service -> per-service state (pipeline/service.py):
+           event-time windows of every operation, closing together (cardinality limit)
+           -> anomaly detection and alerts -> scaling signal
+      -> window results, anomaly/scaling updates -> /metrics state
+         window results, alert and scaling events -> --emit-jsonl file
+         alert and scaling events -> Loki (when configured)
     log batches -> Loki (when configured)
 
 Stateful logic lives in plain classes (``pipeline/windows.py``); the bytewax
@@ -29,62 +32,55 @@ from bytewax.operators import StatefulLogic
 from bytewax.outputs import Sink
 
 from pipeline.config import Config
-from pipeline.model import LateSpans, LogBatch, ServiceWindow, SpanBatch, WindowResult
+from pipeline.model import LateSpans, LogBatch, SpanBatch, WindowResult
 from pipeline.selfmetrics import SelfMetrics
-from pipeline.windows import ServiceWindows, WindowSpec, instance_sets, preaggregate, preaggregate_logs
+from pipeline.anomaly import AlertEvent
+from pipeline.scaling import ScalingEvent
+from pipeline.service import ServiceState
+from pipeline.windows import WindowSpec, instance_sets, preaggregate, preaggregate_logs
 
 Clock = Callable[[], float]  # seconds since the epoch
 
 
 @dataclass
 class Outputs:
-    """Where the flow's streams go. Window sinks get ``WindowResult | LateSpans`` items;
-    keyed window sinks get them as ``("results", item)``; log sinks get ``LogBatch``."""
+    """Where the flow's streams go.
 
-    window_sinks: list[Sink] = field(default_factory=list)
-    keyed_window_sinks: list[Sink] = field(default_factory=list)
-    log_sinks: list[Sink] = field(default_factory=list)
+    ``result_sinks`` get every item the per-service step emits (``WindowResult``,
+    ``LateSpans``, ``AnomalyUpdate``, ``AlertEvent``, ``ScalingUpdate``,
+    ``ScalingEvent``); ``file_sinks`` get the same keyed as ``("results", item)``;
+    ``loki_sinks`` get ``LogBatch`` items and the alert and scaling events.
+    """
+
+    result_sinks: list[Sink] = field(default_factory=list)
+    file_sinks: list[Sink] = field(default_factory=list)
+    loki_sinks: list[Sink] = field(default_factory=list)
 
 
-class _ServiceStep(StatefulLogic[object, object, ServiceWindows]):
-    """bytewax wrapper of ``ServiceWindows`` for one service."""
+class _ServiceStep(StatefulLogic[object, object, ServiceState]):
+    """bytewax wrapper of ``ServiceState`` for one service."""
 
     def __init__(self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, resume) -> None:
         self.cfg, self.spec, self.clock, self.idle = cfg, spec, clock, idle
-        self.state: ServiceWindows | None = resume
+        self.state: ServiceState | None = resume
 
     def on_item(self, value):
         if self.state is None:
-            self.state = ServiceWindows(
-                value.service,
-                self.spec,
-                self.cfg.windows.max_operations_per_service,
-                int(self.cfg.prometheus.stale_after_s * 1e9),
-            )
-        return _flatten(self.state.on_item(value, self.clock())), StatefulLogic.RETAIN
+            self.state = ServiceState(self.cfg, self.spec, value.service)
+        return self.state.on_item(value, self.clock()), StatefulLogic.RETAIN
 
     def on_notify(self):
-        return _flatten(self.state.on_idle(self.clock())), StatefulLogic.RETAIN
+        return self.state.on_idle(self.clock()), StatefulLogic.RETAIN
 
     def on_eof(self):
-        return _flatten(self.state.close_all()), StatefulLogic.RETAIN
+        return self.state.close_all(), StatefulLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         deadline = self.state.idle_deadline() if (self.idle and self.state) else None
         return None if deadline is None else datetime.fromtimestamp(deadline, timezone.utc)
 
-    def snapshot(self) -> ServiceWindows:
+    def snapshot(self) -> ServiceState:
         return copy.deepcopy(self.state)
-
-
-def _flatten(closed: list) -> list:
-    """Closed service windows -> their per-operation results, then the service window."""
-    out = []
-    for item in closed:
-        if isinstance(item, ServiceWindow):
-            out.extend(item.results)
-        out.append(item)
-    return out
 
 
 def _partials(spec: WindowSpec):
@@ -114,27 +110,31 @@ def build_flow(
     # log counts and instance sets: the only per-span (and per-record) work, on numpy.
     partials = op.flat_map("preaggregate", batches, _partials(spec))
     by_service = op.key_on("key_by_service", partials, lambda p: p.service)
-    closed = op.stateful(
-        "service_windows", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, resume)
+    per_service = op.stateful(
+        "services", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, resume)
     )
-    results = op.filter("window_results", op.key_rm("unkey", closed), lambda x: not isinstance(x, ServiceWindow))
+    # Window results, late counts, anomaly and scaling updates and events, per service in order.
+    results = op.key_rm("unkey", per_service)
 
-    for i, sink in enumerate(outputs.window_sinks):
-        op.output(f"window_out_{i}", results, sink)
-    if outputs.keyed_window_sinks:
+    for i, sink in enumerate(outputs.result_sinks):
+        op.output(f"results_out_{i}", results, sink)
+    if outputs.file_sinks:
         keyed = op.key_on("key_for_file", results, lambda _: "results")
-        for i, sink in enumerate(outputs.keyed_window_sinks):
-            op.output(f"window_file_{i}", keyed, sink)
+        for i, sink in enumerate(outputs.file_sinks):
+            op.output(f"file_out_{i}", keyed, sink)
 
-    # Logs: counted, then shipped.
+    # Logs: counted, then shipped with the events.
     logs = op.filter("logs", batches, lambda b: isinstance(b, LogBatch))
 
     def count_logs(_step: str, batch: LogBatch) -> None:
         metrics.inc("processed_logs", len(batch))
 
     op.inspect("count_logs", logs, count_logs)
-    for i, sink in enumerate(outputs.log_sinks):
-        op.output(f"log_out_{i}", logs, sink)
+    if outputs.loki_sinks:
+        events = op.filter("events", results, lambda x: isinstance(x, AlertEvent | ScalingEvent))
+        to_loki = op.merge("logs_and_events", logs, events)
+        for i, sink in enumerate(outputs.loki_sinks):
+            op.output(f"loki_out_{i}", to_loki, sink)
     return flow
 
 

@@ -27,6 +27,7 @@ SPAN_KINDS = (
 STATUS_CODES = ("STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR")
 STATUS_ERROR = 2
 KIND_SERVER = 2
+KIND_CLIENT = 3
 
 # Operation name that stands for every operation over a service's cardinality limit.
 OVERFLOW_OPERATION = "__overflow__"
@@ -295,7 +296,8 @@ class WindowResult:
     status_counts: tuple[int, int, int]  # unset, ok, error
     bucket_counts: tuple[tuple[int, ...], ...]  # per status, per explicit bucket (+Inf last)
     status_sums: tuple[float, float, float]
-    late: int = 0  # spans that arrived for this key after their window closed, since last result
+    slow_traces: tuple[str, ...] = ()  # trace ids of the slowest spans, slowest first
+    error_traces: tuple[str, ...] = ()  # trace ids of error spans
 
     def to_json(self) -> dict:
         return {

@@ -53,6 +53,7 @@ class WindowSpec:
     idle_timeout_s: float
     mapping: LogMapping
     bounds: np.ndarray  # explicit histogram bounds, seconds
+    exemplars: int = 5  # trace ids kept per window: slowest spans, error spans
 
     @staticmethod
     def from_config(cfg: WindowsConfig, buckets: tuple[float, ...]) -> WindowSpec:
@@ -83,6 +84,8 @@ class Partial:
     zero: int
     vmin: float
     vmax: float
+    slow: list[tuple[float, str]]  # (duration s, trace id hex) of the slowest spans, slowest first
+    error_traces: list[str]  # trace ids of error spans (the slowest ones)
 
     @property
     def count(self) -> int:
@@ -104,7 +107,7 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     n_ops = len(batch.operations)
     key = (batch.service_idx.astype(np.int64) * n_ops + batch.op_idx) * 8 + batch.kind.astype(np.int64)
     window = batch.end_ns // spec.length_ns
-    order = np.lexsort((window, key))
+    order = np.lexsort((-batch.duration_ns, window, key))  # slowest first within a group
     key_s, win_s = key[order], window[order]
     new_group = np.empty(n, dtype=bool)
     new_group[0] = True
@@ -138,10 +141,20 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     out = []
     services, operations = batch.services, batch.operations
     keys, wins = key_s[starts].tolist(), win_s[starts].tolist()
+    stops = np.append(starts[1:], n).tolist()
+    starts_l = starts.tolist()
+    trace_s = batch.trace_id[order]
+    errors_g = status_counts[:, 2].tolist()
+    top = spec.exemplars
     for g in range(groups):
         k = keys[g]
         svc_op = k // 8
         a, b = bounds[g], bounds[g + 1]
+        s0, s1 = starts_l[g], stops[g]
+        slow = [(float(dur[i]), trace_s[i].hex()) for i in range(s0, min(s0 + top, s1))]
+        error_traces = []
+        if errors_g[g]:
+            error_traces = [trace_s[s0 + i].hex() for i in np.flatnonzero(status[s0:s1] == 2)[:top].tolist()]
         out.append(
             Partial(
                 service=services[svc_op // n_ops],
@@ -158,6 +171,8 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
                 zero=int(zero[g]),
                 vmin=float(vmin[g]),
                 vmax=float(vmax[g]),
+                slow=slow,
+                error_traces=error_traces,
             )
         )
     return out
@@ -278,7 +293,7 @@ class CardinalityLimiter:
 
 
 class _Window:
-    __slots__ = ("status_counts", "bucket_counts", "status_sums", "sketch")
+    __slots__ = ("status_counts", "bucket_counts", "status_sums", "sketch", "slow", "error_traces")
 
     def __init__(self, p: Partial, mapping: LogMapping) -> None:
         self.status_counts = p.status_counts.copy()
@@ -286,12 +301,18 @@ class _Window:
         self.status_sums = p.status_sums.copy()
         self.sketch = LogSketch(mapping)
         self.sketch.add_buckets(p.sk_idx, p.sk_cnt, p.zero, p.vmin, p.vmax)
+        self.slow = list(p.slow)
+        self.error_traces = list(p.error_traces)
 
-    def merge(self, p: Partial) -> None:
+    def merge(self, p: Partial, keep: int) -> None:
         self.status_counts += p.status_counts
         self.bucket_counts += p.bucket_counts
         self.status_sums += p.status_sums
         self.sketch.add_buckets(p.sk_idx, p.sk_cnt, p.zero, p.vmin, p.vmax)
+        if p.slow and (len(self.slow) < keep or p.slow[0][0] > self.slow[-1][0]):
+            self.slow = sorted(self.slow + p.slow, key=lambda x: -x[0])[:keep]
+        if len(self.error_traces) < keep:
+            self.error_traces.extend(p.error_traces[: keep - len(self.error_traces)])
 
 
 class _ServiceSlot:
@@ -345,7 +366,7 @@ class ServiceWindows:
                 if w is None:
                     slot.ops[(p.operation, p.span_kind)] = _Window(p, self.spec.mapping)
                 else:
-                    w.merge(p)
+                    w.merge(p, self.spec.exemplars)
         elif isinstance(item, LogPartial):
             self.step_high = max(self.step_high, item.max_time_ns)
             if late:
@@ -435,4 +456,6 @@ def _result(service: str, op: str, kind: int, start: int, length: int, w: _Windo
         status_counts=tuple(w.status_counts.tolist()),
         bucket_counts=tuple(map(tuple, w.bucket_counts.tolist())),
         status_sums=tuple(w.status_sums.tolist()),
+        slow_traces=tuple(t for _, t in w.slow),
+        error_traces=tuple(w.error_traces),
     )

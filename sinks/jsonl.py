@@ -5,8 +5,8 @@ the file length: on recovery the file is cut back to the last snapshot and the
 re-emitted results (same event times, same values) follow, so the file holds
 each result exactly once.
 
-With ``ordered=True`` (replay) results are held and written at the end in a
-canonical order (window start, service, operation, kind): the set of results
+With ``ordered=True`` (replay) lines are held and written at the end in a
+canonical order (event time, kind, then the line itself): the set of lines
 depends only on the recording, but the order in which bytewax delivers them
 depends on its epochs, that is on wall time. Sorting makes the file
 byte-identical at any speed and on any number of workers.
@@ -19,21 +19,28 @@ import os
 import orjson
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from pipeline.model import LateSpans, WindowResult
+from pipeline.anomaly import AlertEvent
+from pipeline.model import WindowResult
+from pipeline.scaling import ScalingEvent
 
 PARTITION = "jsonl"
 
 
+WRITTEN = (WindowResult, AlertEvent, ScalingEvent)
+_RANK = {"window": 0, "alert": 1, "scaling": 2}
+
+
 def encode_line(item) -> bytes | None:
-    """One result -> one line (None for items that are not written)."""
-    if isinstance(item, LateSpans):
+    """One result or event -> one line (None for items that are not written)."""
+    if not isinstance(item, WRITTEN):
         return None
-    doc = item.to_json() if hasattr(item, "to_json") else item
-    return orjson.dumps(doc) + b"\n"
+    return orjson.dumps(item.to_json()) + b"\n"
 
 
-def sort_key(item) -> tuple:
-    return (item.window_start, item.service, item.operation, item.span_kind, item.window_end)
+def sort_key(line: bytes) -> tuple:
+    """Canonical order: event time, then kind, then the line itself."""
+    doc = orjson.loads(line)
+    return (doc.get("window_start", doc.get("time")), _RANK[doc["type"]], line)
 
 
 class _JsonlPartition(StatefulSinkPartition[object, int]):
@@ -48,7 +55,7 @@ class _JsonlPartition(StatefulSinkPartition[object, int]):
 
     def write_batch(self, items: list[object]) -> None:
         if self.ordered:
-            self.held.extend(i for i in items if not isinstance(i, LateSpans))
+            self.held.extend(line for line in map(encode_line, items) if line is not None)
             return
         lines = [line for line in map(encode_line, items) if line is not None]
         if lines:
@@ -62,7 +69,7 @@ class _JsonlPartition(StatefulSinkPartition[object, int]):
     def close(self) -> None:
         if self.held:
             self.held.sort(key=sort_key)
-            self.f.write(b"".join(map(encode_line, self.held)))
+            self.f.write(b"".join(self.held))
             self.held = []
         self.f.close()
 

@@ -124,12 +124,31 @@ def encode_push(streams: list[dict]) -> bytes:
     return gzip.compress(orjson.dumps({"streams": streams}), compresslevel=6, mtime=0)
 
 
-def _merge_sorted(groups: dict[tuple[str, str], list[list]]) -> list[dict]:
+def encode_events(events: list, source: str = "telepipe") -> list[dict]:
+    """telepipe's own events (alerts, scaling changes) -> streams labelled source, kind, service.
+
+    The line is the event's JSON (as ``--emit-jsonl`` writes it); its time is the
+    event time of the window that caused it.
+    """
+    groups: dict[tuple, list[tuple[int, list]]] = {}
+    for e in events:
+        doc = e.to_json()
+        service, _ = _cut_utf8(doc.get("service") or UNKNOWN_SERVICE, MAX_LABEL_VALUE_BYTES)
+        labels = (("kind", doc["type"]), ("service", service), ("source", source))
+        groups.setdefault(labels, []).append((int(doc["time"]), [str(int(doc["time"])), orjson.dumps(doc).decode()]))
+    streams = []
+    for labels, entries in groups.items():
+        entries.sort(key=lambda e: e[0])
+        streams.append({"stream": dict(labels), "values": [v for _, v in entries]})
+    return streams
+
+
+def _merge_sorted(groups: dict[tuple, list[list]]) -> list[dict]:
     """Accumulated values per label set -> streams, each sorted by time (stable)."""
     streams = []
-    for (service, level), values in groups.items():
+    for labels, values in groups.items():
         values.sort(key=lambda v: int(v[0]))
-        streams.append({"stream": {"service": service, "level": level}, "values": values})
+        streams.append({"stream": dict(labels), "values": values})
     return streams
 
 
@@ -226,20 +245,26 @@ class LokiClient:
         """Add a batch's lines to the request being built (sealed by size here, by age in the sender)."""
         if not len(batch):
             return
-        streams = encode_streams(batch, self.cfg.max_line_bytes, metrics=self.metrics)
+        self.push_streams(encode_streams(batch, self.cfg.max_line_bytes, metrics=self.metrics), len(batch))
+
+    def push_events(self, events: list) -> None:
+        """Add telepipe's own events (alerts, scaling changes), labelled source, kind, service."""
+        if events:
+            self.push_streams(encode_events(events), len(events))
+
+    def push_streams(self, streams: list[dict], lines: int) -> None:
         with self._cond:
             if self._closed:
-                self.metrics.dropped("loki_closed", len(batch), detail="push after close")
+                self.metrics.dropped("loki_closed", lines, detail="push after close")
                 return
             for stream in streams:
-                labels = stream["stream"]
-                key = (labels["service"], labels["level"])
+                key = tuple(sorted(stream["stream"].items()))
                 for value in stream["values"]:
                     size = len(orjson.dumps(value)) + 1
                     if self._open_lines and self._open_bytes + size > self.cfg.batch_max_bytes:
                         self._seal()
                     if key not in self._open:
-                        size += len(key[0]) + len(key[1]) + _STREAM_OVERHEAD
+                        size += sum(len(k) + len(v) for k, v in key) + _STREAM_OVERHEAD
                     if not self._open_lines:
                         self._open_at = self._clock()
                     self._open.setdefault(key, []).append(value)
@@ -278,7 +303,7 @@ class LokiClient:
     # -- queue (called with self._cond held)
 
     def _reset_open(self) -> None:
-        self._open: dict[tuple[str, str], list[list]] = {}
+        self._open: dict[tuple, list[list]] = {}
         self._open_lines = 0
         self._open_bytes = 0
         self._open_at = 0.0
@@ -386,16 +411,21 @@ class _LokiPartition(StatelessSinkPartition[LogBatch]):
         self.sink = sink
         self.client = sink._acquire()
 
-    def write_batch(self, items: list[LogBatch]) -> None:
-        for batch in items:
-            self.client.push(batch)
+    def write_batch(self, items: list) -> None:
+        events = []
+        for item in items:
+            if isinstance(item, LogBatch):
+                self.client.push(item)
+            else:
+                events.append(item)
+        self.client.push_events(events)
 
     def close(self) -> None:
         self.sink._release()
 
 
 class LokiSink(DynamicSink[LogBatch]):
-    """Writes LogBatch items to Loki through one ``LokiClient`` per process.
+    """Writes LogBatch items (and telepipe's events) to Loki through one ``LokiClient`` per process.
 
     Give it a client or a factory (called once, at the first ``build``). The
     client is closed (flushed, up to ``close_timeout_s``) when the last

@@ -21,6 +21,7 @@ Families (label names follow the OTel Collector's spanmetrics connector):
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,7 +33,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from pipeline.anomaly import STATE_VALUE, AnomalyUpdate
 from pipeline.model import SPAN_KINDS, STATUS_CODES, OVERFLOW_OPERATION, LateSpans, WindowResult
+from pipeline.scaling import ScalingUpdate
 from pipeline.selfmetrics import COUNTERS, GAUGES, SelfMetrics
 
 log = logging.getLogger("telepipe.prometheus")
@@ -73,6 +76,8 @@ class SeriesState:
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str, str, str], _Series] = {}
         self._latest: dict[tuple[str, str, str], tuple[tuple[float, ...], int, float]] = {}
+        self._anomaly: dict[tuple[str, str, str], tuple[AnomalyUpdate, float]] = {}
+        self._scaling: dict[str, tuple[ScalingUpdate, float]] = {}
 
     def update(self, items: Iterable[WindowResult | LateSpans]) -> None:
         now = self.clock()
@@ -82,6 +87,15 @@ class SeriesState:
             for r in items:
                 if isinstance(r, LateSpans):
                     self.metrics.inc("late_spans", r.count)
+                    continue
+                if isinstance(r, AnomalyUpdate):
+                    kind = _kind(r.span_kind) if r.span_kind >= 0 else ""
+                    self._anomaly[(r.service, r.operation, kind)] = (r, now)
+                    continue
+                if isinstance(r, ScalingUpdate):
+                    self._scaling[r.service] = (r, now)
+                    continue
+                if not isinstance(r, WindowResult):
                     continue
                 kind = _kind(r.span_kind)
                 for status, n in enumerate(r.status_counts):
@@ -115,6 +129,9 @@ class SeriesState:
             del self._series[key]
         for key in [k for k, v in self._latest.items() if v[2] < horizon]:
             del self._latest[key]
+        for table in (self._anomaly, self._scaling):
+            for key in [k for k, v in table.items() if v[1] < horizon]:
+                del table[key]
 
     def families(self) -> list:
         calls = CounterMetricFamily("telepipe_calls", "Spans per operation and status (closed windows)", labels=SERIES_LABELS)
@@ -142,7 +159,68 @@ class SeriesState:
                 for label, value in zip(QUANTILE_LABELS, q, strict=True):
                     lat.add_metric([*key, label], value)
                 wcalls.add_metric(list(key), count)
-        return [calls, dur, lat, wcalls]
+            anomaly = self._anomaly_families()
+            scaling = self._scaling_families()
+        return [calls, dur, lat, wcalls, *anomaly, *scaling]
+
+    def _anomaly_families(self) -> list:
+        score = GaugeMetricFamily("telepipe_anomaly_score", "Anomaly score of the last window: max |z| / k "
+                                  "over judged features (>= 1 is anomalous)", labels=WINDOW_LABELS)  # fmt: skip
+        hst = GaugeMetricFamily("telepipe_anomaly_hst_score", "HalfSpaceTrees score of the last window",
+                                labels=WINDOW_LABELS)  # fmt: skip
+        learning = GaugeMetricFamily("telepipe_anomaly_learning", "1 while the key is still learning its baseline",
+                                     labels=WINDOW_LABELS)  # fmt: skip
+        state = GaugeMetricFamily("telepipe_alert_state", "Alert state: 0 ok, 1 pending, 2 firing",
+                                  labels=WINDOW_LABELS)  # fmt: skip
+        flabels = WINDOW_LABELS + ["feature"]
+        observed = GaugeMetricFamily("telepipe_anomaly_observed", "Feature value of the last window", labels=flabels)
+        expected = GaugeMetricFamily("telepipe_anomaly_expected", "Expected feature value", labels=flabels)
+        lower = GaugeMetricFamily("telepipe_anomaly_lower", "Lower edge of the normal band", labels=flabels)
+        upper = GaugeMetricFamily("telepipe_anomaly_upper", "Upper edge of the normal band", labels=flabels)
+        for key, (u, _) in sorted(self._anomaly.items()):
+            labels = list(key)
+            score.add_metric(labels, u.score)
+            if not math.isnan(u.hst_score):
+                hst.add_metric(labels, u.hst_score)
+            learning.add_metric(labels, 1.0 if u.learning else 0.0)
+            state.add_metric(labels, STATE_VALUE[u.state])
+            for j in u.judgements:
+                fl = [*labels, j.feature]
+                observed.add_metric(fl, j.observed)
+                if not math.isnan(j.expected):
+                    expected.add_metric(fl, j.expected)
+                    lower.add_metric(fl, j.lower)
+                    upper.add_metric(fl, j.upper)
+        return [score, hst, learning, state, observed, expected, lower, upper]
+
+    def _scaling_families(self) -> list:
+        desired = GaugeMetricFamily("telepipe_desired_replicas", "Desired replicas (HPA algorithm)",
+                                    labels=["service_name"])  # fmt: skip
+        observed = GaugeMetricFamily("telepipe_observed_replicas", "Distinct service.instance.id in the last window",
+                                     labels=["service_name"])  # fmt: skip
+        reason = GaugeMetricFamily("telepipe_scaling_reason", "1 for the rule that decided the desired replicas",
+                                   labels=["service_name", "reason"])  # fmt: skip
+        rate = GaugeMetricFamily("telepipe_scaling_call_rate", "SERVER calls per second in the last window",
+                                 labels=["service_name"])  # fmt: skip
+        forecast = GaugeMetricFamily("telepipe_scaling_forecast_call_rate", "Forecast SERVER calls per second",
+                                     labels=["service_name"])  # fmt: skip
+        for service, (u, _) in sorted(self._scaling.items()):
+            desired.add_metric([service], u.desired)
+            observed.add_metric([service], u.observed)
+            reason.add_metric([service, u.reason_code], 1.0)
+            rate.add_metric([service], u.call_rate)
+            forecast.add_metric([service], u.forecast_rate)
+        return [desired, observed, reason, rate, forecast]
+
+    def desired_replicas(self, service: str) -> int | None:
+        """The latest desired replicas of a service (the KEDA scaler serves this)."""
+        with self._lock:
+            entry = self._scaling.get(service)
+            return None if entry is None else entry[0].desired
+
+    def scaling_services(self) -> list[str]:
+        with self._lock:
+            return sorted(self._scaling)
 
     def calls(self, service: str, operation: str) -> int:
         """Total calls of one operation over all kinds and statuses (tests, CLI)."""

@@ -1,0 +1,226 @@
+"""Autoscaling signals per service: the Kubernetes HPA v2 algorithm on event time.
+
+For each closed service window (see ``../shared/PROTOCOLS.md``, HPA section):
+
+- observed replicas = distinct ``service.instance.id`` in the window (config
+  ``replicas`` or ``default_replicas`` when spans carry none);
+- per metric, ``desired = ceil(observed * current / target)``, unchanged while
+  ``|current / target - 1| <= tolerance``; metrics: SERVER call rate per replica
+  (sized for ``max(now, forecast)``), SERVER p95 latency, SERVER error rate
+  (each only when its target is set); the largest wins; min/max clamp;
+- scale-up is limited to ``max(scale_up_percent %, scale_up_pods)`` per
+  ``scale_up_period_s``; scale-down is stabilized: the highest recommendation
+  of the last ``scale_down_stabilization_s`` wins;
+- predictive: the call rate is forecast ``forecast_horizon_s`` ahead with
+  river's Holt (trend) model, and Holt-Winters (seasonal, ``season_s``) once two
+  seasons of history exist;
+- guards: no scale-down while an alert fires on the service; a latency-driven
+  scale-up is dropped when the service's calls to a dependency (CLIENT spans)
+  fail at ``downstream_error_rate`` or more, since more replicas would not help.
+
+All times are window times (event time), so replays give the same signals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from river import time_series
+
+from pipeline.config import ScalingConfig
+from pipeline.model import KIND_CLIENT, ServiceWindow
+
+MIN_DEPENDENCY_CALLS = 10
+
+
+@dataclass(frozen=True)
+class ScalingUpdate:
+    """Per service and window: the gauges."""
+
+    service: str
+    time: int  # window start, unix ns
+    observed: int
+    desired: int
+    reason: str
+    reason_code: str  # low-cardinality: which rule decided (a label on /metrics)
+    call_rate: float
+    forecast_rate: float
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    service: str
+    time: int
+    observed: int
+    desired: int
+    reason: str
+    reason_code: str
+
+    def to_json(self) -> dict:
+        return {
+            "type": "scaling",
+            "service": self.service,
+            "time": self.time,
+            "observed": self.observed,
+            "desired": self.desired,
+            "reason": self.reason,
+            "reason_code": self.reason_code,
+        }
+
+
+@dataclass(frozen=True)
+class Targets:
+    rps_per_replica: float
+    p95_s: float
+    error_rate: float
+    min_replicas: int
+    max_replicas: int
+    replicas: int  # when no instance ids are seen
+
+    @staticmethod
+    def for_service(cfg: ScalingConfig, service: str) -> Targets:
+        o = next((s for s in cfg.services if s.name == service), None)
+
+        def pick(name: str, default):
+            value = getattr(o, name, 0) if o else 0
+            return value or default
+
+        return Targets(
+            rps_per_replica=pick("target_rps_per_replica", cfg.target_rps_per_replica),
+            p95_s=pick("target_p95_s", cfg.target_p95_s),
+            error_rate=pick("target_error_rate", cfg.target_error_rate),
+            min_replicas=pick("min_replicas", cfg.min_replicas),
+            max_replicas=pick("max_replicas", cfg.max_replicas),
+            replicas=pick("replicas", cfg.default_replicas),
+        )
+
+
+def _ceil(x: float) -> int:
+    return math.ceil(x - 1e-9)
+
+
+class RateForecaster:
+    """Call-rate forecast: Holt (level + trend) now, Holt-Winters once two seasons are known."""
+
+    def __init__(self, season_windows: int) -> None:
+        self.season = season_windows
+        self.holt = time_series.HoltWinters(alpha=0.4, beta=0.1)
+        self.seasonal = (
+            time_series.HoltWinters(alpha=0.4, beta=0.05, gamma=0.2, seasonality=season_windows)
+            if season_windows >= 2
+            else None
+        )
+        self.n = 0
+
+    def forecast(self, horizon: int) -> float:
+        """Highest forecast over the next ``horizon`` windows (NaN with too little history)."""
+        if self.n < 3 or horizon <= 0:
+            return math.nan
+        model = self.seasonal if (self.seasonal is not None and self.n >= 2 * self.season) else self.holt
+        return max(0.0, max(model.forecast(horizon=horizon)))
+
+    def learn(self, rate: float) -> None:
+        self.holt.learn_one(rate)
+        if self.seasonal is not None:
+            self.seasonal.learn_one(rate)
+        self.n += 1
+
+
+class ServiceScaler:
+    """HPA-style desired replicas for one service. Picklable, no clock: window times only."""
+
+    def __init__(self, cfg: ScalingConfig, service: str, length_s: float) -> None:
+        self.cfg = cfg
+        self.service = service
+        self.length_s = length_s
+        self.targets = Targets.for_service(cfg, service)
+        season = int(round(cfg.season_s / length_s)) if cfg.season_s else 0
+        self.forecaster = RateForecaster(season)
+        self.horizon = int(math.ceil(cfg.forecast_horizon_s / length_s)) if cfg.forecast_horizon_s else 0
+        self.desired: int | None = None
+        self.recommendations: deque[tuple[float, int]] = deque()  # (t, recommendation)
+        self.applied: deque[tuple[float, int]] = deque()  # (t, desired)
+
+    def on_window(self, sw: ServiceWindow, alert_firing: bool) -> tuple[ScalingUpdate, ScalingEvent | None]:
+        t = sw.window_end / 1e9
+        tg = self.targets
+        observed = len(sw.instances) or tg.replicas
+        rate = sw.server_calls / self.length_s
+        forecast = self.forecaster.forecast(self.horizon)
+        self.forecaster.learn(rate)
+        current = self.desired if self.desired is not None else observed
+
+        candidates: list[tuple[int, str, str]] = []
+        if sw.server_calls or not math.isnan(forecast):
+            sizing = max(rate, forecast) if not math.isnan(forecast) else rate
+            ratio = (sizing / observed) / tg.rps_per_replica
+            desired = observed if abs(ratio - 1) <= self.cfg.tolerance else _ceil(observed * ratio)
+            fc = f" (forecast {forecast:.1f}/s)" if not math.isnan(forecast) else ""
+            code = "forecast" if not math.isnan(forecast) and forecast > rate else "call_rate"
+            candidates.append(
+                (desired, f"call rate {rate:.1f}/s{fc} on {observed} replicas, target {tg.rps_per_replica:g}/s each",
+                 code)
+            )  # fmt: skip
+        failing = _failing_dependencies(sw, self.cfg.downstream_error_rate)
+        if tg.p95_s and sw.server_calls and not math.isnan(sw.server_p95):
+            ratio = sw.server_p95 / tg.p95_s
+            desired = observed if abs(ratio - 1) <= self.cfg.tolerance else _ceil(observed * ratio)
+            why = f"p95 {sw.server_p95:.3f} s on {observed} replicas, target {tg.p95_s:g} s"
+            if failing and desired > observed:
+                name, share = failing[0]
+                candidates.append((observed, f"{why}: latency scale-up suppressed, dependency call {name} "
+                                             f"failing ({share:.0%} errors)", "latency_suppressed_dependency"))  # fmt: skip
+            else:
+                candidates.append((desired, why, "latency"))
+        if tg.error_rate and sw.server_calls:
+            ratio = (sw.server_errors / sw.server_calls) / tg.error_rate
+            desired = observed if abs(ratio - 1) <= self.cfg.tolerance else _ceil(observed * ratio)
+            share = sw.server_errors / sw.server_calls
+            candidates.append((desired, f"error rate {share:.1%}, target {tg.error_rate:.1%}", "error_rate"))
+        if not candidates:
+            candidates.append((current, "no SERVER spans in this window: unchanged", "no_traffic"))
+
+        # The largest wins; on a tie the first (call rate, then latency, then errors).
+        recommendation, reason, code = max(candidates, key=lambda c: c[0])
+        recommendation = min(max(recommendation, tg.min_replicas), tg.max_replicas)
+        self.recommendations.append((t, recommendation))
+        while self.recommendations and self.recommendations[0][0] <= t - self.cfg.scale_down_stabilization_s:
+            self.recommendations.popleft()
+        while self.applied and self.applied[0][0] < t - self.cfg.scale_up_period_s:
+            self.applied.popleft()
+
+        if recommendation > current:
+            base = min([d for _, d in self.applied] + [current])
+            limit = max(_ceil(base * (1 + self.cfg.scale_up_percent / 100)), base + self.cfg.scale_up_pods)
+            desired = min(recommendation, limit)
+            if desired < recommendation:
+                reason += f"; scale-up limited to {desired} per {self.cfg.scale_up_period_s:g} s"
+                code = "scale_up_limited"
+        else:
+            stabilized = max(r for _, r in self.recommendations)
+            desired = min(current, stabilized)
+            if stabilized > recommendation and desired == current and current > recommendation:
+                reason += f"; scale-down stabilized (highest in {self.cfg.scale_down_stabilization_s:g} s: {stabilized})"
+                code = "scale_down_stabilized"
+        if desired < current and alert_firing:
+            desired = current
+            reason += "; scale-down held while an alert fires"
+            code = "scale_down_held_alert"
+        self.applied.append((t, desired))
+        changed = desired != self.desired
+        self.desired = desired
+        update = ScalingUpdate(self.service, sw.window_start, observed, desired, reason, code, rate,
+                               forecast if not math.isnan(forecast) else rate)  # fmt: skip
+        event = ScalingEvent(self.service, sw.window_start, observed, desired, reason, code) if changed else None
+        return update, event
+
+
+def _failing_dependencies(sw: ServiceWindow, threshold: float) -> list[tuple[str, float]]:
+    """CLIENT operations (calls to other services) whose error rate is at or over ``threshold``."""
+    out = []
+    for r in sw.results:
+        if r.span_kind == KIND_CLIENT and r.count >= MIN_DEPENDENCY_CALLS and r.errors / r.count >= threshold:
+            out.append((r.operation, r.errors / r.count))
+    return sorted(out, key=lambda x: -x[1])
