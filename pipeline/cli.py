@@ -11,7 +11,8 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
 NOT_BUILT_YET = (
-    "not built yet: anomaly detection and alerts, autoscaling signals and the KEDA scaler, "
+    "not built yet: the cross-service dependency graph (alert rankings name the service's own "
+    "operations and its CLIENT calls, not downstream services found by joining traces), "
     "Prometheus remote write, bytewax recovery (crash resume from snapshots), TLS and auth, "
     "multi-process scale-out (--processes)"
 )
@@ -25,6 +26,7 @@ def _load(args) -> Config:
         http={"listen": getattr(args, "http", None)},
         spool={"data_dir": getattr(args, "data_dir", None)},
         loki={"url": getattr(args, "loki_url", None)},
+        keda={"listen": getattr(args, "keda", None)},
         output={"emit_jsonl": getattr(args, "emit_jsonl", None), "record_dir": getattr(args, "record", None)},
     )
 
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loki-url", metavar="URL", help="Loki push URL (default: no Loki sink)")
     run.add_argument("--emit-jsonl", metavar="FILE", help="also write every window result as a JSON line")
     run.add_argument("--record", metavar="DIR", help="also write every accepted request to a native recording")
+    run.add_argument("--keda", metavar="HOST:PORT", help="serve the KEDA external scaler here (default: off)")
 
     rep = sub.add_parser("replay", help="run the dataflow over recordings and exit when they end")
     rep.add_argument("paths", nargs="+", metavar="PATH", help="OTLP/JSON lines (.jsonl[.zst|.gz]) or native recordings")

@@ -22,6 +22,7 @@ from pipeline.decode import DecodeLimits
 from pipeline.flow import Outputs, build_flow
 from pipeline.selfmetrics import SelfMetrics
 from sinks.jsonl import JsonlSink
+from sinks.keda import KedaScaler
 from sinks.loki import LokiClient, LokiSink
 from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState, make_registry
 from sources.otlp_grpc import OtlpReceiver
@@ -84,6 +85,7 @@ class Daemon:
         host, port = _host_port(cfg.http.listen)
         self.http = MetricsHttpServer(host, port, make_registry(self.series, self.metrics), self.ready)
         self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None
+        self.keda = KedaScaler(cfg.keda.listen, self.series.scaling_signal) if cfg.keda.listen else None
         outputs = Outputs(result_sinks=[MetricsSink(self.series)])
         if cfg.output.emit_jsonl:
             outputs.file_sinks.append(JsonlSink(cfg.output.emit_jsonl))
@@ -106,6 +108,8 @@ class Daemon:
     def run(self) -> None:
         """Serve until ``shutdown()``; returns after the drain."""
         self.http.start()
+        if self.keda is not None:
+            self.keda.start()
         self.receiver.start()
         self._started = True
         log.info(
@@ -121,6 +125,8 @@ class Daemon:
             self.spool.close()
             if self.recorder is not None:
                 self.recorder.close()
+            if self.keda is not None:
+                self.keda.stop()
             self.http.stop()
             log.info("telepipe stopped")
 

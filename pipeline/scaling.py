@@ -142,6 +142,7 @@ class ServiceScaler:
         self.desired: int | None = None
         self.recommendations: deque[tuple[float, int]] = deque()  # (t, recommendation)
         self.applied: deque[tuple[float, int]] = deque()  # (t, desired)
+        self.initial: int | None = None  # replicas observed before the first decision
 
     def on_window(self, sw: ServiceWindow, alert_firing: bool) -> tuple[ScalingUpdate, ScalingEvent | None]:
         t = sw.window_end / 1e9
@@ -151,6 +152,8 @@ class ServiceScaler:
         forecast = self.forecaster.forecast(self.horizon)
         self.forecaster.learn(rate)
         current = self.desired if self.desired is not None else observed
+        if self.initial is None:
+            self.initial = observed
 
         candidates: list[tuple[int, str, str]] = []
         if sw.server_calls or not math.isnan(forecast):
@@ -186,13 +189,19 @@ class ServiceScaler:
         recommendation, reason, code = max(candidates, key=lambda c: c[0])
         recommendation = min(max(recommendation, tg.min_replicas), tg.max_replicas)
         self.recommendations.append((t, recommendation))
-        while self.recommendations and self.recommendations[0][0] <= t - self.cfg.scale_down_stabilization_s:
+        while self.recommendations[0][0] < t - self.cfg.scale_down_stabilization_s:
             self.recommendations.popleft()
-        while self.applied and self.applied[0][0] < t - self.cfg.scale_up_period_s:
-            self.applied.popleft()
+        period_start = t - self.cfg.scale_up_period_s
+        while len(self.applied) > 1 and self.applied[1][0] <= period_start:
+            self.applied.popleft()  # keep the last decision made before the period started
 
         if recommendation > current:
-            base = min([d for _, d in self.applied] + [current])
+            # Replicas in effect when the period started: the last decision before it, or
+            # what was observed before the first decision.
+            if self.applied and self.applied[0][0] <= period_start:
+                base = self.applied[0][1]
+            else:
+                base = self.initial if self.initial is not None else current
             limit = max(_ceil(base * (1 + self.cfg.scale_up_percent / 100)), base + self.cfg.scale_up_pods)
             desired = min(recommendation, limit)
             if desired < recommendation:

@@ -212,11 +212,11 @@ class SeriesState:
             forecast.add_metric([service], u.forecast_rate)
         return [desired, observed, reason, rate, forecast]
 
-    def desired_replicas(self, service: str) -> int | None:
-        """The latest desired replicas of a service (the KEDA scaler serves this)."""
+    def scaling_signal(self, service: str) -> tuple[int, float] | None:
+        """(desired replicas, latest SERVER call rate) of a service; the KEDA scaler serves this."""
         with self._lock:
             entry = self._scaling.get(service)
-            return None if entry is None else entry[0].desired
+            return None if entry is None else (entry[0].desired, entry[0].call_rate)
 
     def scaling_services(self) -> list[str]:
         with self._lock:
