@@ -106,12 +106,22 @@ def test_sdk_spans_and_logs_end_to_end(daemon_factory):
                 assert abs(s[key] - exact) <= 0.01 * exact, (op, q, s[key], exact)
         assert s[("telepipe_accepted_spans_total", ())] == 2200
 
-        lines = wait_for(lambda: loki.lines() if len(loki.lines()) >= len(trace_ids) else None)
+        def log_streams():
+            return [st for doc in loki.accepted for st in doc["streams"] if "level" in st["stream"]]
+
+        def log_lines():
+            lines = [v[1] for st in log_streams() for v in st["values"]]
+            return lines if len(lines) >= len(trace_ids) else None
+
+        lines = wait_for(log_lines)
         assert sorted(lines) == sorted(f"payment failed for order {i}" for i in (0, 250, 500, 750, 1000, 1250, 0, 250, 500))
-        streams = [st for doc in loki.accepted for st in doc["streams"]]
+        streams = log_streams()
         assert {tuple(sorted(st["stream"].items())) for st in streams} == {(("level", "error"), ("service", "checkout"))}
         got_ids = sorted(v[2]["trace_id"] for st in streams for v in st["values"])
         assert got_ids == sorted(trace_ids)
+        # telepipe's own events (here: the scaling signal) go to Loki labelled source, kind, service
+        want = {"source": "telepipe", "kind": "scaling", "service": "checkout"}
+        assert wait_for(lambda: want in [st["stream"] for doc in loki.accepted for st in doc["streams"]])
         tp.shutdown()
         lp.shutdown()
         assert loki.violations == []
