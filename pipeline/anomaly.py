@@ -1,7 +1,10 @@
 """Online anomaly detection per (service, operation, span kind) and per service, with alerts.
 
-For each closed window a key gets features: ``latency_p95`` and ``latency_p99``
-(log seconds), ``error_rate`` and ``call_rate`` (calls/s); a service also gets
+For each closed window a key gets features: ``latency_p50``, ``latency_p95`` and
+``latency_p99`` (log seconds), ``error_rate`` and ``call_rate`` (calls/s). The
+median is there because tails are often bimodal (a p95 that jumps between
+3 ms and 80 ms from one window to the next is normal for some operations), so
+a sustained slowdown shows first and clearest in p50. A service also gets
 ``error_log_rate`` (ERROR-or-worse log records/s). Detection is prequential:
 every window is scored first, then learned from, and only if it was judged
 normal, so an incident does not become the new normal.
@@ -11,8 +14,9 @@ normal, so an incident does not become the new normal.
   ``expected +- k * sigma``. sigma never goes below the sampling noise of the
   window (Poisson for rates, binomial for error rate, ~1/sqrt(n) for log
   quantiles), so a key with few calls does not alarm on noise. Latency and
-  errors alarm above the band, traffic on both sides. Values learned are
-  clipped to the band (robust to single outliers).
+  errors alarm above the band, traffic on both sides. After warm-up, values
+  learned are clipped to the band (robust to single outliers); during warm-up
+  they are not, so the band learns the key's real spread.
 - Multivariate: ``MinMaxScaler | HalfSpaceTrees`` (river, seeded) over the
   key's features, when ``anomaly.detector`` uses it (hst, band_and_hst,
   band_or_hst); its score is exported. The evaluation in
@@ -38,10 +42,10 @@ from river import preprocessing, stats
 from pipeline.config import AnomalyConfig, RuleConfig
 from pipeline.model import KIND_CLIENT, SPAN_KINDS, ServiceWindow, WindowResult
 
-KEY_FEATURES = ("latency_p95", "latency_p99", "error_rate", "call_rate")
+KEY_FEATURES = ("latency_p50", "latency_p95", "latency_p99", "error_rate", "call_rate")
 SERVICE_FEATURES = ("error_log_rate",)
 UP, BOTH = "up", "both"
-DIRECTION = {"latency_p95": UP, "latency_p99": UP, "error_rate": UP, "call_rate": BOTH, "error_log_rate": UP}
+DIRECTION = {"latency_p50": UP, "latency_p95": UP, "latency_p99": UP, "error_rate": UP, "call_rate": BOTH, "error_log_rate": UP}
 STATE_VALUE = {"ok": 0, "pending": 1, "firing": 2}
 SERVICE_KEY = ("", -1)  # (operation, kind) of the service-level key
 
@@ -134,10 +138,10 @@ class FeatureBaseline:
         sigma = max(math.sqrt(max(self.var.get(), 0.0)), noise, 1e-12)
         return expected, expected - k * sigma, expected + k * sigma
 
-    def learn(self, x: float, k: float, noise: float) -> None:
-        if self.n:
+    def learn(self, x: float, k: float, noise: float, warm: bool) -> None:
+        if warm:  # after warm-up, values are clipped to the band: one outlier moves it little
             _, lo, hi = self.band(k, noise)
-            x = min(max(x, lo), hi)  # clipped: one outlier moves the baseline little
+            x = min(max(x, lo), hi)
         self.mean.update(x)
         self.var.update(x)
         self.n += 1
@@ -180,6 +184,7 @@ class AlertLifecycle:
 
 def _features(r: WindowResult, length_s: float) -> dict[str, float]:
     return {
+        "latency_p50": math.log(max(r.p50, 1e-9)),
         "latency_p95": math.log(max(r.p95, 1e-9)),
         "latency_p99": math.log(max(r.p99, 1e-9)),
         "error_rate": r.errors / r.count if r.count else 0.0,
@@ -250,7 +255,7 @@ class KeyDetector:
         for f in self.features:
             if enough or f in ("call_rate", "error_log_rate"):
                 b = self.baselines[f]
-                b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s))
+                b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
         if self.hst is not None:
             self.hst.learn_one(values)
         self.windows += 1
@@ -312,7 +317,8 @@ class ServiceAnomaly:
             events.extend(self._rules(key, values, sw.window_start, r))
         # Known keys without traffic in this window: their call rate is 0.
         for key in sorted(set(self.keys) - seen - {SERVICE_KEY}):
-            values = {"latency_p95": math.nan, "latency_p99": math.nan, "error_rate": 0.0, "call_rate": 0.0}
+            values = {"latency_p50": math.nan, "latency_p95": math.nan, "latency_p99": math.nan,
+                      "error_rate": 0.0, "call_rate": 0.0}  # fmt: skip
             upd, ev = self._judge_key(key, values, 0, sw.window_start, None)
             updates.append(upd)
             events.extend(ev)

@@ -152,7 +152,7 @@ class LokiConfig:
             raise ConfigError("loki.retry_max_ms: must be >= loki.retry_min_ms")
 
 
-FEATURES = ("latency_p95", "latency_p99", "error_rate", "call_rate", "error_log_rate")
+FEATURES = ("latency_p50", "latency_p95", "latency_p99", "error_rate", "call_rate", "error_log_rate")
 DETECTORS = ("band", "hst", "band_and_hst", "band_or_hst")
 
 
