@@ -294,6 +294,7 @@ class ServiceAnomaly:
     length_s: float
     keys: dict[tuple[str, int], KeyDetector] = field(default_factory=dict)
     rules: dict[tuple[str, str, int], _RuleState] = field(default_factory=dict)
+    downstream: dict[str, dict[str, FeatureBaseline]] = field(default_factory=dict)
 
     def firing(self) -> bool:
         return any(d.lifecycle.state == "firing" for d in self.keys.values()) or any(
@@ -327,9 +328,41 @@ class ServiceAnomaly:
         updates.append(upd)
         events.extend(ev)
         events.extend(self._rules(SERVICE_KEY, logs, sw.window_start, None))
-        ranking = _ranking(scored)
+        ranking = _ranking(scored) + self._downstream(sw)
         events = [_with_ranking(e, ranking) if e.state == "firing" else e for e in events]
         return updates, events
+
+    def _downstream(self, sw: ServiceWindow, top: int = 5) -> tuple[dict, ...]:
+        """Services this one called (from joined traces), by how far their latency and errors
+        as seen on these calls are above their own baselines."""
+        k = self.cfg.band_k
+        ranked = []
+        for dep in sw.dependencies:
+            base = self.downstream.setdefault(
+                dep.callee, {f: FeatureBaseline(self.cfg.fading_factor) for f in ("latency", "error_rate")}
+            )
+            values = {"latency": math.log(max(dep.mean_duration, 1e-9)), "error_rate": dep.errors / dep.calls}
+            scores = {}
+            for f, x in values.items():
+                b = base[f]
+                noise = _noise("error_rate" if f == "error_rate" else "latency_p50", b.mean.get(), dep.calls, 1.0)
+                if b.n >= self.cfg.warmup_windows:
+                    expected, _, hi = b.band(k, noise)
+                    scores[f] = (x - expected) / ((hi - expected) / k) / k
+            worst = max(scores.items(), key=lambda kv: kv[1], default=(None, 0.0))
+            if worst[1] < 1.0:  # learn from normal windows only
+                for f, x in values.items():
+                    b = base[f]
+                    noise = _noise("error_rate" if f == "error_rate" else "latency_p50", b.mean.get(), dep.calls, 1.0)
+                    b.learn(x, k, noise, b.n >= self.cfg.warmup_windows)
+            if worst[1] > 0:
+                ranked.append((worst[1], dep, worst[0]))
+        ranked.sort(key=lambda x: (-x[0], x[1].callee))
+        return tuple(
+            {"downstream_service": dep.callee, "score": round(score, 6), "feature": feature,
+             "sampled_calls": dep.calls}  # fmt: skip
+            for score, dep, feature in ranked[:top]
+        )
 
     def _judge_key(self, key, values, calls, time, r: WindowResult | None):
         det = self.keys.get(key)

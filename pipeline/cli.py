@@ -11,10 +11,8 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
 NOT_BUILT_YET = (
-    "not built yet: the cross-service dependency graph (alert rankings name the service's own "
-    "operations and its CLIENT calls, not downstream services found by joining traces), "
-    "Prometheus remote write, bytewax recovery (crash resume from snapshots), TLS and auth, "
-    "multi-process scale-out (--processes)"
+    "not built yet: Prometheus remote write, bytewax recovery (crash resume from snapshots), "
+    "TLS and auth, multi-process scale-out (--processes)"
 )
 
 

@@ -255,6 +255,16 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class ServiceGraphConfig:
+    sample_one_in: int = 4
+    ttl_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive("servicegraph.sample_one_in", self.sample_one_in)
+        _positive("servicegraph.ttl_s", self.ttl_s)
+
+
+@dataclass(frozen=True)
 class KedaConfig:
     listen: str = ""  # empty: the KEDA external scaler is off
 
@@ -279,6 +289,7 @@ class Config:
     loki: LokiConfig = field(default_factory=LokiConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    servicegraph: ServiceGraphConfig = field(default_factory=ServiceGraphConfig)
     keda: KedaConfig = field(default_factory=KedaConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -1,6 +1,6 @@
 """The telepipe dataflow, top to bottom.
 
-    read batches (spool or recording)
+    read batches (spool or recording), joining parent/child spans across services
       -> preaggregate on numpy: per (service, operation, kind, window) span aggregates,
          per (service, window) log counts and instance sets
       -> key by service -> per-service state (pipeline/service.py):
@@ -19,7 +19,7 @@ on the recording alone.
 
 from __future__ import annotations
 
-import copy
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from pipeline.selfmetrics import SelfMetrics
 from pipeline.anomaly import AlertEvent
 from pipeline.scaling import ScalingEvent
 from pipeline.service import ServiceState
+from pipeline.servicegraph import EdgePartial, JoinedSource
 from pipeline.windows import WindowSpec, instance_sets, preaggregate, preaggregate_logs
 
 Clock = Callable[[], float]  # seconds since the epoch
@@ -57,12 +58,12 @@ class Outputs:
     loki_sinks: list[Sink] = field(default_factory=list)
 
 
-class _ServiceStep(StatefulLogic[object, object, ServiceState]):
+class _ServiceStep(StatefulLogic[object, object, bytes]):
     """bytewax wrapper of ``ServiceState`` for one service."""
 
-    def __init__(self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, resume) -> None:
+    def __init__(self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, resume: bytes | None) -> None:
         self.cfg, self.spec, self.clock, self.idle = cfg, spec, clock, idle
-        self.state: ServiceState | None = resume
+        self.state: ServiceState | None = pickle.loads(resume) if resume is not None else None
 
     def on_item(self, value):
         if self.state is None:
@@ -79,15 +80,19 @@ class _ServiceStep(StatefulLogic[object, object, ServiceState]):
         deadline = self.state.idle_deadline() if (self.idle and self.state) else None
         return None if deadline is None else datetime.fromtimestamp(deadline, timezone.utc)
 
-    def snapshot(self) -> ServiceState:
-        return copy.deepcopy(self.state)
+    def snapshot(self) -> bytes:
+        # bytewax snapshots every touched key at every epoch end; a pickle is both the
+        # immutable copy it asks for and much cheaper than copy.deepcopy of river objects.
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _partials(spec: WindowSpec):
-    def split(batch: SpanBatch | LogBatch) -> list:
-        if isinstance(batch, SpanBatch):
-            return [*preaggregate(batch, spec), *instance_sets(batch, spec)]
-        return preaggregate_logs(batch, spec, batch.step)
+    def split(item: SpanBatch | LogBatch | EdgePartial) -> list:
+        if isinstance(item, SpanBatch):
+            return [*preaggregate(item, spec), *instance_sets(item, spec)]
+        if isinstance(item, LogBatch):
+            return preaggregate_logs(item, spec, item.step)
+        return [item]  # an EdgePartial is already an aggregate
 
     return split
 
@@ -104,7 +109,11 @@ def build_flow(
     spec = WindowSpec.from_config(cfg.windows, cfg.prometheus.buckets)
     flow = Dataflow("telepipe")
 
-    batches = op.input("read", flow, source)
+    # Read batches; the service-graph join runs in the reading partition, in read order,
+    # and puts each span batch's cross-service calls (EdgePartial) right after it.
+    sg = cfg.servicegraph
+    joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns)
+    batches = op.input("read", flow, joined)
 
     # One small aggregate per (service, operation, kind, window) per batch, plus per-service
     # log counts and instance sets: the only per-span (and per-record) work, on numpy.

@@ -320,6 +320,16 @@ class WindowResult:
 
 
 @dataclass(frozen=True)
+class Dependency:
+    """Sampled calls from a service to one other service in a window (pipeline/servicegraph.py)."""
+
+    callee: str
+    calls: int
+    errors: int
+    mean_duration: float  # seconds, of the callee's spans
+
+
+@dataclass(frozen=True)
 class ServiceWindow:
     """Everything one service did in one closed window (input of anomaly detection and scaling)."""
 
@@ -333,6 +343,7 @@ class ServiceWindow:
     server_calls: int  # SERVER spans
     server_errors: int
     server_p95: float  # seconds, over all SERVER spans (NaN when none)
+    dependencies: tuple[Dependency, ...] = ()  # services this one called (sampled traces)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import numpy as np
 from pipeline.config import WindowsConfig
 from pipeline.model import (
     KIND_SERVER,
+    Dependency,
     OVERFLOW_OPERATION,
     LateSpans,
     LogBatch,
@@ -39,6 +40,7 @@ from pipeline.model import (
     SpanBatch,
     WindowResult,
 )
+from pipeline.servicegraph import EdgePartial
 from pipeline.sketch import LogMapping, LogSketch
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -318,13 +320,14 @@ class _Window:
 class _ServiceSlot:
     """Everything one service has in one open window."""
 
-    __slots__ = ("ops", "logs", "error_logs", "instances")
+    __slots__ = ("ops", "logs", "error_logs", "instances", "calls_to")
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, int], _Window] = {}
         self.logs = 0
         self.error_logs = 0
         self.instances: set[str] = set()
+        self.calls_to: dict[str, list] = {}  # callee -> [sampled calls, errors, duration sum]
 
 
 class ServiceWindows:
@@ -347,7 +350,7 @@ class ServiceWindows:
         self.last_activity = 0.0  # injected clock, seconds
         self.late_logs = 0
 
-    def on_item(self, item: Partial | LogPartial | InstanceSet, now: float) -> list:
+    def on_item(self, item: Partial | LogPartial | InstanceSet | EdgePartial, now: float) -> list:
         """Merge one item; returns what closed: ``LateSpans`` and ``ServiceWindow`` objects."""
         self.last_activity = now
         if item.step != self.step:  # the previous step is complete: its times count now
@@ -375,6 +378,13 @@ class ServiceWindows:
                 slot = self._slot(item.window_start)
                 slot.logs += item.records
                 slot.error_logs += item.errors
+        elif isinstance(item, EdgePartial):
+            self.step_high = max(self.step_high, item.max_end_ns)
+            if not late:
+                c = self._slot(item.window_start).calls_to.setdefault(item.callee, [0, 0, 0.0])
+                c[0] += item.calls
+                c[1] += item.errors
+                c[2] += item.duration_sum
         else:
             self.step_high = max(self.step_high, item.max_end_ns)
             if not late:
@@ -431,6 +441,9 @@ class ServiceWindows:
                     server_calls=server.count,
                     server_errors=server_errors,
                     server_p95=server.quantile(0.95) if server.count else math.nan,
+                    dependencies=tuple(
+                        Dependency(callee, c[0], c[1], c[2] / c[0]) for callee, c in sorted(slot.calls_to.items())
+                    ),
                 )
             )
         return closed

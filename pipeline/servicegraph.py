@@ -1,0 +1,163 @@
+"""Service graph: which service calls which, found by joining parent and child spans.
+
+A child span whose parent span belongs to another service is one call
+``parent service -> child service``. The join runs where the data is read, per
+source partition and in read order (``JoinedSource`` wraps any partitioned
+source), so its output depends on the input alone and travels in the same
+stream as the span aggregates. It keeps a consistent sample of traces (by trace
+id: every span of a sampled trace is kept), and spans for ``ttl`` of event time
+in a few generations of dicts, so memory stays bounded. A child that arrives
+before its parent waits for it.
+
+Each step yields ``EdgePartial`` items: calls, errors and summed duration of the
+child spans per (caller, callee, window). Per-service state adds them to the
+caller's window; alert rankings name downstream services from them.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+from pipeline.model import SpanBatch
+
+GENERATION_NS = 10_000_000_000
+
+
+@dataclass
+class EdgePartial:
+    """Sampled calls from ``service`` (the caller) to ``callee`` in one window, from one step."""
+
+    service: str
+    callee: str
+    window_start: int
+    max_end_ns: int
+    step: tuple[int, int]
+    calls: int
+    errors: int
+    duration_sum: float  # seconds, of the callee's spans
+
+
+class LinkJoiner:
+    """Joins sampled spans to their parents across batches. Picklable."""
+
+    def __init__(self, sample_one_in: int, ttl_ns: int, window_ns: int) -> None:
+        self.sample = sample_one_in
+        self.ttl_ns = ttl_ns
+        self.window_ns = window_ns
+        self.generations: list[tuple[int, dict[int, str]]] = []  # (generation, span id -> service)
+        self.waiting: list[tuple[int, dict[int, list[tuple]]]] = []  # (generation, parent id -> children)
+        self.high = 0
+
+    def process(self, batch: SpanBatch) -> list[EdgePartial]:
+        n = len(batch)
+        if n == 0:
+            return []
+        halves = np.frombuffer(batch.trace_id.tobytes(), dtype="<u8").reshape(n, 2)
+        mixed = ((halves[:, 0] ^ halves[:, 1]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)  # hash the id
+        keep = np.flatnonzero(mixed % np.uint64(self.sample) == 0) if self.sample > 1 else np.arange(n)
+        if keep.size == 0:
+            return []
+        sid = np.frombuffer(batch.span_id.tobytes(), dtype="<u8")[keep].tolist()
+        pid = np.frombuffer(batch.parent_span_id.tobytes(), dtype="<u8")[keep].tolist()
+        svc = batch.service_idx[keep].tolist()
+        err = (batch.status[keep] == 2).tolist()
+        dur = (batch.duration_ns[keep] / 1e9).tolist()
+        end = batch.end_ns[keep].tolist()
+        self.high = max(self.high, int(batch.end_ns.max()))
+        gen = self.high // GENERATION_NS
+        spans, waiting = self._current(self.generations, gen), self._current(self.waiting, gen)
+        services = batch.services
+        edges: dict[tuple[str, str, int], list] = defaultdict(lambda: [0, 0, 0.0, 0])
+        for i in range(len(sid)):
+            me = services[svc[i]]
+            spans[sid[i]] = me
+            child = (me, err[i], dur[i], end[i])
+            if pid[i]:
+                parent = self._find(pid[i])
+                if parent is None:
+                    waiting.setdefault(pid[i], []).append(child)
+                elif parent != me:
+                    self._add(edges, parent, child)
+            for g, table in self.waiting:
+                children = table.pop(sid[i], None)
+                if children:
+                    for c in children:
+                        if c[0] != me:
+                            self._add(edges, me, c)
+        self._expire(gen)
+        return [
+            EdgePartial(caller, callee, w, e[3], batch.step, e[0], e[1], e[2])
+            for (caller, callee, w), e in sorted(edges.items())
+        ]
+
+    def _add(self, edges, caller: str, child: tuple) -> None:
+        callee, error, dur, end = child
+        e = edges[(caller, callee, end // self.window_ns * self.window_ns)]
+        e[0] += 1
+        e[1] += error
+        e[2] += dur
+        e[3] = max(e[3], end)
+
+    def _find(self, span_id: int) -> str | None:
+        for _, table in reversed(self.generations):
+            found = table.get(span_id)
+            if found is not None:
+                return found
+        return None
+
+    @staticmethod
+    def _current(gens: list, gen: int) -> dict:
+        if not gens or gens[-1][0] < gen:
+            gens.append((gen, {}))
+        return gens[-1][1]
+
+    def _expire(self, gen: int) -> None:
+        oldest = gen - max(1, self.ttl_ns // GENERATION_NS)
+        self.generations = [(g, t) for g, t in self.generations if g >= oldest]
+        self.waiting = [(g, t) for g, t in self.waiting if g >= oldest]
+
+
+class _JoinedPartition(StatefulSourcePartition):
+    def __init__(self, inner: StatefulSourcePartition, joiner: LinkJoiner) -> None:
+        self.inner = inner
+        self.joiner = joiner
+
+    def next_batch(self) -> list:
+        items = self.inner.next_batch()
+        out = []
+        for item in items:
+            out.append(item)
+            if isinstance(item, SpanBatch):
+                out.extend(self.joiner.process(item))
+        return out
+
+    def next_awake(self) -> datetime | None:
+        return self.inner.next_awake()
+
+    def snapshot(self):
+        return (self.inner.snapshot(), pickle.dumps(self.joiner))  # a copy: the joiner keeps changing
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class JoinedSource(FixedPartitionedSource):
+    """Wraps a partitioned source of batches: each span batch is followed by its edges."""
+
+    def __init__(self, inner: FixedPartitionedSource, sample_one_in: int, ttl_ns: int, window_ns: int) -> None:
+        self.inner = inner
+        self.args = (sample_one_in, ttl_ns, window_ns)
+
+    def list_parts(self) -> list[str]:
+        return self.inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state):
+        inner_state, joiner = resume_state if resume_state is not None else (None, None)
+        inner = self.inner.build_part(step_id, for_part, inner_state)
+        return _JoinedPartition(inner, pickle.loads(joiner) if joiner else LinkJoiner(*self.args))

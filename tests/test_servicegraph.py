@@ -1,0 +1,88 @@
+import pickle
+
+import numpy as np
+
+from pipeline.anomaly import ServiceAnomaly
+from pipeline.config import AnomalyConfig
+from pipeline.model import Dependency, SpanBatch
+from pipeline.servicegraph import LinkJoiner
+from sources.replay import iter_batches
+from pipeline.selfmetrics import SelfMetrics
+
+from .conftest import ONLINEBOUTIQUE
+from .factories import result, service_window
+
+S = 10**9
+
+
+def spans(rows, services=("front", "back")):
+    """rows: (service_idx, trace, span, parent, end_s, error)."""
+    n = len(rows)
+    return SpanBatch(
+        services=services, operations=("op",), instances=("",),
+        service_idx=np.array([r[0] for r in rows], np.int32), op_idx=np.zeros(n, np.int32),
+        instance_idx=np.zeros(n, np.int32), kind=np.full(n, 2, np.int8),
+        status=np.array([2 if r[5] else 0 for r in rows], np.int8),
+        end_ns=np.array([r[4] * S for r in rows], np.int64), duration_ns=np.full(n, 5_000_000, np.int64),
+        trace_id=np.array([r[1].to_bytes(16, "little") for r in rows], "S16"),
+        span_id=np.array([r[2].to_bytes(8, "little") for r in rows], "S8"),
+        parent_span_id=np.array([r[3].to_bytes(8, "little") if r[3] else b"" for r in rows], "S8"),
+    )  # fmt: skip
+
+
+def test_parent_first_child_first_and_same_service():
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    # trace 1: front span 10 calls back span 11 (parent first); back 12 is a child of back 11
+    e1 = j.process(spans([(0, 1, 10, 0, 1, 0), (1, 1, 11, 10, 1, 0), (1, 1, 12, 11, 1, 0)]))
+    assert [(e.service, e.callee, e.calls, e.errors) for e in e1] == [("front", "back", 1, 0)]
+    # trace 2: the child (an error) arrives one batch before its parent
+    assert j.process(spans([(1, 2, 21, 20, 12, 1)])) == []
+    e2 = j.process(spans([(0, 2, 20, 0, 12, 0)]))
+    assert [(e.service, e.callee, e.window_start, e.errors) for e in e2] == [("front", "back", 10 * S, 1)]
+    assert pickle.loads(pickle.dumps(j)).high == j.high
+
+
+def test_sampling_keeps_whole_traces_and_ttl_bounds_memory():
+    j = LinkJoiner(4, 20 * S, 10 * S)
+    rows = [(0, t, 1000 + t, 0, 1, 0) for t in range(400)] + [(1, t, 5000 + t, 1000 + t, 1, 0) for t in range(400)]
+    edges = j.process(spans(rows))
+    assert 60 < sum(e.calls for e in edges) < 140  # about a quarter of the traces, each fully joined
+    again = LinkJoiner(4, 20 * S, 10 * S).process(spans(rows))
+    assert sum(e.calls for e in again) == sum(e.calls for e in edges)  # the same traces every time
+    for i in range(10):
+        j.process(spans([(0, 4 * i, 9000 + i, 0, 100 + 10 * i, 0)]))
+    assert len(j.generations) <= 3 and sum(len(t) for _, t in j.generations) <= 3
+
+
+def test_recording_gives_the_onlineboutique_call_graph():
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    calls = {}
+    for b in iter_batches(ONLINEBOUTIQUE, SelfMetrics()):
+        for e in j.process(b):
+            calls[(e.service, e.callee)] = calls.get((e.service, e.callee), 0) + e.calls
+    assert calls[("frontend", "productcatalogservice")] > 2000
+    assert calls[("checkoutservice", "paymentservice")] > 0
+    assert all(a != b for a, b in calls)
+
+
+def test_downstream_service_ranked_when_the_caller_fires():
+    det = ServiceAnomaly(AnomalyConfig(), "front", 10.0)
+    normal = (Dependency("back", 100, 0, 0.005), Dependency("db", 100, 0, 0.002))
+    for i in range(30):
+        det.on_window(_with_deps(service_window(i, [result("GET /", count=200, p95=0.05)], service="front"), normal))
+    slow = (Dependency("back", 100, 0, 0.05), Dependency("db", 100, 0, 0.002))
+    events = []
+    for i in range(30, 33):
+        sw = _with_deps(service_window(i, [result("GET /", count=200, p95=0.5, p99=0.7)], service="front"), slow)
+        events += det.on_window(sw)[1]
+    firing = [e for e in events if e.state == "firing"]
+    assert firing
+    downstream = [r for r in firing[0].ranking if "downstream_service" in r]
+    assert downstream[0]["downstream_service"] == "back" and downstream[0]["feature"] == "latency"
+    assert all(r["downstream_service"] != "db" for r in downstream[1:]) or len(downstream) == 1
+
+
+def _with_deps(sw, deps):
+    from dataclasses import replace
+
+    return replace(sw, dependencies=deps)
