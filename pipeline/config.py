@@ -274,6 +274,18 @@ class KedaConfig:
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    enabled: bool = True
+    snapshot_interval_s: float = 5.0
+    backup_interval_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.snapshot_interval_s <= 3600:
+            raise ConfigError(f"recovery.snapshot_interval_s: allowed 0.05..3600, got {self.snapshot_interval_s}")
+        _positive("recovery.backup_interval_s", self.backup_interval_s, zero_ok=True)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     emit_jsonl: str = ""
     record_dir: str = ""
@@ -284,6 +296,7 @@ class Config:
     otlp: OtlpConfig = field(default_factory=OtlpConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     loki: LokiConfig = field(default_factory=LokiConfig)

@@ -12,14 +12,18 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+from bytewax.recovery import RecoveryConfig as BytewaxRecovery
+from bytewax.recovery import init_db_dir
 from bytewax.testing import run_main
 from google.protobuf.internal import api_implementation
 
 from pipeline.config import Config
 from pipeline.decode import DecodeLimits
 from pipeline.flow import Outputs, build_flow
+from pipeline.recovery import CommittedSnapshots
 from pipeline.selfmetrics import SelfMetrics
 from sinks.jsonl import JsonlSink
 from sinks.keda import KedaScaler
@@ -91,8 +95,21 @@ class Daemon:
             outputs.file_sinks.append(JsonlSink(cfg.output.emit_jsonl))
         if self.loki is not None:
             outputs.loki_sinks.append(LokiSink(self.loki))
-        source = SpoolSource({SHARD: self.spool}, stop=self.stop_event)
-        self.flow = build_flow(cfg, source, outputs, self.metrics, clock=clock)
+        rec = cfg.recovery
+        self.recovery = None
+        committed = None
+        if rec.enabled:
+            db = data_dir / "recovery"
+            if not db.exists() or not any(db.iterdir()):
+                db.mkdir(parents=True, exist_ok=True)
+                init_db_dir(db, 1)
+            self.recovery = BytewaxRecovery(db, backup_interval=timedelta(seconds=rec.backup_interval_s))
+            committed = CommittedSnapshots(db).spool_segment
+        source = SpoolSource(
+            {SHARD: self.spool}, stop=self.stop_event, committed=committed,
+            keep_for=timedelta(seconds=rec.backup_interval_s),
+        )  # fmt: skip
+        self.flow = build_flow(cfg, source, outputs, self.metrics, clock=clock, close_at_eof=not rec.enabled)
         self._started = False
         self._shutdown_lock = threading.Lock()
 
@@ -117,7 +134,11 @@ class Daemon:
             self.cfg.otlp.grpc_listen, self.cfg.http.listen, self.cfg.spool.data_dir,
         )  # fmt: skip
         try:
-            run_main(self.flow)
+            run_main(
+                self.flow,
+                epoch_interval=timedelta(seconds=self.cfg.recovery.snapshot_interval_s),
+                recovery_config=self.recovery,
+            )
         finally:
             self.shutdown()
             if self.loki is not None:

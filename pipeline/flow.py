@@ -61,9 +61,14 @@ class Outputs:
 class _ServiceStep(StatefulLogic[object, object, bytes]):
     """bytewax wrapper of ``ServiceState`` for one service."""
 
-    def __init__(self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, resume: bytes | None) -> None:
-        self.cfg, self.spec, self.clock, self.idle = cfg, spec, clock, idle
-        self.state: ServiceState | None = pickle.loads(resume) if resume is not None else None
+    def __init__(
+        self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, close_at_eof: bool, resume: bytes | None
+    ) -> None:
+        self.cfg, self.spec, self.clock, self.idle, self.close_at_eof = cfg, spec, clock, idle, close_at_eof
+        self.state: ServiceState | None = None
+        if resume is not None:  # restored after a restart: the idle timer starts over
+            self.state = pickle.loads(resume)
+            self.state.windows.last_activity = clock()
 
     def on_item(self, value):
         if self.state is None:
@@ -74,6 +79,8 @@ class _ServiceStep(StatefulLogic[object, object, bytes]):
         return self.state.on_idle(self.clock()), StatefulLogic.RETAIN
 
     def on_eof(self):
+        if not self.close_at_eof:  # the daemon stops with recovery on: open windows live on in the snapshot
+            return [], StatefulLogic.RETAIN
         return self.state.close_all(), StatefulLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -105,6 +112,7 @@ def build_flow(
     *,
     clock: Clock = time.time,
     idle_close: bool = True,
+    close_at_eof: bool = True,
 ) -> Dataflow:
     spec = WindowSpec.from_config(cfg.windows, cfg.prometheus.buckets)
     flow = Dataflow("telepipe")
@@ -120,7 +128,7 @@ def build_flow(
     partials = op.flat_map("preaggregate", batches, _partials(spec))
     by_service = op.key_on("key_by_service", partials, lambda p: p.service)
     per_service = op.stateful(
-        "services", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, resume)
+        "services", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, close_at_eof, resume)
     )
     # Window results, late counts, anomaly and scaling updates and events, per service in order.
     results = op.key_rm("unkey", per_service)

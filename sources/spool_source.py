@@ -6,13 +6,19 @@ everything else is derived from it, so a resumed partition continues exactly
 after the last record it emitted. ``next_batch`` never blocks: with nothing new it returns
 ``[]`` and asks to be woken a little later.
 
-The source ends (EOF, which closes all windows) when ``stop`` is set and every
-committed record has been read: that is the drain step of a graceful shutdown.
+The source ends (EOF) when ``stop`` is set and every committed record has been
+read: that is the drain step of a graceful shutdown.
+
+Retention: without recovery a segment is deleted once read. With recovery, a
+segment is deleted only after a *committed* bytewax snapshot has moved past
+it (and ``keep_for``, the backup interval, has passed): a crash resumes from
+that snapshot, so every record it may re-read is still on disk.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -22,6 +28,7 @@ from pipeline.model import LogBatch, SpanBatch, Steps, batch_from_bytes, coalesc
 from sources.spool import Spool, read_records
 
 POLL_INTERVAL = timedelta(milliseconds=20)
+RETENTION_CHECK = timedelta(seconds=1)
 MAX_RECORDS_PER_BATCH = 64
 MAX_BYTES_PER_BATCH = 8 * 1024 * 1024
 
@@ -38,10 +45,16 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         index: int,
         stop: threading.Event,
         now: Callable[[], datetime],
+        committed: Callable[[], int | None] | None,
+        keep_for: timedelta,
     ) -> None:
         self.spool = spool
         self.stop = stop
         self.now = now
+        self.committed = committed  # segment of the committed snapshot (None: no recovery)
+        self.keep_for = keep_for
+        self.commits: deque[tuple[datetime, int]] = deque()  # (first seen, committed segment)
+        self.next_check = now()
         segments = spool.segments()
         if resume_state is None:
             self.seq, self.offset, step = (segments[0] if segments else 1), 0, 0
@@ -65,11 +78,30 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         later = [s for s in self.spool.segments() if s > self.seq]
         if not later:
             return False
-        self.spool.retire_before(later[0])
         self.seq, self.offset = later[0], 0
+        if self.committed is None:  # no recovery: nothing will ever resume before this point
+            self.spool.retire_before(self.seq)
         return True
 
+    def _retire_committed(self) -> None:
+        """Delete segments that a committed snapshot moved past at least ``keep_for`` ago."""
+        now = self.now()
+        if now < self.next_check:
+            return
+        self.next_check = now + RETENTION_CHECK
+        seq = self.committed()
+        if seq is not None and (not self.commits or seq > self.commits[-1][1]):
+            self.commits.append((now, seq))
+        covered = None
+        while self.commits and self.commits[0][0] <= now - self.keep_for:
+            covered = self.commits.popleft()[1]
+        if covered is not None:
+            self.commits.appendleft((now - self.keep_for, covered))  # still the newest known
+            self.spool.retire_before(covered)
+
     def next_batch(self) -> list[SpanBatch | LogBatch]:
+        if self.committed is not None:
+            self._retire_committed()
         active_seq, active_off = self.spool.committed()
         if self.seq not in self.spool.segments() and not self._advance():
             return self._nothing(active_seq, active_off)
@@ -119,14 +151,24 @@ class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, i
         spools: dict[str, Spool],
         stop: threading.Event | None = None,
         now: Callable[[], datetime] = _utcnow,
+        committed: Callable[[str], int | None] | None = None,
+        keep_for: timedelta = timedelta(0),
     ) -> None:
+        """``committed(part)``: with recovery, the spool segment of the partition's newest
+        committed snapshot; segments before it are deleted once it has been committed for
+        ``keep_for``. None (no recovery): a segment is deleted as soon as it has been read."""
         self.spools = spools
         self.stop = stop or threading.Event()
         self.now = now
+        self.committed = committed
+        self.keep_for = keep_for
 
     def list_parts(self) -> list[str]:
         return list(self.spools)
 
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int, int] | None):
         index = sorted(self.spools).index(for_part)
-        return _SpoolPartition(self.spools[for_part], resume_state, index, self.stop, self.now)
+        committed = None if self.committed is None else (lambda: self.committed(for_part))
+        return _SpoolPartition(
+            self.spools[for_part], resume_state, index, self.stop, self.now, committed, self.keep_for
+        )

@@ -53,8 +53,21 @@ class DaemonProc:
             "--otlp-grpc", f"127.0.0.1:{self.grpc_port}", "--http", f"127.0.0.1:{self.http_port}",
             "--data-dir", str(self.data_dir), *(extra_args or []),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+        self.args = args
+        self.logs: list[str] = []
+        self.start()
+
+    def start(self) -> None:
+        """Start (again) on the same ports and data dir."""
+        self.proc = subprocess.Popen(
+            self.args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ)
+        )
         wait_http(self.url("/readyz"), proc=self.proc)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.logs.append(self.proc.stderr.read().decode())
 
     @property
     def grpc_target(self) -> str:
