@@ -11,8 +11,8 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
 NOT_BUILT_YET = (
-    "not built yet: Prometheus remote write, TLS and auth, per-tenant rate limits, a memory (RSS) "
-    "limit, dead-lettering of poison records, multi-process scale-out (--processes)"
+    "not built yet: Prometheus remote write, sink circuit breakers, dead-lettering of poison records, "
+    "gRPC keepalive/connection-age settings, multi-process scale-out (--processes)"
 )
 
 

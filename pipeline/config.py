@@ -274,6 +274,68 @@ class KedaConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens for OTLP clients (``authorization: Bearer <token>``); none set: no auth."""
+
+    tokens_file: str = ""
+    tokens_env: str = ""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # set: clients must present a certificate it signed (mTLS)
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("tls.cert_file and tls.key_file: set both or neither")
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError("tls.client_ca_file: needs tls.cert_file and tls.key_file")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    name: str = ""
+    spans_per_s: float = 0.0
+    burst: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("limits.tiers.name: every tier needs a name")
+        _positive("limits.tiers.spans_per_s", self.spans_per_s)
+        _positive("limits.tiers.burst", self.burst, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str = ""
+    tier: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.tier:
+            raise ConfigError("limits.tenants: every entry needs a name and a tier")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_rss_bytes: int = 0
+    tenant_metadata_key: str = "x-scope-orgid"
+    default_tier: str = ""
+    tiers: tuple[TierConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive("limits.max_rss_bytes", self.max_rss_bytes, zero_ok=True)
+        names = {t.name for t in self.tiers}
+        for ref in [self.default_tier] * bool(self.default_tier) + [t.tier for t in self.tenants]:
+            if ref not in names:
+                raise ConfigError(f"limits: tier {ref!r} is not defined; defined: {', '.join(sorted(names)) or 'none'}")
+        if self.tenant_metadata_key != self.tenant_metadata_key.lower():
+            raise ConfigError("limits.tenant_metadata_key: gRPC metadata keys are lowercase")
+
+
+@dataclass(frozen=True)
 class RecoveryConfig:
     enabled: bool = True
     snapshot_interval_s: float = 5.0
@@ -294,6 +356,9 @@ class OutputConfig:
 @dataclass(frozen=True)
 class Config:
     otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)

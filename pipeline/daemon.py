@@ -29,6 +29,7 @@ from sinks.jsonl import JsonlSink
 from sinks.keda import KedaScaler
 from sinks.loki import LokiClient, LokiSink
 from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState, make_registry
+from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
 from sources.otlp_grpc import OtlpReceiver
 from sources.replay import ReplaySource
 from sources.spool import Spool
@@ -84,8 +85,10 @@ class Daemon:
         self.series = SeriesState(cfg.prometheus.buckets, self.metrics, cfg.prometheus.stale_after_s, clock)
         self.stop_event = threading.Event()
         self.receiver = OtlpReceiver(
-            cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, recorder=self.recorder
-        )
+            cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, recorder=self.recorder,
+            auth=BearerAuth.from_config(cfg.auth), memory=MemoryGuard(cfg.limits.max_rss_bytes),
+            tenants=TenantLimiter(cfg.limits), tls=cfg.tls,
+        )  # fmt: skip
         host, port = _host_port(cfg.http.listen)
         self.http = MetricsHttpServer(host, port, make_registry(self.series, self.metrics), self.ready)
         self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None

@@ -22,6 +22,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "accepted_logs": ("Log records appended to the spool and acknowledged", ()),
     "rejected_logs": ("Log records rejected, by reason", ("reason",)),
     "requests": ("Export requests answered, by signal and gRPC status code", ("signal", "code")),
+    "refused_requests": ("Export requests refused (client retries or must fix), by reason", ("reason",)),
     "processed_spans": ("Spans that went through the windows", ()),
     "processed_logs": ("Log records that went through the pipeline", ()),
     "late_spans": ("Spans whose window had already closed (counted, not merged)", ()),

@@ -8,7 +8,10 @@ grpcio hands us raw request bytes (no deserializer), so every answer is ours:
 - empty request -> OK without ``partial_success``;
 - over ``max_message_bytes`` after decompression -> RESOURCE_EXHAUSTED (grpcio enforces
   it before inflating further); gzip is accepted;
-- spool over its budget -> UNAVAILABLE with ``google.rpc.RetryInfo`` (clients retry);
+- wrong or missing bearer token (when tokens are configured) -> UNAUTHENTICATED, before decoding;
+- spool over its budget, disk full, memory over its limit -> UNAVAILABLE with
+  ``google.rpc.RetryInfo`` (clients retry);
+- a tenant over its ingest rate -> RESOURCE_EXHAUSTED with RetryInfo;
 - OK only after the decoded batch was appended to the spool.
 
 MetricsService is not served: grpcio answers UNIMPLEMENTED for it.
@@ -17,7 +20,9 @@ MetricsService is not served: grpcio answers UNIMPLEMENTED for it.
 from __future__ import annotations
 
 import logging
+import math
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -26,9 +31,10 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from pipeline.config import OtlpConfig
+from pipeline.config import OtlpConfig, TlsConfig
 from pipeline.decode import DecodeLimits, Decoded, MalformedRequest, decode_logs, decode_traces
 from pipeline.selfmetrics import SelfMetrics
+from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
 from sources.spool import Spool, SpoolFull
 
 log = logging.getLogger("telepipe.otlp")
@@ -58,10 +64,17 @@ class OtlpReceiver:
         *,
         retry_after_ms: int = 1000,
         recorder: Spool | None = None,
+        auth: BearerAuth | None = None,
+        memory: MemoryGuard | None = None,
+        tenants: TenantLimiter | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
         self.recorder = recorder
+        self.auth = auth
+        self.memory = memory
+        self.tenants = tenants if tenants is not None and tenants.active else None
         self.metrics = metrics
         self.retry_after_ms = retry_after_ms
         self.limits = DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
@@ -83,7 +96,15 @@ class OtlpReceiver:
                 ),
             )
         )
-        self.port = self.server.add_insecure_port(cfg.grpc_listen)
+        if tls is not None and tls.cert_file:
+            creds = grpc.ssl_server_credentials(
+                [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+                root_certificates=Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None,
+                require_client_auth=bool(tls.client_ca_file),
+            )
+            self.port = self.server.add_secure_port(cfg.grpc_listen, creds)
+        else:
+            self.port = self.server.add_insecure_port(cfg.grpc_listen)
         if self.port == 0:
             raise OSError(f"cannot bind the OTLP gRPC address {cfg.grpc_listen}")
 
@@ -103,20 +124,37 @@ class OtlpReceiver:
         return self._export("logs", request, context, lambda data: decode_logs(data, self.limits))
 
     def _export(self, signal: str, request: bytes, context, decode) -> bytes:
+        metadata = context.invocation_metadata() if (self.auth or self.tenants) else ()
+        if self.auth is not None and not self.auth.allows(metadata):
+            self.metrics.inc("requests", 1, signal, "UNAUTHENTICATED")
+            self.metrics.inc("refused_requests", 1, "unauthenticated")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        if self.memory is not None and self.memory.over():
+            self._refuse(context, signal, "memory over its limit; retry later", "memory")
         if self.spool.over_budget():
-            self._refuse(context, signal, "spool over its byte budget; retry later")
+            self._refuse(context, signal, "spool over its byte budget; retry later", "spool_budget")
         try:
             decoded: Decoded = decode(request)
         except MalformedRequest as exc:
             self.metrics.inc("requests", 1, signal, "INVALID_ARGUMENT")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.tenants is not None:
+            tenant = self.tenants.tenant(metadata)
+            wait = self.tenants.wait_for(tenant, decoded.received)
+            if wait > 0:
+                self.metrics.inc("requests", 1, signal, "RESOURCE_EXHAUSTED")
+                self.metrics.inc("refused_requests", 1, "tenant_rate")
+                context.abort_with_status(
+                    retry_status(code_pb2.RESOURCE_EXHAUSTED, f"tenant {tenant!r} over its ingest rate",
+                                 max(1, math.ceil(wait * 1000)))
+                )  # fmt: skip
         self.metrics.inc(f"received_{signal}", decoded.received)
         if decoded.batch is not None:
             payload = decoded.batch.to_bytes()
             try:
                 self.spool.append(payload)
             except SpoolFull as exc:
-                self._refuse(context, signal, str(exc))
+                self._refuse(context, signal, str(exc), "spool_append")
             if self.recorder is not None:
                 try:
                     self.recorder.append(payload)
@@ -128,8 +166,9 @@ class OtlpReceiver:
         self.metrics.inc("requests", 1, signal, "OK")
         return self._response(signal, decoded)
 
-    def _refuse(self, context, signal: str, message: str) -> None:
+    def _refuse(self, context, signal: str, message: str, reason: str) -> None:
         self.metrics.inc("requests", 1, signal, "UNAVAILABLE")
+        self.metrics.inc("refused_requests", 1, reason)
         context.abort_with_status(retry_status(code_pb2.UNAVAILABLE, message, self.retry_after_ms))
 
     @staticmethod

@@ -22,6 +22,7 @@ start, so old segments are never appended to.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -31,13 +32,15 @@ from pathlib import Path
 
 from pipeline.selfmetrics import SelfMetrics
 
+log = logging.getLogger("telepipe.spool")
+
 RECORD_HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 _SUFFIX = ".seg"
 
 
 class SpoolFull(Exception):
-    """The spool is over its byte budget; retry later."""
+    """The spool cannot take this record now (over budget, disk full); retry later."""
 
 
 def segment_name(seq: int) -> str:
@@ -131,7 +134,7 @@ class Spool:
         self._sizes: dict[int, int] = {}
         last = self._recover()
         self._seq = last + 1  # never reuse a number, even of an empty segment
-        self._file = open(self.dir / segment_name(self._seq), "ab")
+        self._file = open(self.dir / segment_name(self._seq), "ab", buffering=0)
         self._offset = 0
         self._sizes[self._seq] = 0
         self._dirty = False
@@ -174,8 +177,13 @@ class Spool:
                 raise SpoolFull(f"spool over its budget of {self.budget_bytes} bytes")
             if self._offset and self._offset + len(record) > self.segment_bytes:
                 self._rotate()
-            self._file.write(record)
-            self._file.flush()
+            try:
+                self._write(record)
+            except OSError as exc:
+                # Disk full or an I/O error: cut the segment back to the last whole record, so
+                # the next append follows a good one, and refuse this one (the client retries).
+                self._truncate_to(self._offset)
+                raise SpoolFull(f"spool append failed: {exc.strerror or exc}") from exc
             if self.fsync == "always":
                 os.fdatasync(self._file.fileno())
             else:
@@ -185,12 +193,25 @@ class Spool:
             self.metrics.set_gauge("spool_bytes", self.total_bytes())
             return self._seq, self._offset
 
+    def _write(self, record: bytes) -> None:
+        view = memoryview(record)
+        while view:
+            written = self._file.write(view)
+            view = view[written:]
+
+    def _truncate_to(self, offset: int) -> None:
+        try:
+            self._file.truncate(offset)
+            self._file.seek(offset)
+        except OSError:
+            log.exception("spool: cannot cut %s back to %d bytes", self._file.name, offset)
+
     def _rotate(self) -> None:
         if self.fsync != "never":
             os.fdatasync(self._file.fileno())
         self._file.close()
         self._seq += 1
-        self._file = open(self.dir / segment_name(self._seq), "ab")
+        self._file = open(self.dir / segment_name(self._seq), "ab", buffering=0)
         self._offset = 0
         self._sizes[self._seq] = 0
 
@@ -244,7 +265,6 @@ class Spool:
             if self._closed:
                 return
             self._closed = True
-            self._file.flush()
             if self.fsync != "never":
                 os.fdatasync(self._file.fileno())
             self._file.close()

@@ -114,3 +114,30 @@ def test_cli_replay_output_is_byte_identical_across_runs_and_speeds(tmp_path):
                 "count", "errors", "p50", "p90", "p95", "p99", "max"}  # fmt: skip
     assert all(required <= set(x) and x["type"] == "window" for x in lines)
     assert {x["span_kind"] for x in lines} <= set(SPAN_KINDS)
+
+
+def test_a_flood_of_unique_span_names_is_capped_into_the_overflow_series(tmp_path):
+    import numpy as np
+
+    from bench.amplify import write_native
+    from pipeline.model import SpanBatch
+
+    n_batches, per = 100, 2000  # 200,000 spans, every one with its own name
+    batches = []
+    for k in range(n_batches):
+        names = tuple(f"GET /item/{k * per + i}" for i in range(per))
+        batches.append(SpanBatch(
+            services=("shop",), operations=names, instances=("pod",), service_idx=np.zeros(per, np.int32),
+            op_idx=np.arange(per, dtype=np.int32), instance_idx=np.zeros(per, np.int32), kind=np.full(per, 2, np.int8),
+            status=np.zeros(per, np.int8), end_ns=np.full(per, 1_700_000_000_000_000_000 + k * 10**8, np.int64),
+            duration_ns=np.full(per, 10**6, np.int64), trace_id=np.full(per, b"\x01" * 16, "S16"),
+            span_id=np.full(per, b"\x02" * 8, "S8"), parent_span_id=np.zeros(per, "S8"),
+        ))  # fmt: skip
+    write_native(batches, tmp_path / "flood")
+    cfg = Config(windows=WindowsConfig(max_operations_per_service=500))
+    got, metrics = run_replay([tmp_path / "flood"], cfg=cfg)
+    windows = [r for r in got if isinstance(r, WindowResult)]
+    assert sum(r.count for r in windows) == n_batches * per  # nothing lost
+    operations = {r.operation for r in windows}
+    assert len(operations) == 501 and "__overflow__" in operations
+    assert sum(r.count for r in windows if r.operation == "__overflow__") == n_batches * per - 500
