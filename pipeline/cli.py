@@ -11,8 +11,8 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
 NOT_BUILT_YET = (
-    "not built yet: Prometheus remote write, sink circuit breakers, dead-lettering of poison records, "
-    "gRPC keepalive/connection-age settings, multi-process scale-out (--processes)"
+    "not built yet: dead-lettering of poison records, gRPC keepalive/connection-age settings, "
+    "multi-process scale-out (--processes)"
 )
 
 
@@ -25,6 +25,7 @@ def _load(args) -> Config:
         spool={"data_dir": getattr(args, "data_dir", None)},
         loki={"url": getattr(args, "loki_url", None)},
         keda={"listen": getattr(args, "keda", None)},
+        remote_write={"url": getattr(args, "remote_write_url", None)},
         output={"emit_jsonl": getattr(args, "emit_jsonl", None), "record_dir": getattr(args, "record", None)},
     )
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--emit-jsonl", metavar="FILE", help="also write every window result as a JSON line")
     run.add_argument("--record", metavar="DIR", help="also write every accepted request to a native recording")
     run.add_argument("--keda", metavar="HOST:PORT", help="serve the KEDA external scaler here (default: off)")
+    run.add_argument("--remote-write-url", metavar="URL", help="Prometheus remote write URL (default: off)")
 
     rep = sub.add_parser("replay", help="run the dataflow over recordings and exit when they end")
     rep.add_argument("paths", nargs="+", metavar="PATH", help="OTLP/JSON lines (.jsonl[.zst|.gz]) or native recordings")

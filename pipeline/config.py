@@ -140,10 +140,14 @@ class LokiConfig:
     retry_min_ms: int = 500
     retry_max_ms: int = 300_000
     max_retries: int = 10
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"loki.url: must start with http:// or https://, got {self.url!r}")
+        _positive("loki.breaker_failures", self.breaker_failures)
+        _positive("loki.breaker_cooldown_s", self.breaker_cooldown_s)
         for key in ("batch_max_bytes", "batch_max_wait_ms", "max_line_bytes", "queue_max_batches",
                     "timeout_s", "retry_min_ms", "retry_max_ms"):  # fmt: skip
             _positive(f"loki.{key}", getattr(self, key))
@@ -274,6 +278,29 @@ class KedaConfig:
 
 
 @dataclass(frozen=True)
+class RemoteWriteConfig:
+    url: str = ""
+    batch_max_samples: int = 5000
+    batch_max_wait_ms: int = 1000
+    queue_max_batches: int = 64
+    stale_after_s: float = 600.0
+    timeout_s: float = 10.0
+    retry_min_ms: int = 500
+    retry_max_ms: int = 30_000
+    max_retries: int = 10
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"remote_write.url: must start with http:// or https://, got {self.url!r}")
+        for key in ("batch_max_samples", "batch_max_wait_ms", "queue_max_batches", "stale_after_s", "timeout_s",
+                    "retry_min_ms", "retry_max_ms", "breaker_failures", "breaker_cooldown_s"):  # fmt: skip
+            _positive(f"remote_write.{key}", getattr(self, key))
+        _positive("remote_write.max_retries", self.max_retries, zero_ok=True)
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Bearer tokens for OTLP clients (``authorization: Bearer <token>``); none set: no auth."""
 
@@ -365,6 +392,7 @@ class Config:
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     loki: LokiConfig = field(default_factory=LokiConfig)
+    remote_write: RemoteWriteConfig = field(default_factory=RemoteWriteConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     servicegraph: ServiceGraphConfig = field(default_factory=ServiceGraphConfig)

@@ -28,6 +28,7 @@ from pipeline.selfmetrics import SelfMetrics
 from sinks.jsonl import JsonlSink
 from sinks.keda import KedaScaler
 from sinks.loki import LokiClient, LokiSink
+from sinks.remote_write import RemoteWriteClient, RemoteWriteSink
 from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState, make_registry
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
 from sources.otlp_grpc import OtlpReceiver
@@ -98,6 +99,9 @@ class Daemon:
             outputs.file_sinks.append(JsonlSink(cfg.output.emit_jsonl))
         if self.loki is not None:
             outputs.loki_sinks.append(LokiSink(self.loki))
+        self.remote_write = RemoteWriteClient(cfg.remote_write, self.metrics) if cfg.remote_write.url else None
+        if self.remote_write is not None:
+            outputs.result_sinks.append(RemoteWriteSink(self.remote_write))
         rec = cfg.recovery
         self.recovery = None
         committed = None
@@ -146,6 +150,8 @@ class Daemon:
             self.shutdown()
             if self.loki is not None:
                 self.loki.close(timeout=10.0)
+            if self.remote_write is not None:
+                self.remote_write.close(timeout=10.0)
             self.spool.close()
             if self.recorder is not None:
                 self.recorder.close()

@@ -26,12 +26,12 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pipeline.config import ConfigError, LokiConfig
 from pipeline.model import LogBatch
 from pipeline.selfmetrics import SelfMetrics
+from sinks.delivery import MAX_ERROR_BODY_BYTES, CircuitBreaker, Delivery, RetryPolicy
 
 log = logging.getLogger("telepipe")
 
 PUSH_PATH = "/loki/api/v1/push"
 MAX_LABEL_VALUE_BYTES = 2048  # Loki's default validation limit
-MAX_ERROR_BODY_BYTES = 64 * 1024
 CLOSE_GRACE_S = 1.0  # close() waits this long for the sender after a timed-out flush
 UNKNOWN_SERVICE = "unknown_service"  # OTel's name for a missing service.name
 _STREAM_OVERHEAD = 64  # JSON bytes around one stream's labels and values
@@ -152,33 +152,6 @@ def _merge_sorted(groups: dict[tuple, list[list]]) -> list[dict]:
     return streams
 
 
-# --- retry policy -------------------------------------------------------------------
-
-
-class RetryPolicy:
-    """Which answers to retry, and how long to wait before try ``attempt + 1``."""
-
-    def __init__(self, min_ms: int, max_ms: int, rng: random.Random | None = None) -> None:
-        self.min_ms = min_ms
-        self.max_ms = max_ms
-        # Unseeded by default so that replicas do not retry in lockstep; tests inject a seeded one.
-        self.rng = rng or random.Random()
-
-    @staticmethod
-    def retryable(status: int | None) -> bool:
-        """None (connection error, timeout), 429 and 5xx are retried; anything else is permanent."""
-        return status is None or status == 429 or 500 <= status <= 599
-
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait after failed try ``attempt`` (0-based).
-
-        Uniform in [min, min * 2^attempt capped at max]: the floor keeps tries at
-        least ``min`` apart, the jitter spreads clients that failed together.
-        """
-        cap = min(self.max_ms, self.min_ms * 2 ** min(attempt, 62))
-        return self.rng.uniform(self.min_ms, cap) / 1000.0
-
-
 # --- client: bounded queue + one sender thread ------------------------------------
 
 
@@ -230,6 +203,10 @@ class LokiClient:
         if cfg.tenant:
             headers["X-Scope-OrgID"] = cfg.tenant
         self._http = httpx.Client(transport=transport, timeout=cfg.timeout_s, headers=headers)
+        self._delivery = Delivery(
+            "loki", self._http, self.url, self.policy, metrics, cfg.max_retries, self._sleep, self._stop,
+            CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s, clock),
+        )
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()
         self._inflight: _Request | None = None
@@ -363,44 +340,7 @@ class LokiClient:
                 self._cond.notify_all()
 
     def _deliver(self, req: _Request) -> None:
-        body = encode_push(req.streams)
-        attempt = 0
-        while True:
-            status, reason, detail = self._post(body)
-            if status is not None and 200 <= status < 300:
-                self.metrics.inc("sink_sent", req.lines, "loki")
-                return
-            self.metrics.inc("sink_errors", 1, "loki", reason)
-            if not self.policy.retryable(status):
-                # A 4xx may mean Loki kept part of the request; we cannot tell which lines.
-                self.metrics.dropped(f"loki_rejected_{status}", req.lines, detail=detail)
-                return
-            if attempt >= self.cfg.max_retries:
-                self.metrics.dropped("loki_retries_exhausted", req.lines, detail=f"{reason}: {detail}")
-                return
-            if not self._stop.is_set():
-                self._sleep(self.policy.backoff(attempt))
-            if self._stop.is_set():
-                self.metrics.dropped("loki_closed", req.lines, detail=f"retrying at close: {reason}")
-                return
-            attempt += 1
-
-    def _post(self, body: bytes) -> tuple[int | None, str, str]:
-        """(status or None, error reason label, capped response body or error text)."""
-        try:
-            with self._http.stream("POST", self.url, content=body) as resp:
-                if resp.is_success:
-                    return resp.status_code, "", ""
-                raw = bytearray()
-                for chunk in resp.iter_raw():
-                    raw += chunk[: MAX_ERROR_BODY_BYTES - len(raw)]
-                    if len(raw) >= MAX_ERROR_BODY_BYTES:
-                        break
-                return resp.status_code, f"http_{resp.status_code}", raw.decode(errors="replace").strip()
-        except httpx.TimeoutException as exc:
-            return None, "timeout", f"{type(exc).__name__}: {exc}"
-        except httpx.TransportError as exc:
-            return None, "connection", f"{type(exc).__name__}: {exc}"
+        self._delivery.deliver(encode_push(req.streams), req.lines)
 
 
 # --- bytewax sink -------------------------------------------------------------------
