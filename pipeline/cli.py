@@ -11,8 +11,7 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
 NOT_BUILT_YET = (
-    "not built yet: dead-lettering of poison records, gRPC keepalive/connection-age settings, "
-    "multi-process scale-out (--processes)"
+    "not built yet: gRPC keepalive/connection-age settings, multi-process scale-out (--processes)"
 )
 
 

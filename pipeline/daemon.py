@@ -116,7 +116,10 @@ class Daemon:
             {SHARD: self.spool}, stop=self.stop_event, committed=committed,
             keep_for=timedelta(seconds=rec.backup_interval_s),
         )  # fmt: skip
-        self.flow = build_flow(cfg, source, outputs, self.metrics, clock=clock, close_at_eof=not rec.enabled)
+        self.flow = build_flow(
+            cfg, source, outputs, self.metrics, clock=clock, close_at_eof=not rec.enabled,
+            dead_letter_dir=str(data_dir / "deadletter"),
+        )  # fmt: skip
         self._started = False
         self._shutdown_lock = threading.Lock()
 

@@ -14,7 +14,8 @@
 Stateful logic lives in plain classes (``pipeline/windows.py``); the bytewax
 steps here only wrap them. No step reads the wall clock: the idle timer uses
 the injected ``clock``, and replay turns idle closing off so that output depends
-on the recording alone.
+on the recording alone. Steps that touch input data run each item through
+``DeadLetters``: a poison record is set aside, not crash-looped on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bytewax.operators import StatefulLogic
 from bytewax.outputs import Sink
 
 from pipeline.config import Config
+from pipeline.deadletter import DeadLetters
 from pipeline.model import LateSpans, LogBatch, SpanBatch, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.anomaly import AlertEvent
@@ -62,9 +64,11 @@ class _ServiceStep(StatefulLogic[object, object, bytes]):
     """bytewax wrapper of ``ServiceState`` for one service."""
 
     def __init__(
-        self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, close_at_eof: bool, resume: bytes | None
-    ) -> None:
+        self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, close_at_eof: bool, dead: DeadLetters,
+        resume: bytes | None,
+    ) -> None:  # fmt: skip
         self.cfg, self.spec, self.clock, self.idle, self.close_at_eof = cfg, spec, clock, idle, close_at_eof
+        self.dead = dead
         self.state: ServiceState | None = None
         if resume is not None:  # restored after a restart: the idle timer starts over
             self.state = pickle.loads(resume)
@@ -73,7 +77,8 @@ class _ServiceStep(StatefulLogic[object, object, bytes]):
     def on_item(self, value):
         if self.state is None:
             self.state = ServiceState(self.cfg, self.spec, value.service)
-        return self.state.on_item(value, self.clock()), StatefulLogic.RETAIN
+        out = self.dead.run("service_state", self.state.on_item, value, self.clock())
+        return out or [], StatefulLogic.RETAIN
 
     def on_notify(self):
         return self.state.on_idle(self.clock()), StatefulLogic.RETAIN
@@ -93,7 +98,7 @@ class _ServiceStep(StatefulLogic[object, object, bytes]):
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _partials(spec: WindowSpec):
+def _partials(spec: WindowSpec, dead: DeadLetters):
     def split(item: SpanBatch | LogBatch | EdgePartial) -> list:
         if isinstance(item, SpanBatch):
             return [*preaggregate(item, spec), *instance_sets(item, spec)]
@@ -101,7 +106,7 @@ def _partials(spec: WindowSpec):
             return preaggregate_logs(item, spec, item.step)
         return [item]  # an EdgePartial is already an aggregate
 
-    return split
+    return lambda item: dead.run("preaggregate", split, item) or []
 
 
 def build_flow(
@@ -113,22 +118,24 @@ def build_flow(
     clock: Clock = time.time,
     idle_close: bool = True,
     close_at_eof: bool = True,
+    dead_letter_dir: str | None = None,
 ) -> Dataflow:
     spec = WindowSpec.from_config(cfg.windows, cfg.prometheus.buckets)
+    dead = DeadLetters(dead_letter_dir, metrics)
     flow = Dataflow("telepipe")
 
     # Read batches; the service-graph join runs in the reading partition, in read order,
     # and puts each span batch's cross-service calls (EdgePartial) right after it.
     sg = cfg.servicegraph
-    joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns)
+    joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns, dead)
     batches = op.input("read", flow, joined)
 
     # One small aggregate per (service, operation, kind, window) per batch, plus per-service
     # log counts and instance sets: the only per-span (and per-record) work, on numpy.
-    partials = op.flat_map("preaggregate", batches, _partials(spec))
+    partials = op.flat_map("preaggregate", batches, _partials(spec, dead))
     by_service = op.key_on("key_by_service", partials, lambda p: p.service)
     per_service = op.stateful(
-        "services", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, close_at_eof, resume)
+        "services", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, close_at_eof, dead, resume)
     )
     # Window results, late counts, anomaly and scaling updates and events, per service in order.
     results = op.key_rm("unkey", per_service)

@@ -104,12 +104,22 @@ class SpanBatch:
                 raise ValueError("truncated span batch")
             cols[name] = np.frombuffer(data, dtype=dt, count=n, offset=pos)
             pos += size
-        return SpanBatch(
+        batch = SpanBatch(
             services=tuple(head["s"]),
             operations=tuple(head["o"]),
             instances=tuple(head["i"]),
             **cols,
         )
+        batch.check()
+        return batch
+
+    def check(self) -> None:
+        """Raise ValueError unless every index points into its string table."""
+        for col, table in (("service_idx", self.services), ("op_idx", self.operations),
+                           ("instance_idx", self.instances)):  # fmt: skip
+            idx = getattr(self, col)
+            if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(table)):
+                raise ValueError(f"span batch: {col} outside its table of {len(table)}")
 
     @staticmethod
     def concat(batches: list[SpanBatch]) -> SpanBatch:

@@ -24,6 +24,7 @@ from datetime import datetime
 import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from pipeline.deadletter import DeadLetters
 from pipeline.model import SpanBatch
 
 GENERATION_NS = 10_000_000_000
@@ -124,9 +125,10 @@ class LinkJoiner:
 
 
 class _JoinedPartition(StatefulSourcePartition):
-    def __init__(self, inner: StatefulSourcePartition, joiner: LinkJoiner) -> None:
+    def __init__(self, inner: StatefulSourcePartition, joiner: LinkJoiner, dead: DeadLetters | None) -> None:
         self.inner = inner
         self.joiner = joiner
+        self.dead = dead
 
     def next_batch(self) -> list:
         items = self.inner.next_batch()
@@ -134,7 +136,10 @@ class _JoinedPartition(StatefulSourcePartition):
         for item in items:
             out.append(item)
             if isinstance(item, SpanBatch):
-                out.extend(self.joiner.process(item))
+                if self.dead is None:
+                    out.extend(self.joiner.process(item))
+                else:
+                    out.extend(self.dead.run("servicegraph", self.joiner.process, item) or [])
         return out
 
     def next_awake(self) -> datetime | None:
@@ -150,9 +155,13 @@ class _JoinedPartition(StatefulSourcePartition):
 class JoinedSource(FixedPartitionedSource):
     """Wraps a partitioned source of batches: each span batch is followed by its edges."""
 
-    def __init__(self, inner: FixedPartitionedSource, sample_one_in: int, ttl_ns: int, window_ns: int) -> None:
+    def __init__(
+        self, inner: FixedPartitionedSource, sample_one_in: int, ttl_ns: int, window_ns: int,
+        dead: DeadLetters | None = None,
+    ) -> None:  # fmt: skip
         self.inner = inner
         self.args = (sample_one_in, ttl_ns, window_ns)
+        self.dead = dead
 
     def list_parts(self) -> list[str]:
         return self.inner.list_parts()
@@ -160,4 +169,4 @@ class JoinedSource(FixedPartitionedSource):
     def build_part(self, step_id: str, for_part: str, resume_state):
         inner_state, joiner = resume_state if resume_state is not None else (None, None)
         inner = self.inner.build_part(step_id, for_part, inner_state)
-        return _JoinedPartition(inner, pickle.loads(joiner) if joiner else LinkJoiner(*self.args))
+        return _JoinedPartition(inner, pickle.loads(joiner) if joiner else LinkJoiner(*self.args), self.dead)

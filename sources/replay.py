@@ -65,7 +65,10 @@ def iter_batches(
                 while offset < size:
                     res = read_records(f, offset, size, 256, 16 * 1024 * 1024)
                     for payload in res.payloads:
-                        yield batch_from_bytes(payload)
+                        try:
+                            yield batch_from_bytes(payload)
+                        except ValueError as exc:
+                            metrics.dropped("recording_undecodable_record", 1, detail=f"{seg}: {exc}")
                     offset = res.offset
                     if res.corrupt:
                         metrics.dropped("recording_corrupt_record", 1, detail=f"{seg} at {offset}")

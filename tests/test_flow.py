@@ -141,3 +141,40 @@ def test_a_flood_of_unique_span_names_is_capped_into_the_overflow_series(tmp_pat
     operations = {r.operation for r in windows}
     assert len(operations) == 501 and "__overflow__" in operations
     assert sum(r.count for r in windows if r.operation == "__overflow__") == n_batches * per - 500
+
+
+def test_a_record_with_broken_indexes_is_skipped_and_counted(tmp_path):
+    import dataclasses
+
+    from bench.amplify import load, write_native
+    from pipeline.model import SpanBatch
+
+    batches = [b for b in load([ONLINEBOUTIQUE]) if isinstance(b, SpanBatch)]
+    broken = dataclasses.replace(batches[5], service_idx=batches[5].service_idx + 1000)  # no such service
+    write_native([*batches[:5], broken, *batches[5:]], tmp_path / "rec")
+    got, metrics = run_replay([tmp_path / "rec"])
+    assert sum(r.count for r in got if isinstance(r, WindowResult)) == 22969
+    assert metrics.counter("dropped", "recording_undecodable_record") == 1
+
+
+def test_an_item_that_makes_a_step_raise_is_dead_lettered(tmp_path):
+    import pickle
+
+    from pipeline.deadletter import DeadLetters
+
+    metrics = SelfMetrics()
+    dead = DeadLetters(tmp_path / "dead", metrics, tries=3)
+    calls = []
+
+    def flaky(item):
+        calls.append(item)
+        if len(calls) < 3:
+            raise MemoryError("transient")
+        return [item * 2]
+
+    assert dead.run("step", flaky, 21) == [42]  # passed on its third try
+    assert dead.run("step", lambda item: 1 / 0, "poison") is None
+    assert metrics.counter("dropped", "dead_letter") == 1
+    (saved,) = list((tmp_path / "dead").glob("*.pkl"))
+    doc = pickle.loads(saved.read_bytes())
+    assert doc["step"] == "step" and doc["item"] == "poison" and "ZeroDivisionError" in doc["error"]
