@@ -10,9 +10,7 @@ import sys
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
-NOT_BUILT_YET = (
-    "not built yet: gRPC keepalive/connection-age settings, multi-process scale-out (--processes)"
-)
+NOT_BUILT_YET = "not built yet: multi-process scale-out (--processes)"
 
 
 def _load(args) -> Config:

@@ -46,9 +46,18 @@ class OtlpConfig:
     server_threads: int = 8
     max_log_attributes: int = 16
     max_attribute_value_bytes: int = 4096
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_ping_interval_s: float = 10.0
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         _host_port("otlp.grpc_listen", self.grpc_listen)
+        for key in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s"):
+            _positive(f"otlp.{key}", getattr(self, key))
+        _positive("otlp.max_connection_age_s", self.max_connection_age_s, zero_ok=True)
+        _positive("otlp.max_connection_age_grace_s", self.max_connection_age_grace_s, zero_ok=True)
         if not 1024 <= self.max_message_bytes <= 64 * MiB:
             raise ConfigError(
                 f"otlp.max_message_bytes: allowed 1024..{64 * MiB} (64 MiB), "

@@ -37,7 +37,7 @@ class Decoded:
     batch: SpanBatch | LogBatch | None  # None when no item was valid (or the request was empty)
     received: int
     rejected: int
-    message: str  # why items were rejected ('' when none were)
+    message: str  # why items were rejected, or warnings about kept ones ('' when neither)
 
 
 @dataclass(frozen=True)
@@ -280,13 +280,16 @@ class _LogColumns:
         self.limits = limits
         self.n = 0
         self.reasons: Counter[str] = Counter()
+        self.warnings: Counter[str] = Counter()  # kept, but not whole: told to the client, count 0
         self.time: list[int] = []
         self.severity: list[int] = []
         self.cols: dict[str, list] = {k: [] for k in ("st", "b", "t", "sp", "s", "i", "a")}
 
-    def add(self, service, instance, time_ns, observed_ns, sev, sev_text, body, tid, sid, attrs):
-        """attrs: iterable of (key, python value); ids as bytes."""
+    def add(self, service, instance, time_ns, observed_ns, sev, sev_text, body, tid, sid, attrs, n_attrs):
+        """attrs: iterable of (key, python value), ``n_attrs`` of them; ids as bytes."""
         self.n += 1
+        if n_attrs > self.limits.max_log_attributes:
+            self.warnings[f"log records with more than {self.limits.max_log_attributes} attributes (the rest dropped)"] += 1
         if len(tid) not in (0, 16) or len(sid) not in (0, 8):
             self.reasons["log records with trace_id/span_id of the wrong length"] += 1
             return
@@ -313,7 +316,7 @@ class _LogColumns:
 
     def finish(self) -> Decoded:
         rejected = self.n - len(self.time)
-        msg = _reason_message(self.reasons)
+        msg = _reason_message(self.reasons + self.warnings)
         if not self.time:
             return Decoded(None, self.n, rejected, msg)
         c = self.cols
@@ -348,7 +351,7 @@ def decode_logs(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
                     cols.add(
                         service, instance, r.time_unix_nano, r.observed_time_unix_nano,
                         r.severity_number, r.severity_text, anyvalue_to_python(r.body),
-                        r.trace_id, r.span_id, attrs,
+                        r.trace_id, r.span_id, attrs, len(r.attributes),
                     )  # fmt: skip
     except RecursionError as exc:
         raise MalformedRequest("AnyValue nested too deeply") from exc
@@ -371,7 +374,7 @@ def decode_logs_json(obj: dict, limits: DecodeLimits = DecodeLimits()) -> Decode
                         service, instance, int(r.get("timeUnixNano") or 0),
                         int(r.get("observedTimeUnixNano") or 0), int(r.get("severityNumber") or 0),
                         r.get("severityText", ""), _json_anyvalue_to_python(r.get("body")),
-                        _hex(r.get("traceId")), _hex(r.get("spanId")), attrs,
+                        _hex(r.get("traceId")), _hex(r.get("spanId")), attrs, len(r.get("attributes") or ()),
                     )  # fmt: skip
     except (AttributeError, TypeError, ValueError) as exc:
         raise MalformedRequest(f"malformed OTLP/JSON log request: {exc}") from exc

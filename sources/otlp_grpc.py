@@ -53,6 +53,25 @@ def retry_status(code: int, message: str, retry_ms: int) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
 
 
+def grpc_options(cfg: OtlpConfig) -> list[tuple[str, int]]:
+    """Server options: message size limit, keepalive enforcement, connection age."""
+    ms = lambda s: int(s * 1000)  # noqa: E731
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", ms(cfg.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(cfg.keepalive_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(cfg.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if cfg.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", ms(cfg.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(cfg.max_connection_age_grace_s)),
+        ]
+    return options
+
+
 class OtlpReceiver:
     """The gRPC server. ``recorder`` (optional) receives a copy of every accepted batch."""
 
@@ -80,10 +99,7 @@ class OtlpReceiver:
         self.limits = DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server_threads, thread_name_prefix="otlp"),
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=grpc_options(cfg),
         )
         raw = dict(request_deserializer=None, response_serializer=None)
         self.server.add_generic_rpc_handlers(
@@ -173,14 +189,16 @@ class OtlpReceiver:
 
     @staticmethod
     def _response(signal: str, decoded: Decoded) -> bytes:
+        # Full success: no partial_success. Rejected items: their count and why. Warnings only
+        # (items kept but cut down): count 0 and a message.
         if signal == "spans":
             resp = trace_service_pb2.ExportTraceServiceResponse()
-            if decoded.rejected:
+            if decoded.rejected or decoded.message:
                 resp.partial_success.rejected_spans = decoded.rejected
                 resp.partial_success.error_message = decoded.message
         else:
             resp = logs_service_pb2.ExportLogsServiceResponse()
-            if decoded.rejected:
+            if decoded.rejected or decoded.message:
                 resp.partial_success.rejected_log_records = decoded.rejected
                 resp.partial_success.error_message = decoded.message
         return resp.SerializeToString()

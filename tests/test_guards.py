@@ -196,3 +196,26 @@ def test_decode_never_crashes_on_mutated_requests(noise, at):
         decode_traces(mutated)
     except MalformedRequest:
         pass
+
+
+def test_max_connection_age_closes_connections_and_clients_carry_on(tmp_path):
+    metrics = SelfMetrics()
+    spool = Spool(tmp_path / "spool", fsync="never", metrics=metrics)
+    cfg = OtlpConfig(grpc_listen=f"127.0.0.1:{free_port()}", max_connection_age_s=0.3, max_connection_age_grace_s=0.2)
+    rx = OtlpReceiver(cfg, spool, metrics)
+    rx.start()
+    states = []
+    ch = grpc.insecure_channel(cfg.grpc_listen)
+    ch.subscribe(lambda s: states.append(s), try_to_connect=True)
+    try:
+        import time
+
+        for _ in range(8):
+            call(ch, TRACES, trace_request([{}]))
+            time.sleep(0.15)
+        assert sum(len(b) for b in spooled(spool)) == 8
+        assert states.count(grpc.ChannelConnectivity.READY) >= 2  # the server closed it, the client reconnected
+    finally:
+        ch.close()
+        rx.stop(0)
+        spool.close()

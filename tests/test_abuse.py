@@ -1,0 +1,77 @@
+"""Abuse against a running daemon: a 2 GiB gzip bomb and a million attributes; a good client is
+served meanwhile and the daemon's memory does not grow."""
+
+import threading
+
+import grpc
+import psutil
+import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
+
+from .test_decode import trace_request
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+LOGS = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
+
+
+def _varint(n):
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def test_2gib_gzip_bomb_is_refused_without_inflating(daemon_factory):
+    d = daemon_factory()
+    proc = psutil.Process(d.proc.pid)
+    before = proc.memory_info().rss
+    inner = bytes(2**31 - 64)
+    bomb = b"\x0a" + _varint(len(inner)) + inner
+    del inner
+    good = []
+
+    def good_client():
+        with grpc.insecure_channel(d.grpc_target) as ch:
+            export = ch.unary_unary(TRACES, request_serializer=None, response_deserializer=None)
+            for _ in range(20):
+                export(trace_request([{}] * 10), timeout=10)
+                good.append(1)
+
+    with grpc.insecure_channel(d.grpc_target, options=[("grpc.max_send_message_length", -1)]) as ch:
+        export = ch.unary_unary(TRACES, request_serializer=None, response_deserializer=None)
+        t = threading.Thread(target=good_client)
+        t.start()
+        with pytest.raises(grpc.RpcError) as err:
+            export(bomb, timeout=120, compression=grpc.Compression.Gzip)
+        t.join(60)
+    del bomb
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(good) == 20
+    growth = proc.memory_info().rss - before
+    assert growth < 50 * 2**20, growth / 2**20
+
+
+def test_a_million_attributes_are_capped_with_a_warning(daemon_factory):
+    d = daemon_factory("[otlp]\nmax_message_bytes = 67108864\nmax_log_attributes = 8\n")
+    req = ExportLogsServiceRequest()
+    lr = req.resource_logs.add().scope_logs.add().log_records.add()
+    lr.time_unix_nano = 1_700_000_000_000_000_000
+    lr.body.string_value = "many attributes"
+    for i in range(1_000_000):
+        kv = lr.attributes.add()
+        kv.key = f"k{i}"
+        kv.value.string_value = "v"
+    body = req.SerializeToString()
+    with grpc.insecure_channel(d.grpc_target, options=[("grpc.max_send_message_length", -1)]) as ch:
+        export = ch.unary_unary(LOGS, request_serializer=None, response_deserializer=None)
+        resp = ExportLogsServiceResponse.FromString(export(body, timeout=60))
+    assert resp.partial_success.rejected_log_records == 0
+    assert "more than 8 attributes" in resp.partial_success.error_message
+    assert 'telepipe_accepted_logs_total 1.0' in d.metrics_text()
