@@ -51,6 +51,7 @@ class OtlpConfig:
     min_ping_interval_s: float = 10.0
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 30.0
+    shutdown_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         _host_port("otlp.grpc_listen", self.grpc_listen)
@@ -58,6 +59,7 @@ class OtlpConfig:
             _positive(f"otlp.{key}", getattr(self, key))
         _positive("otlp.max_connection_age_s", self.max_connection_age_s, zero_ok=True)
         _positive("otlp.max_connection_age_grace_s", self.max_connection_age_grace_s, zero_ok=True)
+        _positive("otlp.shutdown_grace_s", self.shutdown_grace_s, zero_ok=True)
         if not 1024 <= self.max_message_bytes <= 64 * MiB:
             raise ConfigError(
                 f"otlp.max_message_bytes: allowed 1024..{64 * MiB} (64 MiB), "
@@ -151,10 +153,12 @@ class LokiConfig:
     max_retries: int = 10
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
+    max_streams: int = 1000
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"loki.url: must start with http:// or https://, got {self.url!r}")
+        _positive("loki.max_streams", self.max_streams)
         _positive("loki.breaker_failures", self.breaker_failures)
         _positive("loki.breaker_cooldown_s", self.breaker_cooldown_s)
         for key in ("batch_max_bytes", "batch_max_wait_ms", "max_line_bytes", "queue_max_batches",

@@ -163,12 +163,12 @@ class Daemon:
             self.http.stop()
             log.info("telepipe stopped")
 
-    def shutdown(self, grace: float = 5.0) -> None:
+    def shutdown(self) -> None:
         """Stop accepting, then let the source drain and end the flow."""
         with self._shutdown_lock:
             if self.stop_event.is_set():
                 return
-            self.receiver.stop(grace)
+            self.receiver.stop(self.cfg.otlp.shutdown_grace_s)
             self.stop_event.set()
 
 

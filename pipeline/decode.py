@@ -302,7 +302,11 @@ class _LogColumns:
         for key, val in attrs:
             if len(kept) >= self.limits.max_log_attributes:
                 break
-            kept[key] = render_value(val)[:limit]
+            text = render_value(val)
+            if len(text) > limit:
+                self.warnings[f"log attribute values longer than {limit} characters (cut)"] += 1
+                text = text[:limit]
+            kept[key] = text
         self.time.append(t)
         self.severity.append(max(0, min(int(sev), 24)))
         c = self.cols

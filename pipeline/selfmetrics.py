@@ -30,6 +30,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "windows_closed": ("Event-time windows closed", ()),
     "sink_errors": ("Sink request failures, by sink and reason", ("sink", "reason")),
     "sink_sent": ("Items delivered by sinks", ("sink",)),
+    "sink_overflow_lines": ("Lines sent under an overflow label set (stream limit reached)", ("sink",)),
     "dropped": ("Items dropped, by reason (every drop is counted here)", ("reason",)),
 }
 GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -208,6 +208,7 @@ class LokiClient:
             CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s, clock),
         )
         self._cond = threading.Condition()
+        self._streams: set[tuple] = set()  # label sets seen, for the stream limit
         self._pending: deque[_Request] = deque()
         self._inflight: _Request | None = None
         self._seq = 0
@@ -235,7 +236,7 @@ class LokiClient:
                 self.metrics.dropped("loki_closed", lines, detail="push after close")
                 return
             for stream in streams:
-                key = tuple(sorted(stream["stream"].items()))
+                key = self._stream_key(stream["stream"], len(stream["values"]))
                 for value in stream["values"]:
                     size = len(orjson.dumps(value)) + 1
                     if self._open_lines and self._open_bytes + size > self.cfg.batch_max_bytes:
@@ -248,6 +249,20 @@ class LokiClient:
                     self._open_lines += 1
                     self._open_bytes += size
             self._cond.notify_all()
+
+    def _stream_key(self, labels: dict, lines: int) -> tuple:
+        """Label set of a stream; past ``max_streams`` distinct sets, new ones share an overflow
+        stream (service "__overflow__"), counted in ``sink_overflow_lines``."""
+        key = tuple(sorted(labels.items()))
+        if key in self._streams:
+            return key
+        if len(self._streams) < self.cfg.max_streams:
+            self._streams.add(key)
+            return key
+        self.metrics.inc("sink_overflow_lines", lines, "loki")  # kept; only their labels change
+        overflow = tuple(sorted({**labels, "service": "__overflow__"}.items()))
+        self._streams.add(overflow)
+        return overflow
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything pushed so far is sent or dropped; False on timeout."""

@@ -75,3 +75,30 @@ def test_a_million_attributes_are_capped_with_a_warning(daemon_factory):
     assert resp.partial_success.rejected_log_records == 0
     assert "more than 8 attributes" in resp.partial_success.error_message
     assert 'telepipe_accepted_logs_total 1.0' in d.metrics_text()
+
+
+def test_a_million_unique_span_names_keep_series_and_memory_bounded(daemon_factory):
+    d = daemon_factory("[windows]\nmax_operations_per_service = 200\nidle_timeout_s = 1.0\n")
+    proc = psutil.Process(d.proc.pid)
+    import time
+
+    base = (time.time_ns() // 10**10 - 30) * 10**10
+    rss = []
+    with grpc.insecure_channel(d.grpc_target) as ch:
+        export = ch.unary_unary(TRACES, request_serializer=None, response_deserializer=None)
+        for k in range(2000):  # 2,000 requests x 500 spans, every span name different
+            spans = [{"name": f"GET /user/{k * 500 + i}", "start": base + k * 10**7, "end": base + k * 10**7 + 10**6,
+                      "span_id": (k * 500 + i + 1).to_bytes(8, "big")} for i in range(500)]  # fmt: skip
+            export(trace_request(spans), timeout=30)
+            if k % 250 == 0:
+                rss.append(proc.memory_info().rss)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "telepipe_processed_spans_total 1e+06" not in d.metrics_text():
+        time.sleep(1)
+    text = d.metrics_text()
+    assert "telepipe_processed_spans_total 1e+06" in text
+    names = {line.split('span_name="')[1].split('"')[0] for line in text.splitlines()
+             if line.startswith("telepipe_calls_total{")}  # fmt: skip
+    assert len(names) == 201 and "__overflow__" in names
+    assert "telepipe_overflow_spans_total 999800.0" in text
+    assert max(rss) - rss[1] < 100 * 2**20, [r / 2**20 for r in rss]  # flat after warm-up

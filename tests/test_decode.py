@@ -187,3 +187,21 @@ def test_trainticket_logs_decode():
                 logs += len(d.batch)
                 assert all(len(t) in (0, 32) for t in d.batch.trace_id)
     assert logs == 2489
+
+
+def test_long_attribute_values_are_cut_with_a_warning():
+    from pipeline.decode import DecodeLimits
+
+    d = decode_logs(log_request([{"attrs": {"big": "x" * 10_000, "small": "y"}}]), DecodeLimits(16, 100))
+    assert d.rejected == 0 and d.batch.attributes[0] == {"big": "x" * 100, "small": "y"}
+    assert "longer than 100 characters" in d.message
+
+
+def test_protobuf_backend_is_upb_and_checked_at_startup(monkeypatch):
+    from pipeline import daemon
+
+    assert daemon.protobuf_backend() == "upb"
+    daemon.check_protobuf_backend()
+    monkeypatch.setattr(daemon, "protobuf_backend", lambda: "python")
+    with pytest.raises(RuntimeError, match="needs 'upb'"):
+        daemon.check_protobuf_backend()

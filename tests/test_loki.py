@@ -442,3 +442,16 @@ def test_bytewax_sink_delivers_and_closes_client(server):
     assert len(clients) == 1
     assert server.lines() == [f"line {i}" for i in range(5)]
     assert not clients[0]._thread.is_alive()
+
+
+def test_stream_limit_sends_further_label_sets_to_the_overflow_stream(server):
+    metrics = SelfMetrics()
+    client = make_client(server, metrics, max_streams=2)
+    for service in ("a", "b", "c", "d"):
+        client.push(make_batch([{"t": 1_700_000_000_000_000_000, "service": service, "body": f"from {service}"}]))
+    assert client.flush(5)
+    client.close(5)
+    labels = {st["stream"]["service"] for doc in server.accepted for st in doc["streams"]}
+    assert labels == {"a", "b", "__overflow__"}
+    assert sorted(server.lines()) == ["from a", "from b", "from c", "from d"]
+    assert metrics.counter("sink_overflow_lines", "loki") == 2
