@@ -189,3 +189,14 @@ def test_bad_clients_do_not_disturb_a_good_one(receiver):
 
 def _port(receiver):
     return receiver[0].port
+
+
+def test_nesting_bomb_is_invalid_argument_from_our_decode(receiver):
+    from .test_decode import nested_log_request
+
+    _, spool, _, ch = receiver
+    for depth in (40, 200):  # ours refuses past 32 levels; upb refuses ~100+
+        with pytest.raises(grpc.RpcError) as err:
+            call(ch, LOGS, nested_log_request(depth))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert spooled(spool) == []
