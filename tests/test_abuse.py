@@ -12,20 +12,12 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
 )
 
 from .test_decode import trace_request
+from .test_receiver import _varint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 LOGS = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
-
-
-def _varint(n):
-    out = b""
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out += bytes([b | (0x80 if n else 0)])
-        if not n:
-            return out
 
 
 def test_2gib_gzip_bomb_is_refused_without_inflating(daemon_factory):
