@@ -112,6 +112,8 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
             return self._nothing(active_seq, active_off)
         res = read_records(self._open(), self.offset, limit, MAX_RECORDS_PER_BATCH, MAX_BYTES_PER_BATCH)
         self.offset = res.offset
+        unread = limit - self.offset + sum(self.spool.size_of(s) for s in self.spool.segments() if s > self.seq)
+        self.spool.metrics.set_gauge("spool_unread_bytes", unread)
         if res.corrupt:
             self.spool.metrics.dropped(
                 "spool_corrupt_record", 1, detail=f"segment {self.seq} at {self.offset}: rest of segment skipped"
@@ -127,6 +129,7 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         return self.steps.stamp(coalesce(out))
 
     def _nothing(self, active_seq: int, active_off: int) -> list:
+        self.spool.metrics.set_gauge("spool_unread_bytes", 0)
         if self.stop.is_set() and self.seq >= active_seq and self.offset >= active_off:
             raise StopIteration()
         self._idle = True

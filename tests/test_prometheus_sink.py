@@ -64,7 +64,7 @@ def test_families_and_exposition_rules():
     assert registry.get_sample_value("telepipe_windows_closed_total") == 2
     names = {f.name for f in text_string_to_metric_families(text)}
     for family in ("telepipe_received_spans", "telepipe_accepted_spans", "telepipe_rejected_spans",
-                   "telepipe_received_logs", "telepipe_spool_bytes", "telepipe_late_spans",
+                   "telepipe_received_logs", "telepipe_spool_bytes", "telepipe_spool_unread_bytes", "telepipe_late_spans",
                    "telepipe_pipeline_lag_seconds", "telepipe_sink_errors", "telepipe_dropped"):  # fmt: skip
         assert family in names, family
 
