@@ -34,8 +34,11 @@ prometheus:
 test: venv-test prometheus
 	$(PY) -m pytest -q $(ARGS)
 
+# Benchmarks print tables (and bench/out/anomaly_eval.png); see README for each one's figures.
 bench: venv-test
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench.replay_bench
+	$(PY) -m bench.anomaly_eval --hours 2
 
 clean:
 	rm -rf $(VENV) .telepipe .pytest_cache
