@@ -1,0 +1,50 @@
+"""The Python ceiling on this machine: decode + extract + per-key sketch update, nothing else.
+
+    .venv/bin/python -m bench.ceiling [--seconds 5]
+
+Runs, on one core and in one thread, the loop every span must go through at least:
+protobuf parse (upb) of the same pre-serialized requests ``bench/load`` sends,
+column extraction and validation (``pipeline.decode.decode_traces``), and the
+numpy pre-aggregation into per-(key, window) sketches and histograms
+(``pipeline.windows.preaggregate``). Prints spans/s for 512- and 64-span
+requests. Other benchmarks report telepipe's throughput as a ratio of this, so
+the figure holds on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.load import Template, operation_mix
+from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
+from pipeline.decode import decode_traces
+from pipeline.windows import WindowSpec, preaggregate
+
+
+def ceiling(spans: int, seconds: float) -> float:
+    mix = operation_mix()
+    bodies = [Template(spans, seed, mix).at(time.time_ns()) for seed in range(8)]
+    spec = WindowSpec.from_config(WindowsConfig(), DEFAULT_BUCKETS)
+    done = 0
+    t0 = time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < seconds:
+        batch = decode_traces(bodies[i % len(bodies)]).batch
+        preaggregate(batch, spec)
+        done += len(batch)
+        i += 1
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    print(f"{'spans/request':>13} {'ceiling spans/s':>16}")
+    for spans in (512, 64):
+        print(f"{spans:>13} {ceiling(spans, args.seconds):>16,.0f}")
+
+
+if __name__ == "__main__":
+    main()
