@@ -11,6 +11,7 @@ Both wire forms fill the same column builders, so validation is written once.
 from __future__ import annotations
 
 import base64
+import operator
 from collections import Counter
 from dataclasses import dataclass
 
@@ -92,7 +93,9 @@ class _SpanColumns:
             reasons["spans with end_time before start_time"] = int(n - time_ok.sum())
             reasons = Counter({k: v for k, v in reasons.items() if v})
         ops = self.operations
-        op_idx = np.fromiter((ops.setdefault(x, len(ops)) for x in names), np.int32, n)
+        for name in dict.fromkeys(names):  # the distinct names, in order (C speed)
+            ops.setdefault(name, len(ops))
+        op_idx = np.fromiter(map(ops.__getitem__, names), np.int32, n)
         cols = {
             "service_idx": np.array(self.service_idx, dtype=np.int32),
             "op_idx": op_idx,
@@ -145,6 +148,14 @@ def _resource_ids(attributes) -> tuple[str, str]:
     return service, instance
 
 
+# The fields telepipe keeps, read in C (attrgetter) rather than one Python attribute access at a
+# time: measured 1.18 vs 1.62 us per span on bench/load payloads (bench/ceiling).
+_SPAN_FIELDS = operator.attrgetter(
+    "name", "start_time_unix_nano", "end_time_unix_nano", "kind", "status.code", "trace_id", "span_id",
+    "parent_span_id",
+)  # fmt: skip
+
+
 def decode_traces(data: bytes) -> Decoded:
     """ExportTraceServiceRequest bytes -> SpanBatch of the valid spans."""
     req = ExportTraceServiceRequest()
@@ -157,21 +168,7 @@ def decode_traces(data: bytes) -> Decoded:
         service, instance = _resource_ids(rs.resource.attributes)
         rows = []
         for ss in rs.scope_spans:
-            rows.extend(
-                [
-                    (
-                        s.name,
-                        s.start_time_unix_nano,
-                        s.end_time_unix_nano,
-                        s.kind,
-                        s.status.code,
-                        s.trace_id,
-                        s.span_id,
-                        s.parent_span_id,
-                    )
-                    for s in ss.spans
-                ]
-            )
+            rows.extend(map(_SPAN_FIELDS, ss.spans))
         cols.add_resource(service, instance, rows)
     return cols.finish()
 
