@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import struct
 import threading
 import time
@@ -141,7 +140,7 @@ def _retry_delay(err: grpc.RpcError) -> float | None:
     return 0.5 if err.code() == grpc.StatusCode.UNAVAILABLE else None
 
 
-def _worker(target: str, templates: list[Template], duration: float, rate: float, out, seed: int) -> None:
+def _worker(target: str, templates: list[Template], duration: float, rate: float, out) -> None:
     """One process: ``concurrency`` threads, each sending at ``rate`` spans/s (0: as fast as it can)."""
     stats = Counter()
     lock = threading.Lock()
@@ -199,7 +198,7 @@ def run_load(target: str, spans: int, concurrency: int, processes: int, duration
     t0 = time.monotonic()
     procs = [
         mp.Process(target=_worker, args=(target, templates, duration, per_thread,
-                                          {"queue": queue, "concurrency": concurrency}, p))  # fmt: skip
+                                          {"queue": queue, "concurrency": concurrency}))  # fmt: skip
         for p in range(processes)
     ]
     for p in procs:
@@ -240,5 +239,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     main()

@@ -150,9 +150,6 @@ class SpanBatch:
             **{name: np.concatenate(parts) for name, parts in cols.items()},
         )
 
-    def first_end_ns(self) -> int:
-        return int(self.end_ns.min()) if len(self) else 0
-
     def last_end_ns(self) -> int:
         return int(self.end_ns.max()) if len(self) else 0
 
@@ -268,22 +265,6 @@ def batch_from_bytes(data: bytes | memoryview) -> SpanBatch | LogBatch:
     if magic == _MAGIC_LOGS:
         return LogBatch.from_bytes(data)
     raise ValueError(f"unknown batch type {magic!r}")
-
-
-@dataclass(frozen=True)
-class WindowKey:
-    service: str
-    operation: str
-    span_kind: int
-
-    def as_str(self) -> str:
-        """The bytewax state key (unit separator between fields)."""
-        return f"{self.service}\x1f{self.operation}\x1f{self.span_kind}"
-
-    @staticmethod
-    def from_str(key: str) -> WindowKey:
-        service, operation, kind = key.split("\x1f")
-        return WindowKey(service, operation, int(kind))
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,19 @@ Three plain, picklable pieces (no bytewax here; ``pipeline/flow.py`` wraps them)
   only per-span work, done on numpy arrays.
 - ``CardinalityLimiter`` (state per service): operations over the per-service
   limit are folded into one overflow operation, so series stay bounded.
-- ``KeyWindows`` (state per key): merges partials into open windows; a window
-  closes when the watermark passes ``window_end + allowed_lateness``, when the
-  key has been idle for ``idle_timeout`` on the injected clock, or at end of
-  input. Spans for a window that already closed are counted as late, never
-  merged silently.
+- ``ServiceWindows`` (state per service): merges partials, log counts, instance
+  sets and service-graph calls into open windows; all of a service's windows for
+  a time range close together when its watermark passes ``window_end +
+  allowed_lateness``, when it has been idle for ``idle_timeout`` on the injected
+  clock, or at end of input. Spans for a window that already closed are counted
+  as late, never merged silently.
 
-A key's watermark is the newest span end time of that key, taken into account
-only once the source step that carried it is over (each batch carries its
-step, ``SpanBatch.step``). So every partial of one step is merged before
-anything that step contains can close a window; sources cut their input into
-fixed steps, so what closes when depends on the input alone, not on timing.
-Per-key watermarks keep a service whose clock runs behind from having its
+A service's watermark is its newest event time, taken into account only once
+the source step that carried it is over (each batch carries its step,
+``SpanBatch.step``). So every partial of one step is merged before anything
+that step contains can close a window; sources cut their input into fixed
+steps, so what closes when depends on the input alone, not on timing.
+Per-service watermarks keep a service whose clock runs behind from having its
 spans judged late by other services' clocks.
 """
 
@@ -93,8 +94,6 @@ class Partial:
     def count(self) -> int:
         return int(self.status_counts.sum())
 
-    def key(self) -> str:
-        return f"{self.service}\x1f{self.operation}\x1f{self.span_kind}"
 
 
 def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:

@@ -218,15 +218,6 @@ class SeriesState:
             entry = self._scaling.get(service)
             return None if entry is None else (entry[0].desired, entry[0].call_rate)
 
-    def scaling_services(self) -> list[str]:
-        with self._lock:
-            return sorted(self._scaling)
-
-    def calls(self, service: str, operation: str) -> int:
-        """Total calls of one operation over all kinds and statuses (tests, CLI)."""
-        with self._lock:
-            return sum(s.calls for k, s in self._series.items() if k[0] == service and k[1] == operation)
-
 
 def _fmt(v: float) -> str:
     return repr(float(v))

@@ -103,7 +103,8 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         if self.committed is not None:
             self._retire_committed()
         active_seq, active_off = self.spool.committed()
-        if self.seq not in self.spool.segments() and not self._advance():
+        segments = self.spool.segments()
+        if self.seq not in segments and not self._advance():
             return self._nothing(active_seq, active_off)
         limit = active_off if self.seq == active_seq else self.spool.size_of(self.seq)
         if self.offset >= limit:
@@ -112,7 +113,7 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
             return self._nothing(active_seq, active_off)
         res = read_records(self._open(), self.offset, limit, MAX_RECORDS_PER_BATCH, MAX_BYTES_PER_BATCH)
         self.offset = res.offset
-        unread = limit - self.offset + sum(self.spool.size_of(s) for s in self.spool.segments() if s > self.seq)
+        unread = limit - self.offset + sum(self.spool.size_of(s) for s in segments if s > self.seq)
         self.spool.metrics.set_gauge("spool_unread_bytes", unread)
         if res.corrupt:
             self.spool.metrics.dropped(
