@@ -19,9 +19,9 @@ import numpy as np
 import orjson
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from pipeline.model import LogBatch, SpanBatch
+from pipeline.span_schema import TraceRequestSubset
 
 UNKNOWN_SERVICE = "unknown_service"
 MAX_ANYVALUE_DEPTH = 32
@@ -157,8 +157,11 @@ _SPAN_FIELDS = operator.attrgetter(
 
 
 def decode_traces(data: bytes) -> Decoded:
-    """ExportTraceServiceRequest bytes -> SpanBatch of the valid spans."""
-    req = ExportTraceServiceRequest()
+    """ExportTraceServiceRequest bytes -> SpanBatch of the valid spans.
+
+    Parsed with the subset schema of the fields telepipe reads (``pipeline/span_schema.py``).
+    """
+    req = TraceRequestSubset()
     try:
         req.ParseFromString(data)
     except (DecodeError, RecursionError) as exc:

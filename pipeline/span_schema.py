@@ -1,0 +1,63 @@
+"""The part of OTLP's trace schema telepipe reads, as a protobuf message class.
+
+Span metrics need a span's ids, name, kind, times and status code, and the
+resource's ``service.name`` / ``service.instance.id``; nothing else. Parsing a
+request with this schema (same field numbers as ``ExportTraceServiceRequest``)
+lets upb skip everything else as unknown fields without building Python-visible
+sub-messages: span attributes, events, links, scopes. On ``bench/load`` payloads
+(10 attributes per span) the parse took 0.19 instead of 0.72 us per span
+(``python -m bench.ceiling`` prints both).
+
+What is skipped is still walked by the parser (lengths and wire types are
+checked, so truncated or garbled requests are rejected), but strings inside it
+are not UTF-8-checked: telepipe never reads them. Logs keep the full schema.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_F = descriptor_pb2.FieldDescriptorProto
+_PACKAGE = "telepipe.otlp_subset"
+
+# message -> [(field, number, type, repeated, message type)]; numbers and wire types as in
+# opentelemetry/proto/{trace,resource,common}/v1 (enums are int32 on the wire).
+_MESSAGES = {
+    "AnyValue": [("string_value", 1, _F.TYPE_STRING, False, None)],
+    "KeyValue": [("key", 1, _F.TYPE_STRING, False, None), ("value", 2, _F.TYPE_MESSAGE, False, "AnyValue")],
+    "Resource": [("attributes", 1, _F.TYPE_MESSAGE, True, "KeyValue")],
+    "Status": [("code", 3, _F.TYPE_INT32, False, None)],
+    "Span": [
+        ("trace_id", 1, _F.TYPE_BYTES, False, None),
+        ("span_id", 2, _F.TYPE_BYTES, False, None),
+        ("parent_span_id", 4, _F.TYPE_BYTES, False, None),
+        ("name", 5, _F.TYPE_STRING, False, None),
+        ("kind", 6, _F.TYPE_INT32, False, None),
+        ("start_time_unix_nano", 7, _F.TYPE_FIXED64, False, None),
+        ("end_time_unix_nano", 8, _F.TYPE_FIXED64, False, None),
+        ("status", 15, _F.TYPE_MESSAGE, False, "Status"),
+    ],
+    "ScopeSpans": [("spans", 2, _F.TYPE_MESSAGE, True, "Span")],
+    "ResourceSpans": [
+        ("resource", 1, _F.TYPE_MESSAGE, False, "Resource"),
+        ("scope_spans", 2, _F.TYPE_MESSAGE, True, "ScopeSpans"),
+    ],
+    "ExportTraceServiceRequest": [("resource_spans", 1, _F.TYPE_MESSAGE, True, "ResourceSpans")],
+}
+
+
+def _build():
+    fdp = descriptor_pb2.FileDescriptorProto(name="telepipe_otlp_subset.proto", package=_PACKAGE, syntax="proto3")
+    for name, fields in _MESSAGES.items():
+        msg = fdp.message_type.add(name=name)
+        for field, number, typ, repeated, type_name in fields:
+            f = msg.field.add(name=field, number=number, type=typ)
+            f.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
+            if type_name:
+                f.type_name = f".{_PACKAGE}.{type_name}"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.ExportTraceServiceRequest"))
+
+
+TraceRequestSubset = _build()
