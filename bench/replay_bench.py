@@ -1,77 +1,322 @@
-"""Replay throughput of the full dataflow (no gRPC), on the shared recordings.
+"""Replay throughput of the full pipeline (no gRPC), with the ceiling measured in the same run.
 
-    .venv/bin/python -m bench.replay_bench [--copies 20]
+    .venv/bin/python -m bench.replay_bench [--copies 1,4,16,64] [--seconds 3]
 
-Cases, each in its own process so peak RSS is its own:
-- ``json``: the OTLP/JSON recordings as they are (JSON parsing included);
-- ``native xN``: the recordings amplified N times (time-shifted, ids rewritten)
-  into a native recording, i.e. what the daemon's spool source reads.
-Prints a table: spans, seconds, spans/s, peak RSS.
+The shared recordings (OnlineBoutique, TrainTicket, Zipkin captures) are
+amplified by *overlaying* N copies of each recorded request: copy k has its
+trace and span ids rewritten and its times shifted by k ms, and the N copies of
+a request are merged into one request. That is the recorded system at N times
+its traffic: the same services, operations, durations and attributes, N times
+the spans per window, and about N x 31 spans per request (x16 is close to an
+OTel SDK's default batch of 512 spans).
+
+Each case runs in its own process:
+
+1. the requests are serialized as OTLP protobuf (attributes included);
+2. **ceiling**: ``decode_traces`` + ``preaggregate`` over the same requests, one
+   request at a time, nothing else (``bench/ceiling.py`` does the same on the
+   load generator's payloads);
+3. **replay**: the requests go through what the daemon does after gRPC: decode,
+   spooled batch encoding (``to_bytes``/``from_bytes``, in memory, no disk),
+   then the full dataflow of ``pipeline/flow.py`` (service-graph join,
+   pre-aggregation, per-service windows, anomaly detection, scaling,
+   ``/metrics`` state) until every window is closed.
+
+Prints spans/s for both and their ratio, the RSS the replay added, and where
+the replay's time went (stage timers; "bytewax and glue" is the rest).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
-import resource
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
+
+import orjson
+import psutil
 
 RECORDINGS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "recordings"
 DEFAULT = ["onlineboutique-normal.otlp.jsonl", "trainticket-normal.otlp.jsonl", "zipkin-captures.otlp.jsonl"]
+STRIDE_NS = 1_000_000  # copy k is shifted by k ms
+STAGES = ["decode", "service graph", "preaggregate", "windows", "anomaly", "scaling", "metrics sink"]
 
 
-def run_case(kind: str, copies: int, paths: list[str]) -> dict:
-    from bench.amplify import amplify, load, write_native
-    from pipeline import daemon
+# ------------------------------------------------------------------------- the payloads
+
+
+def _id(value: str | None, k: int) -> str | None:
+    """Hex id -> base64 (protobuf JSON), with copy k's bytes flipped like bench/amplify."""
+    if not value:
+        return value
+    raw = bytearray(bytes.fromhex(value))
+    if k:
+        raw[-1] ^= k & 0xFF
+        raw[0] ^= (k >> 8) & 0xFF
+    return base64.b64encode(raw).decode()
+
+
+def _shift(value, ns: int):
+    return str(int(value) + ns) if value else value
+
+
+def _copy_spans(resource_spans: list, k: int) -> list:
+    out = []
+    for rs in resource_spans:
+        scopes = []
+        for ss in rs.get("scopeSpans") or ():
+            spans = []
+            for s in ss.get("spans") or ():
+                s = dict(s, traceId=_id(s.get("traceId"), k), spanId=_id(s.get("spanId"), k))
+                if s.get("parentSpanId"):
+                    s["parentSpanId"] = _id(s["parentSpanId"], k)
+                for f in ("startTimeUnixNano", "endTimeUnixNano"):
+                    s[f] = _shift(s.get(f), k * STRIDE_NS)
+                s.pop("events", None), s.pop("links", None)  # their ids are not rewritten
+                spans.append(s)
+            scopes.append(dict(ss, spans=spans))
+        out.append(dict(rs, scopeSpans=scopes))
+    return out
+
+
+def _copy_logs(resource_logs: list, k: int) -> list:
+    out = []
+    for rl in resource_logs:
+        scopes = []
+        for sl in rl.get("scopeLogs") or ():
+            records = []
+            for r in sl.get("logRecords") or ():
+                r = dict(r, traceId=_id(r.get("traceId"), k), spanId=_id(r.get("spanId"), k))
+                for f in ("timeUnixNano", "observedTimeUnixNano"):
+                    r[f] = _shift(r.get(f), k * STRIDE_NS)
+                records.append(r)
+            scopes.append(dict(sl, logRecords=records))
+        out.append(dict(rl, scopeLogs=scopes))
+    return out
+
+
+def payloads(paths: list[Path], copies: int) -> list[tuple[str, bytes, int]]:
+    """[(signal, OTLP protobuf request, items)] in recording order, each request x ``copies``."""
+    from google.protobuf.json_format import ParseDict
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    out = []
+    for path in paths:
+        for line in path.open("rb"):
+            if not line.strip():
+                continue
+            obj = orjson.loads(line)
+            if obj.get("resourceSpans"):
+                merged = [rs for k in range(copies) for rs in _copy_spans(obj["resourceSpans"], k)]
+                req = ParseDict({"resourceSpans": merged}, ExportTraceServiceRequest(), ignore_unknown_fields=True)
+                n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+                out.append(("spans", req.SerializeToString(), n))
+            if obj.get("resourceLogs"):
+                merged = [rl for k in range(copies) for rl in _copy_logs(obj["resourceLogs"], k)]
+                req = ParseDict({"resourceLogs": merged}, ExportLogsServiceRequest(), ignore_unknown_fields=True)
+                n = sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs)
+                out.append(("logs", req.SerializeToString(), n))
+    return out
+
+
+# ---------------------------------------------------------------------- ceiling, replay
+
+
+def ceiling(requests: list[bytes], seconds: float) -> float:
+    """decode + pre-aggregate, one request at a time, for at least ``seconds``."""
+    from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
+    from pipeline.decode import decode_traces
+    from pipeline.windows import WindowSpec, preaggregate
+
+    spec = WindowSpec.from_config(WindowsConfig(), DEFAULT_BUCKETS)
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for body in requests:
+            batch = decode_traces(body).batch
+            if batch is not None:
+                preaggregate(batch, spec)
+                done += len(batch)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+class StageTimes:
+    """Seconds spent in each stage; wraps the functions that make up the stages."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, stage: str, owner, name: str) -> None:
+        fn = getattr(owner, name)
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[stage] += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+    def install(self) -> None:
+        import pipeline.flow
+        from pipeline.anomaly import ServiceAnomaly
+        from pipeline.scaling import ServiceScaler
+        from pipeline.servicegraph import LinkJoiner
+        from pipeline.windows import ServiceWindows
+        from sinks.prometheus import _MetricsPartition
+
+        self.wrap("service graph", LinkJoiner, "process")
+        for name in ("preaggregate", "instance_sets", "preaggregate_logs"):
+            self.wrap("preaggregate", pipeline.flow, name)
+        for name in ("on_item", "on_idle", "close_all"):
+            self.wrap("windows", ServiceWindows, name)
+        self.wrap("anomaly", ServiceAnomaly, "on_window")
+        self.wrap("scaling", ServiceScaler, "on_window")
+        self.wrap("metrics sink", _MetricsPartition, "write_batch")
+
+
+def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes):
+    """A bytewax source doing the receiver's and the spool source's per-request work."""
+    from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+    from pipeline.decode import decode_logs, decode_traces
+    from pipeline.model import Steps, batch_from_bytes, coalesce
+    from sources.spool_source import MAX_RECORDS_PER_BATCH
+
+    class Partition(StatefulSourcePartition):
+        def __init__(self) -> None:
+            self.pos = 0
+            self.steps = Steps(0, 0)
+
+        def next_batch(self) -> list:
+            chunk = requests[self.pos : self.pos + MAX_RECORDS_PER_BATCH]
+            if not chunk:
+                raise StopIteration()
+            self.pos += len(chunk)
+            t0 = time.perf_counter()
+            batches = []
+            for signal, body, _ in chunk:
+                decoded = decode_traces(body) if signal == "spans" else decode_logs(body)
+                if decoded.batch is not None:  # as spooled by the receiver and read back
+                    batches.append(batch_from_bytes(decoded.batch.to_bytes()))
+            out = self.steps.stamp(coalesce(batches))
+            times.seconds["decode"] += time.perf_counter() - t0
+            return out
+
+        def snapshot(self) -> int:
+            return self.pos
+
+    class Source(FixedPartitionedSource):
+        def list_parts(self) -> list[str]:
+            return ["payloads"]
+
+        def build_part(self, step_id: str, for_part: str, resume_state):
+            return Partition()
+
+    return Source()
+
+
+def replay(requests: list[tuple[str, bytes, int]]) -> dict:
+    from bytewax.testing import run_main
+
     from pipeline.config import Config
+    from pipeline.flow import Outputs, build_flow
+    from pipeline.selfmetrics import SelfMetrics
+    from sinks.prometheus import MetricsSink, SeriesState
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if kind == "native":
-            spans = write_native(amplify(load([Path(p) for p in paths]), copies), Path(tmp) / "rec")
-            inputs = [str(Path(tmp) / "rec")]
-        else:
-            inputs = paths
-            spans = None
-        t0 = time.perf_counter()
-        summary, _ = daemon.replay(Config(), inputs)
-        seconds = time.perf_counter() - t0
-    assert spans is None or summary.spans == spans, (summary.spans, spans)
+    cfg = Config()
+    times = StageTimes()
+    times.install()
+    metrics = SelfMetrics()
+    series = SeriesState(cfg.prometheus.buckets, metrics, stale_after_s=float("inf"))
+    outputs = Outputs(result_sinks=[MetricsSink(series)])
+    flow = build_flow(cfg, payload_source(requests, times), outputs, metrics, idle_close=False)
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    run_main(flow)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    spans = int(metrics.counter("processed_spans"))
+    stages = {s: times.seconds.get(s, 0.0) for s in STAGES}
+    stages["bytewax and glue"] = max(0.0, seconds - sum(stages.values()))
     return {
-        "case": f"{kind} x{copies}" if kind == "native" else "json x1",
-        "spans": summary.spans,
-        "windows": summary.windows,
+        "spans": spans,
+        "windows": int(metrics.counter("windows_closed")),
         "seconds": seconds,
-        "spans_per_s": summary.spans / seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "spans_per_s": spans / seconds,
+        "rss_added_mib": (peak[0] - before) / 2**20,
+        "stages": stages,
     }
+
+
+def run_case(copies: int, paths: list[Path], seconds: float) -> dict:
+    requests = payloads(paths, copies)
+    traces = [body for signal, body, _ in requests if signal == "spans"]
+    sent = sum(n for signal, _, n in requests if signal == "spans")
+    ceil = ceiling(traces, seconds)
+    out = replay(requests)
+    assert out["spans"] == sent, (out["spans"], sent)  # every span ends up in a closed window
+    out.update(case=f"x{copies}", spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--copies", type=int, default=20, help="amplification of the native case")
+    ap.add_argument("--copies", default="1,4,16,64", help="overlay factors, comma-separated")
+    ap.add_argument("--seconds", type=float, default=3.0, help="minimum duration of each ceiling measurement")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     ap.add_argument("paths", nargs="*", default=[str(RECORDINGS / p) for p in DEFAULT])
-    ap.add_argument("--case", choices=["json", "native"], help=argparse.SUPPRESS)
+    ap.add_argument("--case", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    paths = [Path(p) for p in args.paths]
     if args.case:
-        print(json.dumps(run_case(args.case, args.copies, args.paths)))
+        print(json.dumps(run_case(args.case, paths, args.seconds)))
         return
     rows = []
-    for kind in ("json", "native"):
+    for copies in [int(c) for c in args.copies.split(",")]:
         out = subprocess.run(
-            [sys.executable, "-m", "bench.replay_bench", "--case", kind, "--copies", str(args.copies), *args.paths],
+            [sys.executable, "-m", "bench.replay_bench", "--case", str(copies), "--seconds", str(args.seconds),
+             *map(str, paths)],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'case':<12} {'spans':>10} {'windows':>8} {'seconds':>8} {'spans/s':>10} {'peak RSS MiB':>13}")
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(f"{'case':<5} {'spans':>10} {'spans/req':>9} {'windows':>8} {'replay spans/s':>15} "
+          f"{'ceiling spans/s':>16} {'ratio':>6} {'RSS added MiB':>14}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['case']:<12} {r['spans']:>10,} {r['windows']:>8,} {r['seconds']:>8.2f} "
-            f"{r['spans_per_s']:>10,.0f} {r['peak_rss_mib']:>13.0f}"
+            f"{r['case']:<5} {r['spans']:>10,} {r['spans_per_request']:>9.0f} {r['windows']:>8,} "
+            f"{r['spans_per_s']:>15,.0f} {r['ceiling']:>16,.0f} {r['ratio']:>6.2f} {r['rss_added_mib']:>14.0f}"
         )
+    print("\nwhere the replay's time went (% of its wall time)")
+    names = [*STAGES, "bytewax and glue"]
+    print(f"{'case':<5} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names))
+    for r in rows:
+        cells = [f"{100 * r['stages'][n] / r['seconds']:>{max(8, len(n))}.1f}" for n in names]
+        print(f"{r['case']:<5} " + " ".join(cells))
 
 
 if __name__ == "__main__":

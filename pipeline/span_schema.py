@@ -26,7 +26,6 @@ _MESSAGES = {
     "AnyValue": [("string_value", 1, _F.TYPE_STRING, False, None)],
     "KeyValue": [("key", 1, _F.TYPE_STRING, False, None), ("value", 2, _F.TYPE_MESSAGE, False, "AnyValue")],
     "Resource": [("attributes", 1, _F.TYPE_MESSAGE, True, "KeyValue")],
-    "Status": [("code", 3, _F.TYPE_INT32, False, None)],
     "Span": [
         ("trace_id", 1, _F.TYPE_BYTES, False, None),
         ("span_id", 2, _F.TYPE_BYTES, False, None),
@@ -35,7 +34,7 @@ _MESSAGES = {
         ("kind", 6, _F.TYPE_INT32, False, None),
         ("start_time_unix_nano", 7, _F.TYPE_FIXED64, False, None),
         ("end_time_unix_nano", 8, _F.TYPE_FIXED64, False, None),
-        ("status", 15, _F.TYPE_MESSAGE, False, "Status"),
+        ("status", 15, _F.TYPE_BYTES, False, None),  # a serialized Status: see decode._STATUS_CODE
     ],
     "ScopeSpans": [("spans", 2, _F.TYPE_MESSAGE, True, "Span")],
     "ResourceSpans": [

@@ -5,7 +5,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from pipeline.decode import MalformedRequest, decode_json_line, decode_logs, decode_traces
+from pipeline.decode import MalformedRequest, decode_json_line, decode_logs, decode_logs_json, decode_traces
 from pipeline.model import LogBatch, SpanBatch, batch_from_bytes
 
 from .conftest import ONLINEBOUTIQUE, TRAINTICKET
@@ -205,3 +205,19 @@ def test_protobuf_backend_is_upb_and_checked_at_startup(monkeypatch):
     monkeypatch.setattr(daemon, "protobuf_backend", lambda: "python")
     with pytest.raises(RuntimeError, match="needs 'upb'"):
         daemon.check_protobuf_backend()
+
+
+def test_log_attribute_nesting_bomb_and_malformed_json_attributes_are_malformed():
+    req = ExportLogsServiceRequest()
+    lr = req.resource_logs.add().scope_logs.add().log_records.add(time_unix_nano=1)
+    value = AnyValue(string_value="leaf")
+    for _ in range(40):  # deeper than MAX_ANYVALUE_DEPTH (32), within upb's own limit
+        outer = AnyValue()
+        outer.array_value.values.append(value)
+        value = outer
+    lr.attributes.add(key="deep").value.CopyFrom(value)
+    with pytest.raises(MalformedRequest):
+        decode_logs(req.SerializeToString())
+    obj = {"resourceLogs": [{"scopeLogs": [{"logRecords": [{"timeUnixNano": "1", "attributes": [1]}]}]}]}
+    with pytest.raises(MalformedRequest):
+        decode_logs_json(obj)
