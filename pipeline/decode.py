@@ -66,21 +66,21 @@ class _SpanColumns:
         self.services: dict[str, int] = {}
         self.instances: dict[str, int] = {}
         self.operations: dict[str, int] = {}
-        self.service_idx: list[int] = []
+        self.service_idx: list[int] = []  # per resource
         self.instance_idx: list[int] = []
+        self.spans: list[int] = []
         self.cols: tuple[list, ...] = tuple([] for _ in _COLUMNS)
 
     def add_resource(self, service: str, instance: str, columns, n: int) -> None:
         """``columns``: one iterable per name in ``_COLUMNS``, ``n`` spans each."""
-        s = self.services.setdefault(service, len(self.services))
-        i = self.instances.setdefault(instance, len(self.instances))
+        self.service_idx.append(self.services.setdefault(service, len(self.services)))
+        self.instance_idx.append(self.instances.setdefault(instance, len(self.instances)))
+        self.spans.append(n)
         for col, values in zip(self.cols, columns, strict=True):
             col.extend(values)
-        self.service_idx.extend([s] * n)
-        self.instance_idx.extend([i] * n)
 
     def finish(self) -> Decoded:
-        n = len(self.service_idx)
+        n = sum(self.spans)
         if n == 0:
             return Decoded(None, 0, 0, "")
         names, starts, ends, kinds, statuses, tids, sids, pids = self.cols
@@ -104,9 +104,9 @@ class _SpanColumns:
             ops.setdefault(name, len(ops))
         op_idx = np.fromiter(map(ops.__getitem__, names), np.int32, n)
         cols = {
-            "service_idx": np.array(self.service_idx, dtype=np.int32),
+            "service_idx": np.repeat(np.array(self.service_idx, dtype=np.int32), self.spans),
             "op_idx": op_idx,
-            "instance_idx": np.array(self.instance_idx, dtype=np.int32),
+            "instance_idx": np.repeat(np.array(self.instance_idx, dtype=np.int32), self.spans),
             "kind": np.fromiter(kinds, np.int8, n),
             "status": np.fromiter(statuses, np.int8, n),
             "end_ns": end.astype(np.int64),
@@ -132,9 +132,13 @@ class _SpanColumns:
 
 def _id_column(ids: tuple[bytes, ...], width: int, n: int, *, allow_empty: bool):
     """Fixed-width id array and a validity mask (right length, not all zero)."""
-    if set(map(len, ids)) == {width}:  # the common case, without a per-id array of lengths
+    lengths = set(map(len, ids))
+    if lengths == {width}:  # the common case, without a per-id array of lengths
         arr = np.frombuffer(b"".join(ids), dtype=f"S{width}").copy()
         return arr, arr != b""  # numpy compares fixed-width bytes without trailing NULs: zero ids == b""
+    if allow_empty and lengths <= {0, width}:  # parent ids: roots have none
+        zero = bytes(width)
+        return np.frombuffer(b"".join([i or zero for i in ids]), dtype=f"S{width}").copy(), np.ones(n, dtype=bool)
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
     right = lens == width
     arr = np.array([i if len(i) == width else b"" for i in ids], dtype=f"S{width}")

@@ -37,6 +37,7 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "spool_bytes": ("Bytes in spool segments on disk", ()),
     "spool_unread_bytes": ("Acknowledged bytes the dataflow has not read yet (its backlog)", ()),
     "pipeline_lag_seconds": ("Wall-clock time minus the newest span end time that closed a window", ()),
+    "closed_window_end_seconds": ("End (unix seconds) of the newest window on /metrics", ()),
     "series": ("Active per-operation series on /metrics", ()),
     "loki_queue_batches": ("Batches waiting in the Loki sink's queue", ()),
 }

@@ -122,6 +122,8 @@ class SeriesState:
             self.metrics.set_gauge("series", len(self._series))
         if newest_end:
             self.metrics.set_gauge("pipeline_lag_seconds", max(0.0, now - newest_end / 1e9))
+            newest = max(newest_end / 1e9, self.metrics.gauge("closed_window_end_seconds"))
+            self.metrics.set_gauge("closed_window_end_seconds", newest)
 
     def _expire(self, now: float) -> None:
         horizon = now - self.stale_after_s
