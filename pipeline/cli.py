@@ -10,7 +10,10 @@ import sys
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
-NOT_BUILT_YET = "not built yet: multi-process scale-out (--processes)"
+SCALE_OUT = (
+    "scale-out: --processes N runs N processes on this machine as one cluster (shared OTLP port, "
+    "/metrics on the HTTP port + i); --process-id/--addresses join a cluster spanning machines"
+)
 
 
 def _load(args) -> Config:
@@ -39,17 +42,49 @@ def _parse_speed(value: str) -> float | None:
     return speed
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {value!r}")
+    return n
+
+
+def _cluster_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                   help="run N processes on this machine as one bytewax cluster (default 1)")  # fmt: skip
+    p.add_argument("--process-id", type=int, metavar="I", help="this process's index in --addresses")
+    p.add_argument("--addresses", metavar="HOST:PORT,...",
+                   help="bytewax cluster addresses of every process, in process-id order")  # fmt: skip
+
+
+def _cluster(args) -> tuple[int, list[str] | None] | str:
+    """(process id, addresses) from the flags, or an error message."""
+    if args.process_id is None and args.addresses is None:
+        return 0, None
+    if args.processes != 1:
+        return "--processes starts a cluster itself; do not combine it with --process-id/--addresses"
+    if args.process_id is None or args.addresses is None:
+        return "--process-id and --addresses go together"
+    addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
+    if not 0 <= args.process_id < len(addresses):
+        return f"--process-id {args.process_id} is not an index of the {len(addresses)} --addresses"
+    return args.process_id, addresses
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="telepipe",
         description="Streaming telemetry pipeline: OTLP traces and logs in; latency percentiles, "
         "RED metrics on /metrics and logs to Loki out.",
-        epilog=NOT_BUILT_YET,
+        epilog=SCALE_OUT,
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the daemon", epilog=NOT_BUILT_YET)
+    run = sub.add_parser("run", help="run the daemon", epilog=SCALE_OUT)
     run.add_argument("--config", help="TOML config file (default: embedded defaults)")
     run.add_argument("--otlp-grpc", metavar="HOST:PORT", help="OTLP gRPC listen address (default 127.0.0.1:4317)")
     run.add_argument("--http", metavar="HOST:PORT", help="/metrics, /healthz, /readyz address (default 127.0.0.1:9464)")
@@ -59,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", metavar="DIR", help="also write every accepted request to a native recording")
     run.add_argument("--keda", metavar="HOST:PORT", help="serve the KEDA external scaler here (default: off)")
     run.add_argument("--remote-write-url", metavar="URL", help="Prometheus remote write URL (default: off)")
+    _cluster_arguments(run)
 
     rep = sub.add_parser("replay", help="run the dataflow over recordings and exit when they end")
     rep.add_argument("paths", nargs="+", metavar="PATH", help="OTLP/JSON lines (.jsonl[.zst|.gz]) or native recordings")
@@ -68,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--emit-jsonl", metavar="FILE", help="write every window result as a JSON line")
     rep.add_argument("--loki-url", metavar="URL", help="also push the recording's logs to Loki")
     rep.add_argument("--progress", action="store_true", help="print progress to stderr every second")
+    _cluster_arguments(rep)
 
     chk = sub.add_parser("check-config", help="validate a config file and print the effective config")
     chk.add_argument("file")
@@ -90,26 +127,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"telepipe: config error: {exc}", file=sys.stderr)
         return 2
 
+    cluster = _cluster(args)
+    if isinstance(cluster, str):
+        print(f"telepipe: {cluster}", file=sys.stderr)
+        return 2
+    process_id, addresses = cluster
+    if args.processes > 1:
+        return _supervise(args, cfg, sys.argv[1:] if argv is None else argv)
+
     from pipeline import daemon  # imported late: bytewax and grpc load slowly
 
     if args.command == "replay":
         try:
             summary, _ = daemon.replay(
-                cfg, args.paths, speed=args.speed, emit_jsonl=args.emit_jsonl, progress=args.progress
-            )
+                cfg, args.paths, speed=args.speed, emit_jsonl=args.emit_jsonl, progress=args.progress,
+                process_id=process_id, addresses=addresses,
+            )  # fmt: skip
         except FileNotFoundError as exc:
             print(f"telepipe: {exc}", file=sys.stderr)
             return 2
         rate = summary.spans / summary.seconds if summary.seconds else 0.0
+        part = f"process {process_id}: " if addresses else ""
         print(
-            f"replayed {summary.spans} spans into {summary.windows} windows "
+            f"{part}replayed {summary.spans} spans into {summary.windows} windows "
             f"({summary.late} late) in {summary.seconds:.2f} s: {rate:,.0f} spans/s",
             file=sys.stderr,
         )
         return 0
 
-    d = daemon.Daemon(cfg)
-    logging.getLogger("telepipe").warning(NOT_BUILT_YET)
+    d = daemon.Daemon(cfg, process_id=process_id, addresses=addresses)
 
     def on_signal(signum, _frame) -> None:
         logging.getLogger("telepipe").info("signal %d: draining and stopping", signum)
@@ -121,6 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     d.run()
     return 0
+
+
+def _supervise(args, cfg: Config, argv: list[str]) -> int:
+    """``--processes N``: start N children of this command as one cluster and wait for them."""
+    from pipeline import cluster
+
+    extra = None
+    if args.command == "run":
+        from pipeline.daemon import _host_port, init_recovery
+
+        if cfg.recovery.enabled:
+            from pathlib import Path
+
+            init_recovery(Path(cfg.spool.data_dir) / "recovery")
+        host, port = _host_port(cfg.http.listen)
+        argv = cluster.strip_option(argv, "--http")
+        extra = [["--http", f"{host}:{port + i}"] for i in range(args.processes)]
+    return cluster.supervise(cluster.child_argvs(argv, args.processes, extra))
 
 
 if __name__ == "__main__":

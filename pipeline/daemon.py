@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bytewax.recovery import RecoveryConfig as BytewaxRecovery
 from bytewax.recovery import init_db_dir
-from bytewax.testing import run_main
+from bytewax.testing import cluster_main, run_main
 from google.protobuf.internal import api_implementation
 
 from pipeline.config import Config
@@ -27,6 +27,7 @@ from pipeline.recovery import CommittedSnapshots
 from pipeline.selfmetrics import SelfMetrics
 from sinks.jsonl import JsonlSink
 from sinks.keda import KedaScaler
+from sinks.keda.signals import ScalingSignals, SignalsSink
 from sinks.loki import LokiClient, LokiSink
 from sinks.remote_write import RemoteWriteClient, RemoteWriteSink
 from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState, make_registry
@@ -38,7 +39,34 @@ from sources.spool_source import SpoolSource
 
 log = logging.getLogger("telepipe")
 
-SHARD = "shard-000"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:03d}"
+
+
+def local_shards(spool_dir: Path, process_id: int, processes: int) -> list[str]:
+    """The spool shards process ``process_id`` of ``processes`` reads: its own, plus any shard
+    left by a larger cluster (index >= processes) whose index % processes is ours, so that
+    acknowledged data survives scaling down."""
+    own = shard_name(process_id)
+    left = []
+    if spool_dir.is_dir():
+        for p in sorted(spool_dir.iterdir()):
+            name = p.name
+            if name.startswith("shard-") and name[6:].isdigit():
+                index = int(name[6:])
+                if index >= processes and index % processes == process_id:
+                    left.append(name)
+    return [own, *left]
+
+
+def init_recovery(db: Path) -> None:
+    """Create bytewax's recovery partition once (the ``--processes`` supervisor does it before
+    starting its children, so they never race for it)."""
+    if not db.exists() or not any(db.iterdir()):
+        db.mkdir(parents=True, exist_ok=True)
+        init_db_dir(db, 1)
 
 
 def protobuf_backend() -> str:
@@ -63,20 +91,32 @@ def _host_port(value: str) -> tuple[str, int]:
 class Daemon:
     """``telepipe run``: OTLP in, spool, dataflow, /metrics and Loki out."""
 
-    def __init__(self, cfg: Config, *, clock=time.time) -> None:
+    def __init__(
+        self, cfg: Config, *, clock=time.time, process_id: int = 0, addresses: list[str] | None = None
+    ) -> None:
+        """``addresses``: every process of a cluster (``host:port`` for bytewax), this one at
+        ``process_id``; None for a single process."""
         check_protobuf_backend()
         self.cfg = cfg
+        self.process_id = process_id
+        self.addresses = addresses
+        processes = len(addresses) if addresses else 1
         self.metrics = SelfMetrics()
         data_dir = Path(cfg.spool.data_dir)
         sp = cfg.spool
-        self.spool = Spool(
-            data_dir / "spool" / SHARD,
-            segment_bytes=sp.segment_bytes,
-            budget_bytes=sp.budget_bytes,
-            fsync=sp.fsync,
-            fsync_interval_ms=sp.fsync_interval_ms,
-            metrics=self.metrics,
-        )
+        spools = {
+            shard: Spool(
+                data_dir / "spool" / shard,
+                segment_bytes=sp.segment_bytes,
+                budget_bytes=sp.budget_bytes,
+                fsync=sp.fsync,
+                fsync_interval_ms=sp.fsync_interval_ms,
+                metrics=self.metrics,
+            )
+            for shard in local_shards(data_dir / "spool", process_id, processes)
+        }
+        self.spool = spools[shard_name(process_id)]  # the one this process's receiver appends to
+        self.spools = spools
         self.recorder = None
         if cfg.output.record_dir:
             self.recorder = Spool(
@@ -88,15 +128,18 @@ class Daemon:
         self.receiver = OtlpReceiver(
             cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, recorder=self.recorder,
             auth=BearerAuth.from_config(cfg.auth), memory=MemoryGuard(cfg.limits.max_rss_bytes),
-            tenants=TenantLimiter(cfg.limits), tls=cfg.tls,
+            tenants=TenantLimiter(cfg.limits), tls=cfg.tls, reuse_port=processes > 1,
         )  # fmt: skip
         host, port = _host_port(cfg.http.listen)
         self.http = MetricsHttpServer(host, port, make_registry(self.series, self.metrics), self.ready)
         self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None
-        self.keda = KedaScaler(cfg.keda.listen, self.series.scaling_signal) if cfg.keda.listen else None
-        outputs = Outputs(result_sinks=[MetricsSink(self.series)])
+        # Scaling signals of every service and the KEDA server live on process 0.
+        first = process_id == 0
+        self.signals = ScalingSignals()
+        self.keda = KedaScaler(cfg.keda.listen, self.signals.lookup) if cfg.keda.listen and first else None
+        outputs = Outputs(result_sinks=[MetricsSink(self.series)], scaling_sinks=[SignalsSink(self.signals, first)])
         if cfg.output.emit_jsonl:
-            outputs.file_sinks.append(JsonlSink(cfg.output.emit_jsonl))
+            outputs.file_sinks.append(JsonlSink(cfg.output.emit_jsonl, owner=first))
         if self.loki is not None:
             outputs.loki_sinks.append(LokiSink(self.loki))
         self.remote_write = RemoteWriteClient(cfg.remote_write, self.metrics) if cfg.remote_write.url else None
@@ -107,13 +150,11 @@ class Daemon:
         committed = None
         if rec.enabled:
             db = data_dir / "recovery"
-            if not db.exists() or not any(db.iterdir()):
-                db.mkdir(parents=True, exist_ok=True)
-                init_db_dir(db, 1)
+            init_recovery(db)
             self.recovery = BytewaxRecovery(db, backup_interval=timedelta(seconds=rec.backup_interval_s))
             committed = CommittedSnapshots(db).spool_segment
         source = SpoolSource(
-            {SHARD: self.spool}, stop=self.stop_event, committed=committed,
+            spools, stop=self.stop_event, committed=committed,
             keep_for=timedelta(seconds=rec.backup_interval_s),
         )  # fmt: skip
         self.flow = build_flow(
@@ -140,22 +181,26 @@ class Daemon:
         self.receiver.start()
         self._started = True
         log.info(
-            "telepipe running: OTLP gRPC %s, HTTP %s, data dir %s",
-            self.cfg.otlp.grpc_listen, self.cfg.http.listen, self.cfg.spool.data_dir,
+            "telepipe running: OTLP gRPC %s, HTTP %s, data dir %s, spool shards %s%s",
+            self.cfg.otlp.grpc_listen, self.cfg.http.listen, self.cfg.spool.data_dir, ", ".join(self.spools),
+            f", process {self.process_id} of {len(self.addresses)}" if self.addresses else "",
         )  # fmt: skip
+        epoch = timedelta(seconds=self.cfg.recovery.snapshot_interval_s)
         try:
-            run_main(
-                self.flow,
-                epoch_interval=timedelta(seconds=self.cfg.recovery.snapshot_interval_s),
-                recovery_config=self.recovery,
-            )
+            if self.addresses:
+                cluster_main(
+                    self.flow, self.addresses, self.process_id, epoch_interval=epoch, recovery_config=self.recovery
+                )
+            else:
+                run_main(self.flow, epoch_interval=epoch, recovery_config=self.recovery)
         finally:
             self.shutdown()
             if self.loki is not None:
                 self.loki.close(timeout=10.0)
             if self.remote_write is not None:
                 self.remote_write.close(timeout=10.0)
-            self.spool.close()
+            for spool in self.spools.values():
+                spool.close()
             if self.recorder is not None:
                 self.recorder.close()
             if self.keda is not None:
@@ -188,8 +233,13 @@ def replay(
     emit_jsonl: str | None = None,
     progress: bool = False,
     extra_outputs: Outputs | None = None,
+    process_id: int = 0,
+    addresses: list[str] | None = None,
 ) -> tuple[ReplaySummary, SelfMetrics]:
-    """Run the dataflow over recordings until they end (closing every window)."""
+    """Run the dataflow over recordings until they end (closing every window).
+
+    In a cluster (``addresses``) every process lists every recording; bytewax reads each
+    in one of them, and the summary counts what this process's windows saw."""
     check_protobuf_backend()
     metrics = SelfMetrics()
     limits = DecodeLimits(cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes)
@@ -198,7 +248,7 @@ def replay(
     outputs = extra_outputs or Outputs()
     outputs.result_sinks.append(MetricsSink(series))
     if emit_jsonl:
-        outputs.file_sinks.append(JsonlSink(emit_jsonl, ordered=True))
+        outputs.file_sinks.append(JsonlSink(emit_jsonl, owner=process_id == 0, ordered=True))
     loki = LokiClient(cfg.loki, metrics) if cfg.loki.url else None
     if loki is not None:
         outputs.loki_sinks.append(LokiSink(loki))
@@ -210,7 +260,10 @@ def replay(
         reporter.start()
     t0 = time.perf_counter()
     try:
-        run_main(flow)
+        if addresses:
+            cluster_main(flow, addresses, process_id)
+        else:
+            run_main(flow)
     finally:
         stop.set()
         if loki is not None:

@@ -8,6 +8,7 @@
            -> anomaly detection and alerts -> scaling signal
       -> window results, anomaly/scaling updates -> /metrics state
          window results, alert and scaling events -> --emit-jsonl file
+         scaling updates of every service -> the KEDA process
          alert and scaling events -> Loki (when configured)
     log batches -> Loki (when configured)
 
@@ -37,7 +38,7 @@ from pipeline.deadletter import DeadLetters
 from pipeline.model import LateSpans, LogBatch, SpanBatch, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.anomaly import AlertEvent
-from pipeline.scaling import ScalingEvent
+from pipeline.scaling import ScalingEvent, ScalingUpdate
 from pipeline.service import ServiceState
 from pipeline.servicegraph import EdgePartial, JoinedSource
 from pipeline.windows import WindowSpec, instance_sets, preaggregate, preaggregate_logs
@@ -52,12 +53,15 @@ class Outputs:
     ``result_sinks`` get every item the per-service step emits (``WindowResult``,
     ``LateSpans``, ``AnomalyUpdate``, ``AlertEvent``, ``ScalingUpdate``,
     ``ScalingEvent``); ``file_sinks`` get the same keyed as ``("results", item)``;
-    ``loki_sinks`` get ``LogBatch`` items and the alert and scaling events.
+    ``loki_sinks`` get ``LogBatch`` items and the alert and scaling events;
+    ``scaling_sinks`` get every ``ScalingUpdate`` keyed as ``("scaling", item)`` (one
+    partition: the process serving KEDA sees every service).
     """
 
     result_sinks: list[Sink] = field(default_factory=list)
     file_sinks: list[Sink] = field(default_factory=list)
     loki_sinks: list[Sink] = field(default_factory=list)
+    scaling_sinks: list[Sink] = field(default_factory=list)
 
 
 class _ServiceStep(StatefulLogic[object, object, bytes]):
@@ -70,13 +74,16 @@ class _ServiceStep(StatefulLogic[object, object, bytes]):
         self.cfg, self.spec, self.clock, self.idle, self.close_at_eof = cfg, spec, clock, idle, close_at_eof
         self.dead = dead
         self.state: ServiceState | None = None
-        if resume is not None:  # restored after a restart: the idle timer starts over
+        if resume is not None:  # restored after a restart: the idle timers start over
             self.state = pickle.loads(resume)
-            self.state.windows.last_activity = clock()
+            self.state.windows.resumed(clock())
 
     def on_item(self, value):
         if self.state is None:
-            self.state = ServiceState(self.cfg, self.spec, value.service)
+            # A source partition silent for this service for the idle timeout stops holding its
+            # watermark back (live only: replay closes by the input alone).
+            partition_idle = self.cfg.windows.idle_timeout_s if self.idle else None
+            self.state = ServiceState(self.cfg, self.spec, value.service, partition_idle)
         out = self.dead.run("service_state", self.state.on_item, value, self.clock())
         return out or [], StatefulLogic.RETAIN
 
@@ -146,6 +153,13 @@ def build_flow(
         keyed = op.key_on("key_for_file", results, lambda _: "results")
         for i, sink in enumerate(outputs.file_sinks):
             op.output(f"file_out_{i}", keyed, sink)
+
+    if outputs.scaling_sinks:
+        # Every service's scaling signal, to the one process that serves KEDA.
+        updates = op.filter("scaling_updates", results, lambda x: isinstance(x, ScalingUpdate))
+        to_keda = op.key_on("key_for_scaling", updates, lambda _: "scaling")
+        for i, sink in enumerate(outputs.scaling_sinks):
+            op.output(f"scaling_out_{i}", to_keda, sink)
 
     # Logs: counted, then shipped with the events.
     logs = op.filter("logs", batches, lambda b: isinstance(b, LogBatch))

@@ -18,11 +18,12 @@ from pipeline.windows import ServiceWindows, WindowSpec
 
 
 class ServiceState:
-    def __init__(self, cfg: Config, spec: WindowSpec, service: str) -> None:
+    def __init__(self, cfg: Config, spec: WindowSpec, service: str, partition_idle_s: float | None = None) -> None:
         length_s = spec.length_ns / 1e9
         self.windows = ServiceWindows(
-            service, spec, cfg.windows.max_operations_per_service, int(cfg.prometheus.stale_after_s * 1e9)
-        )
+            service, spec, cfg.windows.max_operations_per_service, int(cfg.prometheus.stale_after_s * 1e9),
+            partition_idle_s,
+        )  # fmt: skip
         self.anomaly = ServiceAnomaly(cfg.anomaly, service, length_s)
         self.scaler = ServiceScaler(cfg.scaling, service, length_s)
 

@@ -14,13 +14,21 @@ Three plain, picklable pieces (no bytewax here; ``pipeline/flow.py`` wraps them)
   clock, or at end of input. Spans for a window that already closed are counted
   as late, never merged silently.
 
-A service's watermark is its newest event time, taken into account only once
-the source step that carried it is over (each batch carries its step,
-``SpanBatch.step``). So every partial of one step is merged before anything
-that step contains can close a window; sources cut their input into fixed
-steps, so what closes when depends on the input alone, not on timing.
-Per-service watermarks keep a service whose clock runs behind from having its
-spans judged late by other services' clocks.
+A service's watermark follows its newest event time, taken into account only
+once the source step that carried it is over (each batch carries its step,
+``SpanBatch.step`` = (source partition, step number)). So every partial of one
+step is merged before anything that step contains can close a window; sources
+cut their input into fixed steps, so what closes when depends on the input
+alone, not on timing. Per-service watermarks keep a service whose clock runs
+behind from having its spans judged late by other services' clocks.
+
+When a service's spans come from several source partitions (spool shards of a
+``--processes`` cluster, several recordings), its watermark is the *lowest* of
+the partitions' newest event times: a shard that is behind (a backlog after a
+restart, a slower process) holds windows open instead of having its spans
+judged late. A partition that has sent nothing for the service for
+``partition_idle_s`` on the injected clock stops counting (its clients moved to
+another process); replay passes None, so its output depends on the input alone.
 """
 
 from __future__ import annotations
@@ -337,14 +345,19 @@ class ServiceWindows:
     for ``W`` at once, in an order that depends on the input alone. Picklable.
     """
 
-    def __init__(self, service: str, spec: WindowSpec, max_operations: int, expire_ns: int) -> None:
+    def __init__(
+        self, service: str, spec: WindowSpec, max_operations: int, expire_ns: int,
+        partition_idle_s: float | None = None,
+    ) -> None:  # fmt: skip
         self.service = service
         self.spec = spec
         self.limiter = CardinalityLimiter(max_operations, expire_ns)
         self.open: dict[int, _ServiceSlot] = {}
-        self.watermark = -math.inf  # newest event time of earlier steps (ns)
-        self.step: tuple[int, int] | None = None  # the step being merged
-        self.step_high = -math.inf  # newest event time of that step
+        self.watermark = -math.inf  # event time (ns) all contributing partitions have passed
+        self.partition_idle_s = partition_idle_s
+        # source partition -> [newest event time of its completed steps, its current step,
+        #                      newest event time in that step, clock when last seen]
+        self.partitions: dict[int, list] = {}
         self.closed_until = -math.inf  # end of the latest closed window (ns)
         self.last_activity = 0.0  # injected clock, seconds
         self.late_logs = 0
@@ -352,13 +365,18 @@ class ServiceWindows:
     def on_item(self, item: Partial | LogPartial | InstanceSet | EdgePartial, now: float) -> list:
         """Merge one item; returns what closed: ``LateSpans`` and ``ServiceWindow`` objects."""
         self.last_activity = now
-        if item.step != self.step:  # the previous step is complete: its times count now
-            self.watermark = max(self.watermark, self.step_high)
-            self.step, self.step_high = item.step, -math.inf
+        partition, step = item.step
+        st = self.partitions.get(partition)
+        if st is None:
+            st = self.partitions[partition] = [-math.inf, step, -math.inf, now]
+        elif st[1] != step:  # the partition's previous step is complete: its times count now
+            st[0], st[1], st[2] = max(st[0], st[2]), step, -math.inf
+            self._advance_watermark(now)
+        st[3] = now
         out: list = []
         late = item.window_start < self.closed_until
         if isinstance(item, Partial):
-            self.step_high = max(self.step_high, item.max_end_ns)
+            st[2] = max(st[2], item.max_end_ns)
             p = self.limiter.admit(item)
             if late:
                 out.append(LateSpans(self.service, p.operation, p.span_kind, p.count))
@@ -370,7 +388,7 @@ class ServiceWindows:
                 else:
                     w.merge(p, self.spec.exemplars)
         elif isinstance(item, LogPartial):
-            self.step_high = max(self.step_high, item.max_time_ns)
+            st[2] = max(st[2], item.max_time_ns)
             if late:
                 self.late_logs += item.records
             else:
@@ -378,20 +396,37 @@ class ServiceWindows:
                 slot.logs += item.records
                 slot.error_logs += item.errors
         elif isinstance(item, EdgePartial):
-            self.step_high = max(self.step_high, item.max_end_ns)
+            st[2] = max(st[2], item.max_end_ns)
             if not late:
                 c = self._slot(item.window_start).calls_to.setdefault(item.callee, [0, 0, 0.0])
                 c[0] += item.calls
                 c[1] += item.errors
                 c[2] += item.duration_sum
         else:
-            self.step_high = max(self.step_high, item.max_end_ns)
+            st[2] = max(st[2], item.max_end_ns)
             if not late:
                 self._slot(item.window_start).instances.update(item.instances)
         horizon = self.watermark - self.spec.lateness_ns
         ready = sorted(s for s in self.open if s + self.spec.length_ns <= horizon)
         out.extend(self._close(ready))
         return out
+
+    def resumed(self, now: float) -> None:
+        """After a restart from a snapshot: idle timers (service and partitions) start over, so a
+        shard whose backlog is still to be read keeps holding the watermark."""
+        self.last_activity = now
+        for st in self.partitions.values():
+            st[3] = now
+
+    def _advance_watermark(self, now: float) -> None:
+        """The lowest completed event time over the partitions that feed this service (a
+        partition silent for ``partition_idle_s`` no longer counts). Items of one step may
+        interleave with other partitions' (bytewax exchanges them), so a step is over only
+        when the next step *of the same partition* begins."""
+        idle = self.partition_idle_s
+        live = [st[0] for st in self.partitions.values() if idle is None or now - st[3] <= idle]
+        if live:
+            self.watermark = max(self.watermark, min(live))
 
     def _slot(self, start: int) -> _ServiceSlot:
         slot = self.open.get(start)

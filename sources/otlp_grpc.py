@@ -53,12 +53,17 @@ def retry_status(code: int, message: str, retry_ms: int) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
 
 
-def grpc_options(cfg: OtlpConfig) -> list[tuple[str, int]]:
-    """Server options: message size limit, keepalive enforcement, connection age."""
+def grpc_options(cfg: OtlpConfig, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Server options: message size limit, keepalive enforcement, connection age.
+
+    SO_REUSEPORT only when asked (``--processes N``: every process binds the OTLP port and
+    the kernel spreads connections over them); otherwise a second daemon on the same
+    port fails to start instead of silently sharing it.
+    """
     ms = lambda s: int(s * 1000)  # noqa: E731
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_time_ms", ms(cfg.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", ms(cfg.keepalive_timeout_s)),
         ("grpc.http2.min_ping_interval_without_data_ms", ms(cfg.min_ping_interval_s)),
@@ -87,6 +92,7 @@ class OtlpReceiver:
         memory: MemoryGuard | None = None,
         tenants: TenantLimiter | None = None,
         tls: TlsConfig | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -99,7 +105,7 @@ class OtlpReceiver:
         self.limits = DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server_threads, thread_name_prefix="otlp"),
-            options=grpc_options(cfg),
+            options=grpc_options(cfg, reuse_port),
         )
         raw = dict(request_deserializer=None, response_serializer=None)
         self.server.add_generic_rpc_handlers(

@@ -147,6 +147,13 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
             self._file.close()
 
 
+def _partition_index(name: str, local: list[str]) -> int:
+    """The number batches of this partition are stamped with (``Steps``): a shard's number
+    (``shard-001`` -> 1), unique across the processes of a cluster; else its local rank."""
+    suffix = name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else local.index(name)
+
+
 class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, int]]):
     """Reads the spool shards that live in this process."""
 
@@ -171,7 +178,7 @@ class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, i
         return list(self.spools)
 
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int, int] | None):
-        index = sorted(self.spools).index(for_part)
+        index = _partition_index(for_part, sorted(self.spools))
         committed = None if self.committed is None else (lambda: self.committed(for_part))
         return _SpoolPartition(
             self.spools[for_part], resume_state, index, self.stop, self.now, committed, self.keep_for

@@ -20,7 +20,7 @@ def spec(**kw):
     return WindowSpec.from_config(WindowsConfig(**kw), DEFAULT_BUCKETS)
 
 
-def batch(rows, services=("svc",), operations=("op",), step=0):
+def batch(rows, services=("svc",), operations=("op",), step=0, partition=0):
     """rows: (service_idx, op_idx, kind, status, end_ns, duration_ns)."""
     n = len(rows)
     cols = list(zip(*rows)) if rows else [[]] * 6
@@ -30,7 +30,7 @@ def batch(rows, services=("svc",), operations=("op",), step=0):
         instance_idx=np.zeros(n, np.int32), kind=np.array(cols[2], np.int8),
         status=np.array(cols[3], np.int8), end_ns=np.array(cols[4], np.int64),
         duration_ns=np.array(cols[5], np.int64), trace_id=np.zeros(n, "S16"),
-        span_id=np.zeros(n, "S8"), parent_span_id=np.zeros(n, "S8"), step=(0, step),
+        span_id=np.zeros(n, "S8"), parent_span_id=np.zeros(n, "S8"), step=(partition, step),
     )  # fmt: skip
 
 
@@ -160,3 +160,35 @@ def test_cardinality_limit_folds_excess_operations():
     lim.admit(preaggregate(batch([(0, 0, 2, 0, 99 * S, 1)], operations=("a",)), sp)[0])
     assert lim.admit(p).operation == "e"
     assert pickle.loads(pickle.dumps(lim)).last_seen == lim.last_seen
+
+
+def test_a_partition_behind_holds_the_window_open_until_it_passes_or_goes_idle():
+    """Two spool shards (processes) feed one service; shard 1 has a backlog (e.g. after a restart)."""
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = ServiceWindows("svc", sp, 100, 600 * S, partition_idle_s=15.0)
+
+    def part(end_s, partition, step, now):
+        p = preaggregate(batch([(0, 0, 2, 0, end_s * S, 1_000_000)], step=step, partition=partition), sp)[0]
+        return sw.on_item(p, now=now)
+
+    assert part(5, 0, 1, 0.0) == []
+    assert part(6, 1, 1, 0.0) == []
+    assert part(25, 0, 2, 1.0) == []  # shard 0 is far ahead ...
+    assert part(7, 1, 2, 1.0) == []  # ... shard 1 still sends window 0: not late, window still open
+    assert closed_results(part(26, 0, 3, 2.0)) == []  # shard 1 has completed only 6 s: window 0 waits
+    assert part(12, 1, 3, 3.0) == []
+    out = part(13, 1, 4, 4.0)  # shard 1's step with 12 s is complete: both passed 10 s
+    assert [r.count for r in closed_results(out)] == [3]
+    # shard 1 goes silent for this service (its clients moved); after partition_idle_s it stops counting
+    assert closed_results(part(27, 0, 4, 10.0)) == []
+    out = part(28, 0, 5, 20.0)
+    assert [(r.window_start, r.count) for r in closed_results(out)] == [(10 * S, 2)]
+
+
+def test_without_partition_idleness_only_the_input_decides():
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = ServiceWindows("svc", sp, 100, 600 * S)  # replay: partition_idle_s None
+    for step, (end_s, partition, now) in enumerate([(5, 0, 0.0), (6, 1, 0.0), (25, 0, 1e6), (26, 0, 2e6)]):
+        p = preaggregate(batch([(0, 0, 2, 0, end_s * S, 1_000_000)], step=step, partition=partition), sp)[0]
+        assert closed_results(sw.on_item(p, now=now)) == []  # shard 1 never passed 10 s
+    assert [r.count for r in closed_results(sw.close_all())] == [2, 2]
