@@ -13,9 +13,9 @@ OTel SDK's default batch of 512 spans).
 Each case runs in its own process:
 
 1. the requests are serialized as OTLP protobuf (attributes included);
-2. **ceiling**: ``decode_traces`` + ``preaggregate`` over the same requests, one
-   request at a time, nothing else (``bench/ceiling.py`` does the same on the
-   load generator's payloads);
+2. **ceiling**: decode + pre-aggregate over the same requests (traces, and the
+   recordings' logs), one request at a time, nothing else (``bench/ceiling.py``
+   does the same on the load generator's payloads, which are traces only);
 3. **replay**: the requests go through what the daemon does after gRPC: decode,
    spooled batch encoding (``to_bytes``/``from_bytes``, in memory, no disk),
    then the full dataflow of ``pipeline/flow.py`` (service-graph join,
@@ -128,16 +128,24 @@ def payloads(paths: list[Path], copies: int) -> list[tuple[str, bytes, int]]:
 # ---------------------------------------------------------------------- ceiling, replay
 
 
-def ceiling(requests: list[bytes], seconds: float) -> float:
-    """decode + pre-aggregate, one request at a time, for at least ``seconds``."""
+def ceiling(requests: list[tuple[str, bytes, int]], seconds: float) -> float:
+    """decode + pre-aggregate, one request at a time, for at least ``seconds``: spans/s.
+
+    The log requests of the recordings are part of the same payloads, so they are decoded
+    and counted per (service, window) here too, as the replay must."""
     from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
-    from pipeline.decode import decode_traces
-    from pipeline.windows import WindowSpec, preaggregate
+    from pipeline.decode import decode_logs, decode_traces
+    from pipeline.windows import WindowSpec, preaggregate, preaggregate_logs
 
     spec = WindowSpec.from_config(WindowsConfig(), DEFAULT_BUCKETS)
     done, t0 = 0, time.perf_counter()
     while True:
-        for body in requests:
+        for signal, body, _ in requests:
+            if signal == "logs":
+                logs = decode_logs(body).batch
+                if logs is not None:
+                    preaggregate_logs(logs, spec, (0, 0))
+                continue
             batch = decode_traces(body).batch
             if batch is not None:
                 preaggregate(batch, spec)
@@ -273,7 +281,7 @@ def run_case(copies: int, paths: list[Path], seconds: float) -> dict:
     requests = payloads(paths, copies)
     traces = [body for signal, body, _ in requests if signal == "spans"]
     sent = sum(n for signal, _, n in requests if signal == "spans")
-    ceil = ceiling(traces, seconds)
+    ceil = ceiling(requests, seconds)
     out = replay(requests)
     assert out["spans"] == sent, (out["spans"], sent)  # every span ends up in a closed window
     out.update(case=f"x{copies}", spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)

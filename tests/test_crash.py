@@ -109,7 +109,7 @@ def test_kill9_of_one_cluster_process_loses_nothing_acknowledged(daemon_factory,
     client.stop.set()
     client.join(30)
     assert client.requests > 50 and client.resends > 0
-    check_nothing_acknowledged_lost(client, out, wait_s=45)
+    check_nothing_acknowledged_lost(client, out, wait_s=90)
 
 
 def check_nothing_acknowledged_lost(client: Client, out, wait_s: float = 30) -> None:
