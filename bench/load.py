@@ -1,7 +1,7 @@
 """Load generator: pre-serialized, realistic OTLP trace requests over gRPC.
 
     .venv/bin/python -m bench.load --target 127.0.0.1:4317 --spans 512 --concurrency 4 \\
-        --processes 1 --duration 60 [--rate SPANS_PER_S]
+        --processes 1 --duration 60 [--rate SPANS_PER_S] [--series N]
 
 Requests are shaped like the shared OnlineBoutique recording (its services and
 operations in their proportions, span kinds, parent ids) with heavy-tailed
@@ -11,8 +11,14 @@ to "now" (fixed64 fields patched in place with numpy), so the generator spends
 its CPU on sending, not on protobuf. An OTel SDK process cannot load-test
 telepipe (~23k spans/s per core); this can.
 
+``--series N`` replaces the recording's mix with N synthetic (service, operation)
+pairs (``svc-000``/``op-000`` ..., 100 operations per service, SERVER, equal
+shares), taken in turn so that every pair is in each cycle through the requests.
+
 Every thread honours RetryInfo: on UNAVAILABLE or RESOURCE_EXHAUSTED it waits
 the given delay and sends the same request again (as an OTLP exporter does).
+Spans an OK answer reports in ``partial_success.rejected_spans`` are not counted
+as acknowledged (``rejected_spans``).
 Prints sent, acknowledged and refused counts and acknowledged spans/s; ``--json``
 prints one JSON object instead (used by the other benchmarks).
 """
@@ -32,7 +38,10 @@ import grpc
 import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 RECORDING = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "recordings" / (
     "onlineboutique-normal.otlp.jsonl"
@@ -61,13 +70,24 @@ def operation_mix(path: Path = RECORDING) -> list[tuple[str, str, int, float]]:
     return [(svc, op, kind, n / total) for (svc, op, kind), n in counts.most_common()]
 
 
+def synthetic_mix(series: int) -> list[tuple[str, str, int, float]]:
+    """``series`` distinct (service, operation) pairs: ceil(series / 100) services of 100 operations
+    each (the last one gets the remainder), kind 2 (SERVER), equal shares."""
+    return [(f"svc-{i // 100:03d}", f"op-{i % 100:03d}", 2, 1.0 / series) for i in range(series)]
+
+
 class Template:
     """One serialized request and the byte offsets of its timestamps."""
 
-    def __init__(self, spans: int, seed: int, mix) -> None:
+    def __init__(self, spans: int, seed: int, mix, start: int | None = None) -> None:
+        """``start``: take mix entries in turn from this index (so consecutive templates cover
+        the whole mix) instead of at random by share."""
         rng = np.random.default_rng(seed)
-        shares = np.array([m[3] for m in mix])
-        picks = rng.choice(len(mix), size=spans, p=shares / shares.sum())
+        if start is None:
+            shares = np.array([m[3] for m in mix])
+            picks = rng.choice(len(mix), size=spans, p=shares / shares.sum())
+        else:
+            picks = (start + np.arange(spans)) % len(mix)
         by_service: dict[str, list[int]] = {}
         for i, k in enumerate(picks):
             by_service.setdefault(mix[k][0], []).append(i)
@@ -115,15 +135,24 @@ class Template:
         self.rel = np.array(rel, dtype=np.int64)
         self.durs = np.array(durs, dtype=np.int64)
         self.spans = spans
+        self.lock = threading.Lock()  # sending threads share templates; at() patches body in place
+
+    def __getstate__(self) -> dict:  # templates are pickled to worker processes under spawn
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     def at(self, now_ns: int) -> bytes:
         """The request with its spans ending within the second before ``now_ns``."""
         ends = (now_ns - 1_000_000_000 + self.rel).astype("<u8")
         starts = (ends - self.durs.astype("<u8")).astype("<u8")
-        arr = np.frombuffer(self.body, dtype=np.uint8)
-        arr[self.end_index] = ends.view(np.uint8).reshape(-1, 8)
-        arr[self.start_index] = starts.view(np.uint8).reshape(-1, 8)
-        return bytes(self.body)
+        with self.lock:  # unlocked, two threads could mix one's end times with the other's start times
+            arr = np.frombuffer(self.body, dtype=np.uint8)
+            arr[self.end_index] = ends.view(np.uint8).reshape(-1, 8)
+            arr[self.start_index] = starts.view(np.uint8).reshape(-1, 8)
+            return bytes(self.body)
 
 
 def _retry_delay(err: grpc.RpcError) -> float | None:
@@ -165,8 +194,12 @@ def _worker(target: str, templates: list[Template], duration: float, rate: float
             while True:
                 local["sent_requests"] += 1
                 try:
-                    export(body, timeout=30)
-                    local["acked_spans"] += spans
+                    resp = export(body, timeout=30)
+                    # OK with partial_success: the receiver kept all but rejected_spans of them
+                    rejected = ExportTraceServiceResponse.FromString(resp).partial_success.rejected_spans if resp else 0
+                    local["acked_spans"] += spans - rejected
+                    if rejected:
+                        local["rejected_spans"] += rejected
                     break
                 except grpc.RpcError as err:
                     delay = _retry_delay(err)
@@ -190,9 +223,17 @@ def _worker(target: str, templates: list[Template], duration: float, rate: float
     out["queue"].put(dict(stats))
 
 
-def run_load(target: str, spans: int, concurrency: int, processes: int, duration: float, rate: float = 0.0) -> dict:
-    mix = operation_mix()
-    templates = [Template(spans, seed, mix) for seed in range(16)]
+def run_load(
+    target: str, spans: int, concurrency: int, processes: int, duration: float, rate: float = 0.0, series: int = 0
+) -> dict:
+    """``series`` > 0: spans cover that many synthetic (service, operation) pairs (``synthetic_mix``),
+    with enough templates that one cycle through them holds every pair."""
+    if series:
+        mix = synthetic_mix(series)
+        templates = [Template(spans, seed, mix, start=seed * spans) for seed in range(max(16, -(-series // spans)))]
+    else:
+        mix = operation_mix()
+        templates = [Template(spans, seed, mix) for seed in range(16)]
     queue: mp.Queue = mp.Queue()
     per_thread = rate / (concurrency * processes) if rate else 0.0
     t0 = time.monotonic()
@@ -225,9 +266,11 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds")
     ap.add_argument("--rate", type=float, default=0.0, help="target spans/s in all (0: as fast as possible)")
+    ap.add_argument("--series", type=int, default=0,
+                    help="spans cover N synthetic (service, operation) pairs (0: the recording's mix)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    r = run_load(args.target, args.spans, args.concurrency, args.processes, args.duration, args.rate)
+    r = run_load(args.target, args.spans, args.concurrency, args.processes, args.duration, args.rate, args.series)
     if args.json:
         print(json.dumps(r))
         return

@@ -1,4 +1,4 @@
-"""What bytewax recovery has committed, read from its recovery partitions.
+"""What bytewax recovery has committed, read from its recovery partitions, in a child process.
 
 bytewax resumes a dataflow from the newest epoch committed in every recovery
 partition. Spool segments may only be deleted once the spool source's position
@@ -6,59 +6,96 @@ in such a committed snapshot has moved past them; before that, a crash would
 resume into a deleted segment. bytewax 0.21 (its last release) keeps
 partitions as SQLite files with ``commits(part_index, commit_epoch)`` and
 ``snaps(step_id, state_key, snap_epoch, ser_change)`` where ``ser_change`` is
-the pickled snapshot; this module reads them, read-only.
+the pickled snapshot.
+
+They are read **in a short-lived child process**, never in the daemon: bytewax
+links its own copy of SQLite, and a second copy (Python's ``sqlite3``) opening
+and closing the same files in the same process drops the POSIX locks bytewax's
+copy holds (POSIX releases a process's locks on a file when *any* of its
+descriptors to it closes). Under load that corrupted bytewax's WAL index and
+the daemon died with SIGBUS inside SQLite (found by ``bench/live.py memory``).
+Another process reading the files is ordinary SQLite concurrency. This file
+therefore imports only the standard library: it runs as a script.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 READ_STEP_ID = "telepipe.read"
 
 
-class CommittedSnapshots:
-    """Reads the committed snapshot of a source partition from a recovery directory."""
+def committed_segments(db_dir: Path, step_id: str = READ_STEP_ID) -> dict[str, int]:
+    """Source partition -> spool segment of its snapshot in the newest fully committed epoch.
 
-    def __init__(self, db_dir: str | Path, step_id: str = READ_STEP_ID) -> None:
+    Opens the SQLite files itself: call it only from a process that is not running bytewax
+    (``CommittedSnapshots`` does, through a child process)."""
+    conns = [
+        sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=1.0) for p in sorted(db_dir.glob("part-*.sqlite3"))
+    ]
+    try:
+        commits = [row[0] for c in conns for row in c.execute("SELECT commit_epoch FROM commits")]
+        if not commits or len(commits) < len(conns):
+            return {}
+        epoch = min(commits)
+        best: dict[str, tuple[int, bytes]] = {}
+        for c in conns:
+            rows = c.execute(
+                "SELECT state_key, MAX(snap_epoch), ser_change FROM snaps WHERE step_id = ? AND snap_epoch <= ? "
+                "GROUP BY state_key",
+                (step_id, epoch),
+            )
+            for part, snap_epoch, ser in rows:
+                if ser is not None and (part not in best or snap_epoch > best[part][0]):
+                    best[part] = (snap_epoch, ser)
+        out = {}
+        for part, (_, ser) in best.items():
+            snap = pickle.loads(ser)
+            # The service-graph wrapper snapshots (inner state, pickled joiner).
+            inner = snap[0] if isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[1], bytes) else snap
+            out[part] = int(inner[0])  # spool source state: (segment, offset, step)
+        return out
+    except sqlite3.Error:
+        return {}
+    finally:
+        for c in conns:
+            c.close()
+
+
+class CommittedSnapshots:
+    """The committed spool segment per source partition, refreshed at most every ``refresh_s``."""
+
+    def __init__(self, db_dir: str | Path, step_id: str = READ_STEP_ID, refresh_s: float = 2.0) -> None:
         self.db_dir = Path(db_dir)
         self.step_id = step_id
+        self.refresh_s = refresh_s
+        self._segments: dict[str, int] = {}
+        self._read_at = -float("inf")
 
-    def _connections(self) -> list[sqlite3.Connection]:
-        return [
-            sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=1.0)
-            for p in sorted(self.db_dir.glob("part-*.sqlite3"))
-        ]
-
-    def snapshot(self, part: str):
-        """The source partition's snapshot in the newest fully committed epoch, or None."""
-        conns = self._connections()
+    def _refresh(self) -> None:
+        if time.monotonic() - self._read_at < self.refresh_s:
+            return
+        self._read_at = time.monotonic()
         try:
-            commits = [row[0] for c in conns for row in c.execute("SELECT commit_epoch FROM commits")]
-            if not commits or len(commits) < len(conns):
-                return None
-            epoch = min(commits)
-            best = None
-            for c in conns:
-                row = c.execute(
-                    "SELECT snap_epoch, ser_change FROM snaps WHERE step_id = ? AND state_key = ? "
-                    "AND snap_epoch <= ? ORDER BY snap_epoch DESC LIMIT 1",
-                    (self.step_id, part, epoch),
-                ).fetchone()
-                if row and (best is None or row[0] > best[0]):
-                    best = row
-            return pickle.loads(best[1]) if best and best[1] is not None else None
-        except sqlite3.Error:
-            return None
-        finally:
-            for c in conns:
-                c.close()
+            res = subprocess.run(
+                [sys.executable, "-I", __file__, str(self.db_dir), self.step_id],
+                capture_output=True, timeout=30, check=True,
+            )  # fmt: skip
+            self._segments = {k: int(v) for k, v in json.loads(res.stdout).items()}
+        except (subprocess.SubprocessError, OSError, ValueError):
+            pass  # keep what was known: deleting less is always safe
 
     def spool_segment(self, part: str) -> int | None:
         """The spool segment the committed snapshot resumes from (None: nothing committed yet)."""
-        snap = self.snapshot(part)
-        if snap is None:
-            return None
-        inner = snap[0] if isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[1], bytes) else snap
-        return int(inner[0])  # (segment, offset, step)
+        self._refresh()
+        return self._segments.get(part)
+
+
+if __name__ == "__main__":
+    print(json.dumps(committed_segments(Path(sys.argv[1]), sys.argv[2])))
