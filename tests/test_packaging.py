@@ -44,4 +44,4 @@ def test_makefile_has_the_two_commands_and_ci_calls_make_test():
 
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and "replay" in out.stdout and "not built yet" in out.stdout
+    assert out.returncode == 0 and "replay" in out.stdout and "--processes N" in out.stdout
