@@ -147,25 +147,31 @@ class SeriesState:
         )
         wcalls = GaugeMetricFamily("telepipe_window_calls", "Spans in the last closed window", labels=WINDOW_LABELS)
         les = [_fmt(b) for b in self.bounds] + ["+Inf"]
+        # Copy under the lock, build the families outside it: at 10,000 keys building takes
+        # seconds, and the dataflow's metrics sink must not wait for a scrape.
         with self._lock:
             self._expire(self.clock())
-            for key, s in sorted(self._series.items()):
-                labels = list(key)
-                calls.add_metric(labels, s.calls)
-                cum, acc = [], 0
-                for le, c in zip(les, s.buckets, strict=True):
-                    acc += c
-                    cum.append((le, acc))
-                dur.add_metric(labels, cum, s.sum)
-            for key, (q, count, _) in sorted(self._latest.items()):
-                for label, value in zip(QUANTILE_LABELS, q, strict=True):
-                    lat.add_metric([*key, label], value)
-                wcalls.add_metric(list(key), count)
-            anomaly = self._anomaly_families()
-            scaling = self._scaling_families()
+            series = [(key, s.calls, list(s.buckets), s.sum) for key, s in self._series.items()]
+            latest = list(self._latest.items())
+            anomaly_items = list(self._anomaly.items())
+            scaling_items = list(self._scaling.items())
+        for key, n, buckets, total in sorted(series):
+            labels = list(key)
+            calls.add_metric(labels, n)
+            cum, acc = [], 0
+            for le, c in zip(les, buckets, strict=True):
+                acc += c
+                cum.append((le, acc))
+            dur.add_metric(labels, cum, total)
+        for key, (q, count, _) in sorted(latest):
+            for label, value in zip(QUANTILE_LABELS, q, strict=True):
+                lat.add_metric([*key, label], value)
+            wcalls.add_metric(list(key), count)
+        anomaly = self._anomaly_families(anomaly_items)
+        scaling = self._scaling_families(scaling_items)
         return [calls, dur, lat, wcalls, *anomaly, *scaling]
 
-    def _anomaly_families(self) -> list:
+    def _anomaly_families(self, items: list) -> list:
         score = GaugeMetricFamily("telepipe_anomaly_score", "Anomaly score of the last window: max |z| / k "
                                   "over judged features (>= 1 is anomalous)", labels=WINDOW_LABELS)  # fmt: skip
         hst = GaugeMetricFamily("telepipe_anomaly_hst_score", "HalfSpaceTrees score of the last window",
@@ -179,7 +185,7 @@ class SeriesState:
         expected = GaugeMetricFamily("telepipe_anomaly_expected", "Expected feature value", labels=flabels)
         lower = GaugeMetricFamily("telepipe_anomaly_lower", "Lower edge of the normal band", labels=flabels)
         upper = GaugeMetricFamily("telepipe_anomaly_upper", "Upper edge of the normal band", labels=flabels)
-        for key, (u, _) in sorted(self._anomaly.items()):
+        for key, (u, _) in sorted(items, key=lambda kv: kv[0]):
             labels = list(key)
             score.add_metric(labels, u.score)
             if not math.isnan(u.hst_score):
@@ -195,7 +201,7 @@ class SeriesState:
                     upper.add_metric(fl, j.upper)
         return [score, hst, learning, state, observed, expected, lower, upper]
 
-    def _scaling_families(self) -> list:
+    def _scaling_families(self, items: list) -> list:
         desired = GaugeMetricFamily("telepipe_desired_replicas", "Desired replicas (HPA algorithm)",
                                     labels=["service_name"])  # fmt: skip
         observed = GaugeMetricFamily("telepipe_observed_replicas", "Distinct service.instance.id in the last window",
@@ -206,7 +212,7 @@ class SeriesState:
                                  labels=["service_name"])  # fmt: skip
         forecast = GaugeMetricFamily("telepipe_scaling_forecast_call_rate", "Forecast SERVER calls per second",
                                      labels=["service_name"])  # fmt: skip
-        for service, (u, _) in sorted(self._scaling.items()):
+        for service, (u, _) in sorted(items, key=lambda kv: kv[0]):
             desired.add_metric([service], u.desired)
             observed.add_metric([service], u.observed)
             reason.add_metric([service, u.reason_code], 1.0)
