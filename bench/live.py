@@ -255,6 +255,15 @@ def _refused(load: dict) -> str:
 # --- throughput ---------------------------------------------------------------------------
 
 
+def _clean_up(load, daemon, tmp) -> None:
+    """Stop the load generator and the daemon (whichever started) and remove the temp dir."""
+    if load is not None:
+        load.stop()
+    if daemon is not None:
+        daemon.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def throughput(spans: int, seconds: float, processes: int) -> dict:
     ceiling_rate = ceiling(spans, seconds=5)  # before the daemon starts: nothing else of ours running
     pin = processes == 1
@@ -280,11 +289,7 @@ def throughput(spans: int, seconds: float, processes: int) -> dict:
         accepted = daemon.metric("telepipe_accepted_spans_total")
         processed = daemon.metric("telepipe_processed_spans_total")
     finally:
-        if load is not None:
-            load.stop()
-        if daemon is not None:
-            daemon.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(load, daemon, tmp)
     rate = counts["acked_spans_per_s"]
     return {
         "mode": "throughput", "spans_per_request": spans, "processes": processes, "pinned": pin,
@@ -351,11 +356,7 @@ def lag(rate: float, seconds: float, lateness: float) -> dict:
         counts = load.result()
         late = daemon.metric("telepipe_late_spans_total")
     finally:
-        if load is not None:
-            load.stop()
-        if daemon is not None:
-            daemon.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(load, daemon, tmp)
     measured = visible[2:]  # the first two windows are warm-up (the first one is partial)
     offsets = (np.arange(1000) + 0.5) / 1000 * length  # span end times, evenly spread over a window
     if measured:
@@ -422,11 +423,7 @@ def memory(series: int, minutes: float, rate: float) -> tuple[list[dict], dict]:
                 counts = load.result()
                 break
     finally:
-        if load is not None:
-            load.stop()
-        if daemon is not None:
-            daemon.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(load, daemon, tmp)
     if not samples:
         raise RuntimeError(f"daemon {status} before the first sample")
     t = np.array([s["t_s"] for s in samples])
