@@ -374,9 +374,8 @@ class _LogColumns:
             t = t[ok]
             cols = {k: [v[i] for i in keep] for k, v in cols.items()}
         kept = len(t)
-        msg = _reason_message(reasons + self.warnings)
         if not kept:
-            return Decoded(None, n, n, msg)
+            return Decoded(None, n, n, _reason_message(reasons + self.warnings))
         batch = LogBatch(
             time_ns=t.astype(np.int64),
             severity=np.clip(np.fromiter(cols["severity"], np.int64, kept), 0, 24).astype(np.int8),

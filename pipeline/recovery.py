@@ -21,6 +21,7 @@ therefore imports only the standard library: it runs as a script.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import sqlite3
 import subprocess
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 READ_STEP_ID = "telepipe.read"
+log = logging.getLogger("telepipe")
 
 
 def committed_segments(db_dir: Path, step_id: str = READ_STEP_ID) -> dict[str, int]:
@@ -77,6 +79,7 @@ class CommittedSnapshots:
         self.refresh_s = refresh_s
         self._segments: dict[str, int] = {}
         self._read_at = -float("inf")
+        self._failing = False
 
     def _refresh(self) -> None:
         if time.monotonic() - self._read_at < self.refresh_s:
@@ -88,8 +91,13 @@ class CommittedSnapshots:
                 capture_output=True, timeout=30, check=True,
             )  # fmt: skip
             self._segments = {k: int(v) for k, v in json.loads(res.stdout).items()}
-        except (subprocess.SubprocessError, OSError, ValueError):
-            pass  # keep what was known: deleting less is always safe
+            self._failing = False
+        except (subprocess.SubprocessError, OSError, ValueError) as exc:
+            # Keep what was known: deleting less is always safe, but a spool that is never cut
+            # back fills its budget, so say why (once per run of failures).
+            if not self._failing:
+                log.warning("cannot read committed snapshots in %s (spool segments kept): %s", self.db_dir, exc)
+            self._failing = True
 
     def spool_segment(self, part: str) -> int | None:
         """The spool segment the committed snapshot resumes from (None: nothing committed yet)."""

@@ -221,3 +221,28 @@ def test_log_attribute_nesting_bomb_and_malformed_json_attributes_are_malformed(
     obj = {"resourceLogs": [{"scopeLogs": [{"logRecords": [{"timeUnixNano": "1", "attributes": [1]}]}]}]}
     with pytest.raises(MalformedRequest):
         decode_logs_json(obj)
+
+
+def test_status_with_a_message_and_several_scopes_are_read():
+    req = ExportTraceServiceRequest.FromString(trace_request([{"status": 2}, {"status": 1}]))
+    req.resource_spans[0].scope_spans[0].spans[0].status.message = "upstream timed out"
+    extra = req.resource_spans[0].scope_spans.add().spans.add()
+    extra.CopyFrom(req.resource_spans[0].scope_spans[0].spans[1])
+    extra.name = "second scope"
+    b = decode_traces(req.SerializeToString()).batch
+    assert b.status.tolist() == [2, 1, 1]
+    assert [b.operations[i] for i in b.op_idx] == ["GET /cart", "GET /cart", "second scope"]
+
+
+def test_span_attributes_are_skipped_not_parsed():
+    """The subset schema: attribute contents are not read (documented in README, OTLP behaviour),
+    but a garbled span is still a malformed request."""
+    req = ExportTraceServiceRequest.FromString(trace_request([{}]))
+    span = req.resource_spans[0].scope_spans[0].spans[0]
+    span.attributes.add(key="k").value.string_value = "v"
+    body = req.SerializeToString()
+    bad_utf8 = body.replace(b"\x0a\x01v", b"\x0a\x01\xff")  # the attribute's string value
+    assert bad_utf8 != body
+    assert len(decode_traces(bad_utf8).batch) == 1
+    with pytest.raises(MalformedRequest):
+        decode_traces(body[:-3])  # truncated
