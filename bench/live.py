@@ -48,11 +48,13 @@ counted as late, not merged. The default trades ~4 s of lag for completeness.
 memory: the daemon at ``--rate`` for ``--minutes`` with spans covering
 ``--series`` distinct (service, operation) pairs (``bench.load --series``: 100
 operations per service, under ``windows.max_operations_per_service`` = 500;
-every pair appears about 20 times per 10 s window at 20k spans/s). Every 10 s:
-RSS, ``telepipe_series`` (active series on /metrics, one per (service,
-operation, kind, status), so up to 2 per pair with the load's ~1 % errors) and
-processed spans. Reports RSS at start, end and max, its slope over the second
-half (least squares, MiB/min, as ``bench.soak``), and pass/fail for max RSS
+every pair appears about 20 times per 10 s window at 20k spans/s). RSS every
+second, a whole /metrics scrape every 10 s (``telepipe_series``: active series,
+one per (service, operation, kind, status), so up to 2 per pair with the load's
+~1 % errors; processed spans); one row every 30 s with the RSS min, median and
+max over it (a scrape briefly adds its page's chunks: the max shows that, the
+median the daemon's state). Reports the peak RSS, the slope of the row medians
+over the second half (least squares, MiB/min), and pass/fail for peak RSS
 <= 500 MiB and flat (|slope| < 1 MiB/min).
 
 ``--json`` prints one JSON object per row instead of the tables.
@@ -87,6 +89,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DAEMON_CPU, LOAD_CPU = 0, 1
 CONCURRENCY = 4
 REQUEST_SPANS = 512  # spans per request in the lag and memory modes
+SCRAPE_EVERY_S = 10  # memory mode: a /metrics scrape every 10 s, RSS every second,
+ROW_EVERY_S = 30  # one row (RSS min / median / max) every 30 s
 
 
 # --- daemon and load helpers ---------------------------------------------------------------
@@ -399,56 +403,73 @@ def memory(series: int, minutes: float, rate: float) -> tuple[list[dict], dict]:
     samples: list[dict] = []
     counts: dict = {}
     status = "running"
+    rss_window: list[float] = []  # RSS read every second since the last row
+    last = {"series": None, "processed_spans": None}
     try:
         daemon = Daemon(tmp)
         daemon.wait_ready()
         load = Load(daemon.target, REQUEST_SPANS, minutes * 60, rate=rate, series=series, cpu=LOAD_CPU)
         t0 = time.monotonic()
+        tick = 0
         while True:
             if daemon.popen.poll() is not None:  # a result too: report the samples up to the crash
                 status = daemon.status()
                 print(f"daemon {status} after {time.monotonic() - t0:.0f} s; its log ends:\n{daemon.log_tail()}",
                       file=sys.stderr)  # fmt: skip
                 break
-            sample = {"mode": "memory", "t_s": round(time.monotonic() - t0, 1), "rss_mib": round(daemon.rss_mib(), 1),
-                      "series": None, "processed_spans": None}  # fmt: skip
-            try:
-                text = daemon.metrics_texts()[0]
-                sample["series"] = int(_counter(text, "telepipe_series"))
-                sample["processed_spans"] = int(_counter(text, "telepipe_processed_spans_total"))
-            except httpx.HTTPError:
-                pass  # shown as "-"
-            samples.append(sample)
-            if not load.running(wait=10):
+            rss_window.append(daemon.rss_mib())
+            if tick % SCRAPE_EVERY_S == 0:  # a scrape, as Prometheus would (the whole page)
+                try:
+                    text = daemon.metrics_texts()[0]
+                    last = {"series": int(_counter(text, "telepipe_series")),
+                            "processed_spans": int(_counter(text, "telepipe_processed_spans_total"))}  # fmt: skip
+                except httpx.HTTPError:
+                    pass  # shown as "-"
+            if tick % ROW_EVERY_S == ROW_EVERY_S - 1:
+                samples.append(_memory_row(time.monotonic() - t0, rss_window, last))
+                rss_window = []
+            tick += 1
+            if not load.running(wait=max(0.0, t0 + tick - time.monotonic())):
                 counts = load.result()
                 break
     finally:
         _clean_up(load, daemon, tmp)
+    if rss_window:
+        samples.append(_memory_row(time.monotonic() - t0, rss_window, last))
     if not samples:
         raise RuntimeError(f"daemon {status} before the first sample")
     t = np.array([s["t_s"] for s in samples])
-    rss = np.array([s["rss_mib"] for s in samples])
+    med = np.array([s["rss_median_mib"] for s in samples])
     half = len(samples) // 2
-    slope = float(np.polyfit(t[half:] / 60, rss[half:], 1)[0]) if len(samples) - half > 2 else float("nan")
+    slope = float(np.polyfit(t[half:] / 60, med[half:], 1)[0]) if len(samples) - half > 2 else float("nan")
     alive = status == "running"
+    peak = max(s["rss_max_mib"] for s in samples)
     summary = {
         "mode": "memory_summary", "series_pairs": series, "minutes": minutes, "offered_spans_per_s": rate,
         "daemon": status, "acked_spans": counts.get("acked_spans"),  # None: the load was stopped early
         "acked_spans_per_s": round(counts.get("acked_spans_per_s", 0)), "refused": _refused(counts),
         "max_series": max((s["series"] or 0) for s in samples),
-        "rss_start_mib": float(rss[0]), "rss_end_mib": float(rss[-1]), "rss_max_mib": float(rss.max()),
-        "slope_mib_per_min": round(slope, 2), "pass_max_500_mib": alive and bool(rss.max() <= 500),
+        "rss_start_mib": samples[0]["rss_median_mib"], "rss_end_mib": samples[-1]["rss_median_mib"],
+        "rss_max_mib": peak, "slope_mib_per_min": round(slope, 2), "pass_max_500_mib": alive and peak <= 500,
         "pass_flat": alive and bool(abs(slope) < 1.0),
     }  # fmt: skip
     return samples, summary
 
 
+def _memory_row(t_s: float, rss: list[float], last: dict) -> dict:
+    return {
+        "mode": "memory", "t_s": round(t_s, 1), "rss_min_mib": round(min(rss), 1),
+        "rss_median_mib": round(float(np.median(rss)), 1), "rss_max_mib": round(max(rss), 1), **last,
+    }  # fmt: skip
+
+
 def print_memory(samples: list[dict], s: dict) -> None:
-    print(f"{'t (s)':>6} {'RSS MiB':>8} {'series':>7} {'processed':>12}")
+    print(f"{'t (s)':>6} {'RSS min':>8} {'median':>7} {'max':>7} {'series':>7} {'processed':>12}")
     for r in samples:
         series = "-" if r["series"] is None else f"{r['series']:,}"
         processed = "-" if r["processed_spans"] is None else f"{r['processed_spans']:,}"
-        print(f"{r['t_s']:>6.0f} {r['rss_mib']:>8.1f} {series:>7} {processed:>12}")
+        print(f"{r['t_s']:>6.0f} {r['rss_min_mib']:>8.1f} {r['rss_median_mib']:>7.1f} {r['rss_max_mib']:>7.1f} "
+              f"{series:>7} {processed:>12}")  # fmt: skip
     print()
     if s["daemon"] != "running":
         print(f"DAEMON {s['daemon'].upper()} during the load: the samples stop there.")
@@ -456,8 +477,9 @@ def print_memory(samples: list[dict], s: dict) -> None:
     print(f"{s['series_pairs']:,} (service, operation) pairs offered at {s['offered_spans_per_s']:,.0f} spans/s for "
           f"{s['minutes']:g} min: acknowledged {acked}, refused {s['refused']}; "
           f"telepipe_series max {s['max_series']:,}")  # fmt: skip
-    print(f"RSS start {s['rss_start_mib']:.1f} MiB, end {s['rss_end_mib']:.1f} MiB, max {s['rss_max_mib']:.1f} MiB; "
-          f"slope over the second half {s['slope_mib_per_min']:+.2f} MiB/min")  # fmt: skip
+    print(f"RSS median of the first row {s['rss_start_mib']:.1f} MiB, of the last {s['rss_end_mib']:.1f} MiB, "
+          f"max {s['rss_max_mib']:.1f} MiB; slope of the row medians over the second half "
+          f"{s['slope_mib_per_min']:+.2f} MiB/min")  # fmt: skip
     print(f"max RSS <= 500 MiB: {'pass' if s['pass_max_500_mib'] else 'FAIL'}; "
           f"flat (|slope| < 1 MiB/min): {'pass' if s['pass_flat'] else 'FAIL'}")  # fmt: skip
 

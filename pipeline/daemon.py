@@ -30,7 +30,7 @@ from sinks.keda import KedaScaler
 from sinks.keda.signals import ScalingSignals, SignalsSink
 from sinks.loki import LokiClient, LokiSink
 from sinks.remote_write import RemoteWriteClient, RemoteWriteSink
-from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState, make_registry
+from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
 from sources.otlp_grpc import OtlpReceiver
 from sources.replay import ReplaySource
@@ -131,7 +131,7 @@ class Daemon:
             tenants=TenantLimiter(cfg.limits), tls=cfg.tls, reuse_port=processes > 1,
         )  # fmt: skip
         host, port = _host_port(cfg.http.listen)
-        self.http = MetricsHttpServer(host, port, make_registry(self.series, self.metrics), self.ready)
+        self.http = MetricsHttpServer(host, port, self.series.render, self.ready)
         self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None
         # Scaling signals of every service and the KEDA server live on process 0.
         first = process_id == 0

@@ -2,9 +2,9 @@
 
 ``SeriesState`` holds what the windows produced (cumulative calls and duration
 histograms per (service, operation, kind, status), quantiles of the last closed
-window per (service, operation, kind)); ``TelepipeCollector.collect()`` builds
-families fresh from it and from ``SelfMetrics`` on every scrape, registered in an
-injected ``CollectorRegistry``. Series not updated for ``stale_after_s`` (on the
+window per (service, operation, kind), anomaly and scaling gauges);
+``SeriesState.render()`` writes the text exposition format (0.0.4) from it and from
+``SelfMetrics`` on every scrape. Series not updated for ``stale_after_s`` (on the
 injected clock) expire. ``MetricsHttpServer`` serves ``/metrics``, ``/healthz``
 and ``/readyz``.
 
@@ -24,14 +24,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from itertools import accumulate
+from operator import attrgetter
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 
 from pipeline.anomaly import STATE_VALUE, AnomalyUpdate
 from pipeline.model import SPAN_KINDS, STATUS_CODES, OVERFLOW_OPERATION, LateSpans, WindowResult
@@ -40,8 +39,6 @@ from pipeline.selfmetrics import COUNTERS, GAUGES, SelfMetrics
 
 log = logging.getLogger("telepipe.prometheus")
 
-SERIES_LABELS = ["service_name", "span_name", "span_kind", "status_code"]
-WINDOW_LABELS = ["service_name", "span_name", "span_kind"]
 QUANTILE_LABELS = ("0.5", "0.9", "0.95", "0.99", "1")
 
 
@@ -135,90 +132,95 @@ class SeriesState:
             for key in [k for k, v in table.items() if v[1] < horizon]:
                 del table[key]
 
-    def families(self) -> list:
-        calls = CounterMetricFamily("telepipe_calls", "Spans per operation and status (closed windows)", labels=SERIES_LABELS)
-        dur = HistogramMetricFamily(
-            "telepipe_duration_seconds", "Span duration per operation and status (closed windows)", labels=SERIES_LABELS
-        )
-        lat = GaugeMetricFamily(
-            "telepipe_window_latency_seconds",
-            "Latency quantiles of the last closed window (quantile 1 is the max)",
-            labels=WINDOW_LABELS + ["quantile"],
-        )
-        wcalls = GaugeMetricFamily("telepipe_window_calls", "Spans in the last closed window", labels=WINDOW_LABELS)
-        les = [_fmt(b) for b in self.bounds] + ["+Inf"]
-        # Copy under the lock, build the families outside it: at 10,000 keys building takes
-        # seconds, and the dataflow's metrics sink must not wait for a scrape.
+    def render(self) -> Iterator[bytes]:
+        """The whole /metrics page (text format 0.0.4), in chunks of a few hundred KiB.
+
+        Written directly rather than through prometheus_client's sample objects: at
+        10,000 keys (70 lines each, 110 MiB of text) those took 10 s and added ~90 MiB
+        of RSS per scrape, this takes ~1 s and ~15 MiB (``bench/scrape.py``): the text
+        is built in chunks and each chunk is dropped once written. The state
+        is copied under the lock and rendered outside it, so the dataflow's metrics
+        sink never waits for a scrape.
+        """
         with self._lock:
             self._expire(self.clock())
-            series = [(key, s.calls, list(s.buckets), s.sum) for key, s in self._series.items()]
-            latest = list(self._latest.items())
-            anomaly_items = list(self._anomaly.items())
-            scaling_items = list(self._scaling.items())
-        for key, n, buckets, total in sorted(series):
-            labels = list(key)
-            calls.add_metric(labels, n)
-            cum, acc = [], 0
-            for le, c in zip(les, buckets, strict=True):
-                acc += c
-                cum.append((le, acc))
-            dur.add_metric(labels, cum, total)
-        for key, (q, count, _) in sorted(latest):
-            for label, value in zip(QUANTILE_LABELS, q, strict=True):
-                lat.add_metric([*key, label], value)
-            wcalls.add_metric(list(key), count)
-        anomaly = self._anomaly_families(anomaly_items)
-        scaling = self._scaling_families(scaling_items)
-        return [calls, dur, lat, wcalls, *anomaly, *scaling]
+            series = sorted((key, s.calls, list(s.buckets), s.sum) for key, s in self._series.items())
+            latest = sorted(self._latest.items())
+            anomaly = sorted(self._anomaly.items())
+            scaling = sorted(self._scaling.items())
+        page = _Page()
+        labels = _LabelCache(("service_name", "span_name", "span_kind", "status_code"))
+        les = [f',le="{_fmt(b)}"}} ' for b in self.bounds] + [',le="+Inf"} ']
 
-    def _anomaly_families(self, items: list) -> list:
-        score = GaugeMetricFamily("telepipe_anomaly_score", "Anomaly score of the last window: max |z| / k "
-                                  "over judged features (>= 1 is anomalous)", labels=WINDOW_LABELS)  # fmt: skip
-        hst = GaugeMetricFamily("telepipe_anomaly_hst_score", "HalfSpaceTrees score of the last window",
-                                labels=WINDOW_LABELS)  # fmt: skip
-        learning = GaugeMetricFamily("telepipe_anomaly_learning", "1 while the key is still learning its baseline",
-                                     labels=WINDOW_LABELS)  # fmt: skip
-        state = GaugeMetricFamily("telepipe_alert_state", "Alert state: 0 ok, 1 pending, 2 firing",
-                                  labels=WINDOW_LABELS)  # fmt: skip
-        flabels = WINDOW_LABELS + ["feature"]
-        observed = GaugeMetricFamily("telepipe_anomaly_observed", "Feature value of the last window", labels=flabels)
-        expected = GaugeMetricFamily("telepipe_anomaly_expected", "Expected feature value", labels=flabels)
-        lower = GaugeMetricFamily("telepipe_anomaly_lower", "Lower edge of the normal band", labels=flabels)
-        upper = GaugeMetricFamily("telepipe_anomaly_upper", "Upper edge of the normal band", labels=flabels)
-        for key, (u, _) in sorted(items, key=lambda kv: kv[0]):
-            labels = list(key)
-            score.add_metric(labels, u.score)
-            if not math.isnan(u.hst_score):
-                hst.add_metric(labels, u.hst_score)
-            learning.add_metric(labels, 1.0 if u.learning else 0.0)
-            state.add_metric(labels, STATE_VALUE[u.state])
-            for j in u.judgements:
-                fl = [*labels, j.feature]
-                observed.add_metric(fl, j.observed)
-                if not math.isnan(j.expected):
-                    expected.add_metric(fl, j.expected)
-                    lower.add_metric(fl, j.lower)
-                    upper.add_metric(fl, j.upper)
-        return [score, hst, learning, state, observed, expected, lower, upper]
+        yield from page.family("telepipe_calls_total", "counter", "Spans per operation and status (closed windows)")
+        for key, n, _, _ in series:
+            yield from page.line(f"telepipe_calls_total{{{labels(key)}}} {n}\n")
+        yield from page.family("telepipe_duration_seconds", "histogram",
+                               "Span duration per operation and status (closed windows)")  # fmt: skip
+        for key, n, buckets, total in series:
+            lb = labels(key)
+            yield from page.lines(
+                f"telepipe_duration_seconds_bucket{{{lb}{le}{acc}\n" for le, acc in zip(les, accumulate(buckets))
+            )
+            yield from page.line(f"telepipe_duration_seconds_count{{{lb}}} {n}\n"
+                                 f"telepipe_duration_seconds_sum{{{lb}}} {_fmt(total)}\n")  # fmt: skip
 
-    def _scaling_families(self, items: list) -> list:
-        desired = GaugeMetricFamily("telepipe_desired_replicas", "Desired replicas (HPA algorithm)",
-                                    labels=["service_name"])  # fmt: skip
-        observed = GaugeMetricFamily("telepipe_observed_replicas", "Distinct service.instance.id in the last window",
-                                     labels=["service_name"])  # fmt: skip
-        reason = GaugeMetricFamily("telepipe_scaling_reason", "1 for the rule that decided the desired replicas",
-                                   labels=["service_name", "reason"])  # fmt: skip
-        rate = GaugeMetricFamily("telepipe_scaling_call_rate", "SERVER calls per second in the last window",
-                                 labels=["service_name"])  # fmt: skip
-        forecast = GaugeMetricFamily("telepipe_scaling_forecast_call_rate", "Forecast SERVER calls per second",
-                                     labels=["service_name"])  # fmt: skip
-        for service, (u, _) in sorted(items, key=lambda kv: kv[0]):
-            desired.add_metric([service], u.desired)
-            observed.add_metric([service], u.observed)
-            reason.add_metric([service, u.reason_code], 1.0)
-            rate.add_metric([service], u.call_rate)
-            forecast.add_metric([service], u.forecast_rate)
-        return [desired, observed, reason, rate, forecast]
+        yield from page.family("telepipe_window_latency_seconds", "gauge",
+                               "Latency quantiles of the last closed window (quantile 1 is the max)")  # fmt: skip
+        for key, (q, _, _) in latest:
+            lb = labels(key)
+            yield from page.lines(
+                f'telepipe_window_latency_seconds{{{lb},quantile="{ql}"}} {_fmt(v)}\n'
+                for ql, v in zip(QUANTILE_LABELS, q, strict=True)
+            )
+        yield from page.family("telepipe_window_calls", "gauge", "Spans in the last closed window")
+        for key, (_, count, _) in latest:
+            yield from page.line(f"telepipe_window_calls{{{labels(key)}}} {count}\n")
+
+        yield from self._render_anomaly(page, labels, anomaly)
+        yield from self._render_scaling(page, labels, scaling)
+        yield from _render_selfmetrics(page, self.metrics)
+        yield from page.flush()
+
+    @staticmethod
+    def _render_anomaly(page: _Page, labels: _LabelCache, items: list) -> Iterator[bytes]:
+        yield from _gauges(page, labels, items, (
+            ("telepipe_anomaly_score", "Anomaly score of the last window: max |z| / k over judged features "
+             "(>= 1 is anomalous)", attrgetter("score")),
+            ("telepipe_anomaly_hst_score", "HalfSpaceTrees score of the last window", attrgetter("hst_score")),
+            ("telepipe_anomaly_learning", "1 while the key is still learning its baseline",
+             lambda u: 1.0 if u.learning else 0.0),
+            ("telepipe_alert_state", "Alert state: 0 ok, 1 pending, 2 firing", lambda u: float(STATE_VALUE[u.state])),
+        ))  # fmt: skip
+        bands = (
+            ("telepipe_anomaly_observed", "Feature value of the last window", "observed"),
+            ("telepipe_anomaly_expected", "Expected feature value", "expected"),
+            ("telepipe_anomaly_lower", "Lower edge of the normal band", "lower"),
+            ("telepipe_anomaly_upper", "Upper edge of the normal band", "upper"),
+        )
+        for name, doc, field in bands:
+            yield from page.family(name, "gauge", doc)
+            for key, (u, _) in items:
+                lb = labels(key)
+                for j in u.judgements:
+                    # a feature without a baseline yet has an observed value only
+                    if field == "observed" or not math.isnan(j.expected):
+                        yield from page.line(
+                            f'{name}{{{lb},feature="{_escape(j.feature)}"}} {_fmt(getattr(j, field))}\n'
+                        )
+
+    @staticmethod
+    def _render_scaling(page: _Page, labels: _LabelCache, items: list) -> Iterator[bytes]:
+        by_service = [((service,), v) for service, v in items]
+        yield from _gauges(page, labels, by_service, (
+            ("telepipe_desired_replicas", "Desired replicas (HPA algorithm)", attrgetter("desired")),
+            ("telepipe_observed_replicas", "Distinct service.instance.id in the last window", attrgetter("observed")),
+            ("telepipe_scaling_call_rate", "SERVER calls per second in the last window", attrgetter("call_rate")),
+            ("telepipe_scaling_forecast_call_rate", "Forecast SERVER calls per second", attrgetter("forecast_rate")),
+        ))  # fmt: skip
+        yield from page.family("telepipe_scaling_reason", "gauge", "1 for the rule that decided the desired replicas")
+        for key, (u, _) in by_service:
+            yield from page.line(f'telepipe_scaling_reason{{{labels(key)},reason="{_escape(u.reason_code)}"}} 1\n')
 
     def scaling_signal(self, service: str) -> tuple[int, float] | None:
         """(desired replicas, latest SERVER call rate) of a service; the KEDA scaler serves this."""
@@ -227,38 +229,87 @@ class SeriesState:
             return None if entry is None else (entry[0].desired, entry[0].call_rate)
 
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_CHUNK_LINES = 4096
+
+
 def _fmt(v: float) -> str:
-    return repr(float(v))
+    """A sample value as Go's ParseFloat (Prometheus) reads it."""
+    v = float(v)
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return "NaN" if math.isnan(v) else repr(v)
 
 
-class TelepipeCollector(Collector):
-    def __init__(self, state: SeriesState, metrics: SelfMetrics) -> None:
-        self.state = state
-        self.metrics = metrics
-
-    def collect(self):
-        yield from self.state.families()
-        counters, gauges = self.metrics.snapshot()
-        for name, (doc, labels) in COUNTERS.items():
-            fam = CounterMetricFamily(f"telepipe_{name}", doc, labels=list(labels))
-            for lv, v in sorted(counters.get(name, {}).items()):
-                fam.add_metric(list(lv), v)
-            if not labels and not counters.get(name):
-                fam.add_metric([], 0)
-            yield fam
-        for name, (doc, labels) in GAUGES.items():
-            fam = GaugeMetricFamily(f"telepipe_{name}", doc, labels=list(labels))
-            for lv, v in sorted(gauges.get(name, {}).items()):
-                fam.add_metric(list(lv), v)
-            if not labels and not gauges.get(name):
-                fam.add_metric([], 0)
-            yield fam
+def _escape(v: str) -> str:
+    """A label value in the text format: backslash, double quote and line feed escaped."""
+    if "\\" in v or '"' in v or "\n" in v:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return v
 
 
-def make_registry(state: SeriesState, metrics: SelfMetrics) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(TelepipeCollector(state, metrics))
-    return registry
+class _LabelCache:
+    """``name="value",...`` for a key tuple, escaped once per scrape (names taken in order)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.cache: dict[tuple, str] = {}
+
+    def __call__(self, key: tuple) -> str:
+        text = self.cache.get(key)
+        if text is None:
+            text = self.cache[key] = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(self.names, key))
+        return text
+
+
+class _Page:
+    """Collects exposition lines and hands them out as encoded chunks."""
+
+    def __init__(self) -> None:
+        self.buf: list[str] = []
+
+    def family(self, name: str, kind: str, doc: str) -> Iterator[bytes]:
+        doc = doc.replace("\\", "\\\\").replace("\n", "\\n")
+        return self.line(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+
+    def line(self, text: str) -> Iterator[bytes]:
+        self.buf.append(text)
+        if len(self.buf) >= _CHUNK_LINES:
+            yield from self.flush()
+
+    def lines(self, texts: Iterable[str]) -> Iterator[bytes]:
+        self.buf.extend(texts)
+        if len(self.buf) >= _CHUNK_LINES:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[bytes]:
+        if self.buf:
+            chunk = "".join(self.buf).encode()
+            self.buf = []
+            yield chunk
+
+
+def _gauges(page: _Page, labels: _LabelCache, items: list, specs: tuple) -> Iterator[bytes]:
+    """One gauge family per (name, help, value of an update) over ``items`` ((key, (update,
+    time)) pairs); a NaN value has no sample."""
+    for name, doc, value in specs:
+        yield from page.family(name, "gauge", doc)
+        for key, (u, _) in items:
+            v = value(u)
+            if not math.isnan(v):
+                yield from page.line(f"{name}{{{labels(key)}}} {_fmt(v)}\n")
+
+
+def _render_selfmetrics(page: _Page, metrics: SelfMetrics) -> Iterator[bytes]:
+    counters, gauges = metrics.snapshot()
+    for table, values, kind, suffix in ((COUNTERS, counters, "counter", "_total"), (GAUGES, gauges, "gauge", "")):
+        for name, (doc, label_names) in table.items():
+            full = f"telepipe_{name}{suffix}"
+            yield from page.family(full, kind, doc)
+            samples = values.get(name) or ({(): 0} if not label_names else {})
+            labels = _LabelCache(label_names)
+            for lv, v in sorted(samples.items()):
+                yield from page.line(f"{full}{{{labels(lv)}}} {_fmt(v)}\n" if lv else f"{full} {_fmt(v)}\n")
 
 
 class _MetricsPartition(StatelessSinkPartition[WindowResult | LateSpans]):
@@ -280,33 +331,64 @@ class MetricsSink(DynamicSink[WindowResult | LateSpans]):
 
 
 class MetricsHttpServer:
-    """``/metrics``, ``/healthz`` (liveness) and ``/readyz`` (readiness) on one address."""
+    """``/metrics``, ``/healthz`` (liveness) and ``/readyz`` (readiness) on one address.
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
+    ``/metrics`` is sent with chunked transfer encoding as ``render()`` produces it
+    (a scraper can tell a cut-off page from a whole one), gzip-compressed when the
+    scraper accepts it (Prometheus does; level 1: the page is repetitive text and
+    higher levels cost CPU the dataflow needs for little gain).
+    """
+
+    def __init__(self, host: str, port: int, render: Callable[[], Iterable[bytes]], ready: Callable[[], tuple[bool, str]]):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive for scrapers, chunked /metrics
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    body, ctype, code = generate_latest(outer.registry), CONTENT_TYPE_LATEST, 200
-                elif path == "/healthz":
-                    body, ctype, code = b"ok\n", "text/plain", 200
+                    self.send_metrics()
+                    return
+                if path == "/healthz":
+                    body, code = b"ok\n", 200
                 elif path == "/readyz":
                     ok, why = outer.ready()
-                    body, ctype, code = (why + "\n").encode(), "text/plain", 200 if ok else 503
+                    body, code = (why + "\n").encode(), 200 if ok else 503
                 else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
+                    body, code = b"not found\n", 404
                 self.send_response(code)
-                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
+            def send_metrics(self) -> None:
+                gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Transfer-Encoding", "chunked")
+                if gzipped:
+                    self.send_header("Content-Encoding", "gzip")
+                self.end_headers()
+                packer = zlib.compressobj(1, zlib.DEFLATED, 31) if gzipped else None
+                try:
+                    for chunk in outer.render():
+                        self.write_chunk(packer.compress(chunk) if packer else chunk)
+                    if packer:
+                        self.write_chunk(packer.flush())
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the scraper gave up (its timeout); nothing to answer
+
+            def write_chunk(self, data: bytes) -> None:
+                if data:
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+
             def log_message(self, fmt: str, *args) -> None:
                 log.debug("http: " + fmt, *args)
 
-        self.registry = registry
+        self.render = render
         self.ready = ready
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
