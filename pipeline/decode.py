@@ -107,7 +107,7 @@ class _SpanColumns:
             "service_idx": np.repeat(np.array(self.service_idx, dtype=np.int32), self.spans),
             "op_idx": op_idx,
             "instance_idx": np.repeat(np.array(self.instance_idx, dtype=np.int32), self.spans),
-            "kind": np.fromiter(kinds, np.int8, n),
+            "kind": _known(np.fromiter(kinds, np.int64, n), 5),
             "status": np.fromiter(statuses, np.int8, n),
             "end_ns": end.astype(np.int64),
             "duration_ns": (end - start).astype(np.int64),
@@ -119,7 +119,7 @@ class _SpanColumns:
             return Decoded(None, n, n, _reason_message(reasons))
         if rejected:
             cols = {k: v[ok] for k, v in cols.items()}
-        # Unknown enum values (newer clients) are kept but clamped into our tables' range.
+        # Unknown status codes (newer clients) are kept but clamped into our tables' range.
         np.clip(cols["status"], 0, 2, out=cols["status"])
         batch = SpanBatch(
             services=tuple(self.services),
@@ -128,6 +128,13 @@ class _SpanColumns:
             **cols,
         )
         return Decoded(batch, n, rejected, _reason_message(reasons))
+
+
+def _known(values: np.ndarray, highest: int) -> np.ndarray:
+    """An enum column as int8: values outside 0..highest (open enums: any int32 on the wire,
+    e.g. from a newer client) become 0, UNSPECIFIED; the span is kept."""
+    values[(values < 0) | (values > highest)] = 0
+    return values.astype(np.int8)
 
 
 def _id_column(ids: tuple[bytes, ...], width: int, n: int, *, allow_empty: bool):
