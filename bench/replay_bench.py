@@ -1,6 +1,6 @@
 """Replay throughput of the full pipeline (no gRPC), with the ceiling measured in the same run.
 
-    .venv/bin/python -m bench.replay_bench [--copies 1,4,16,64] [--seconds 3]
+    .venv/bin/python -m bench.replay_bench [--copies 1,4,16,64] [--series 10000] [--seconds 3]
 
 The shared recordings (OnlineBoutique, TrainTicket, Zipkin captures) are
 amplified by *overlaying* N copies of each recorded request: copy k has its
@@ -21,6 +21,10 @@ Each case runs in its own process:
    then the full dataflow of ``pipeline/flow.py`` (service-graph join,
    pre-aggregation, per-service windows, anomaly detection, scaling,
    ``/metrics`` state) until every window is closed.
+
+A high-cardinality case (``--series``) replays ``bench/load``'s synthetic mix
+instead: 10,000 (service, operation) pairs at 20,000 spans/s of event time, so a
+batch holds about one span per pair.
 
 Prints spans/s for both and their ratio, the RSS the replay added, and where
 the replay's time went (stage timers; "bytewax and glue" is the rest).
@@ -183,7 +187,7 @@ class StageTimes:
         from sinks.prometheus import _MetricsPartition
 
         self.wrap("service graph", LinkJoiner, "process")
-        for name in ("preaggregate", "instance_sets", "preaggregate_logs"):
+        for name in ("preaggregate", "preaggregate_logs"):
             self.wrap("preaggregate", pipeline.flow, name)
         for name in ("on_item", "on_idle", "close_all"):
             self.wrap("windows", ServiceWindows, name)
@@ -277,33 +281,54 @@ def replay(requests: list[tuple[str, bytes, int]]) -> dict:
     }
 
 
-def run_case(copies: int, paths: list[Path], seconds: float) -> dict:
-    requests = payloads(paths, copies)
+def series_payloads(series: int, windows: int = 4) -> list[tuple[str, bytes, int]]:
+    """High cardinality: ``bench/load``'s synthetic mix of ``series`` (service, operation) pairs,
+    512-span requests, 20,000 spans/s of event time for ``windows`` 10 s windows (each pair
+    ~20 spans per window: a batch holds about one span per pair)."""
+    from bench.load import Template, synthetic_mix
+
+    mix = synthetic_mix(series)
+    templates = [Template(512, seed, mix, start=seed * 512) for seed in range(20)]
+    t0 = 1_800_000_000 * 10**9
+    per_window = 400  # x 512 spans = 204,800 spans per 10 s
+    return [
+        ("spans", templates[k % 20].at(t0 + w * 10**10 + (k + 1) * (10**10 // per_window)), 512)
+        for w in range(windows)
+        for k in range(per_window)
+    ]
+
+
+def run_case(case: str, paths: list[Path], seconds: float) -> dict:
+    """``case``: "x<copies>" (the recordings overlaid) or "<n> pairs" (``series_payloads``)."""
+    requests = payloads(paths, int(case[1:])) if case.startswith("x") else series_payloads(int(case.split()[0]))
     traces = [body for signal, body, _ in requests if signal == "spans"]
     sent = sum(n for signal, _, n in requests if signal == "spans")
     ceil = ceiling(requests, seconds)
     out = replay(requests)
     assert out["spans"] == sent, (out["spans"], sent)  # every span ends up in a closed window
-    out.update(case=f"x{copies}", spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)
+    out.update(case=case, spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", default="1,4,16,64", help="overlay factors, comma-separated")
+    ap.add_argument("--series", default="10000",
+                    help="high-cardinality cases: numbers of (service, operation) pairs, comma-separated ('' for none)")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum duration of each ceiling measurement")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     ap.add_argument("paths", nargs="*", default=[str(RECORDINGS / p) for p in DEFAULT])
-    ap.add_argument("--case", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     paths = [Path(p) for p in args.paths]
     if args.case:
         print(json.dumps(run_case(args.case, paths, args.seconds)))
         return
     rows = []
-    for copies in [int(c) for c in args.copies.split(",")]:
+    cases = [f"x{c}" for c in args.copies.split(",") if c] + [f"{n} pairs" for n in args.series.split(",") if n]
+    for case in cases:
         out = subprocess.run(
-            [sys.executable, "-m", "bench.replay_bench", "--case", str(copies), "--seconds", str(args.seconds),
+            [sys.executable, "-m", "bench.replay_bench", "--case", case, "--seconds", str(args.seconds),
              *map(str, paths)],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
@@ -312,19 +337,19 @@ def main() -> None:
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"{'case':<5} {'spans':>10} {'spans/req':>9} {'windows':>8} {'replay spans/s':>15} "
+    print(f"{'case':<11} {'spans':>10} {'spans/req':>9} {'windows':>8} {'replay spans/s':>15} "
           f"{'ceiling spans/s':>16} {'ratio':>6} {'RSS added MiB':>14}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['case']:<5} {r['spans']:>10,} {r['spans_per_request']:>9.0f} {r['windows']:>8,} "
+            f"{r['case']:<11} {r['spans']:>10,} {r['spans_per_request']:>9.0f} {r['windows']:>8,} "
             f"{r['spans_per_s']:>15,.0f} {r['ceiling']:>16,.0f} {r['ratio']:>6.2f} {r['rss_added_mib']:>14.0f}"
         )
     print("\nwhere the replay's time went (% of its wall time)")
     names = [*STAGES, "bytewax and glue"]
-    print(f"{'case':<5} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names))
+    print(f"{'case':<11} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names))
     for r in rows:
         cells = [f"{100 * r['stages'][n] / r['seconds']:>{max(8, len(n))}.1f}" for n in names]
-        print(f"{r['case']:<5} " + " ".join(cells))
+        print(f"{r['case']:<11} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The telepipe dataflow, top to bottom.
 
     read batches (spool or recording), joining parent/child spans across services
-      -> preaggregate on numpy: per (service, operation, kind, window) span aggregates,
-         per (service, window) log counts and instance sets
+      -> preaggregate on numpy: per (service, window) span aggregates with a row per
+         (operation, kind), and the service's instances; per (service, window) log counts
       -> key by service -> per-service state (pipeline/service.py):
            event-time windows of every operation, closing together (cardinality limit)
            -> anomaly detection and alerts -> scaling signal
@@ -41,7 +41,7 @@ from pipeline.anomaly import AlertEvent
 from pipeline.scaling import ScalingEvent, ScalingUpdate
 from pipeline.service import ServiceState
 from pipeline.servicegraph import EdgePartial, JoinedSource
-from pipeline.windows import WindowSpec, instance_sets, preaggregate, preaggregate_logs
+from pipeline.windows import WindowSpec, preaggregate, preaggregate_logs
 
 Clock = Callable[[], float]  # seconds since the epoch
 
@@ -108,7 +108,7 @@ class _ServiceStep(StatefulLogic[object, object, bytes]):
 def _partials(spec: WindowSpec, dead: DeadLetters):
     def split(item: SpanBatch | LogBatch | EdgePartial) -> list:
         if isinstance(item, SpanBatch):
-            return [*preaggregate(item, spec), *instance_sets(item, spec)]
+            return preaggregate(item, spec)
         if isinstance(item, LogBatch):
             return preaggregate_logs(item, spec, item.step)
         return [item]  # an EdgePartial is already an aggregate
@@ -137,8 +137,9 @@ def build_flow(
     joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns, dead)
     batches = op.input("read", flow, joined)
 
-    # One small aggregate per (service, operation, kind, window) per batch, plus per-service
-    # log counts and instance sets: the only per-span (and per-record) work, on numpy.
+    # One aggregate per (service, window) per batch (a row per operation and kind, so a batch
+    # touching thousands of operations is still a few items), and per-service log counts:
+    # the only per-span (and per-record) work, on numpy.
     partials = op.flat_map("preaggregate", batches, _partials(spec, dead))
     by_service = op.key_on("key_by_service", partials, lambda p: p.service)
     per_service = op.stateful(

@@ -2,13 +2,15 @@
 
 Three plain, picklable pieces (no bytewax here; ``pipeline/flow.py`` wraps them):
 
-- ``preaggregate``: one ``SpanBatch`` -> one ``Partial`` per (key, window) found in
-  it: status counts, explicit-bucket histogram, sums, sketch buckets. This is the
-  only per-span work, done on numpy arrays.
+- ``preaggregate``: one ``SpanBatch`` -> one ``Partial`` per (service, window)
+  found in it, with a row per (operation, kind): status counts, explicit-bucket
+  histogram, sums, sketch buckets, exemplars; and the service's instances. This is
+  the only per-span work, done on numpy arrays.
 - ``CardinalityLimiter`` (state per service): operations over the per-service
   limit are folded into one overflow operation, so series stay bounded.
-- ``ServiceWindows`` (state per service): merges partials, log counts, instance
-  sets and service-graph calls into open windows; all of a service's windows for
+- ``ServiceWindows`` (state per service): merges partials (into ``_Ops``: all
+  operations of a window as rows of arrays), log counts and service-graph calls
+  into open windows; all of a service's windows for
   a time range close together when its watermark passes ``window_end +
   allowed_lateness``, when it has been idle for ``idle_timeout`` on the injected
   clock, or at end of input. Spans for a window that already closed are counted
@@ -79,109 +81,138 @@ class WindowSpec:
 
 @dataclass
 class Partial:
-    """Aggregate of the spans of one batch that share a key and a window."""
+    """Aggregates of one batch's spans of one service in one window: a row per (operation, kind).
+
+    Columnar so that a batch touching thousands of operations is a handful of
+    items and array operations, not an object per operation."""
 
     service: str
-    operation: str
-    span_kind: int
     window_start: int
     max_end_ns: int
     step: tuple[int, int]  # (source partition, step number) it was read in
-    status_counts: np.ndarray  # int64[3]: unset, ok, error
-    bucket_counts: np.ndarray  # int64[3, len(bounds) + 1]
-    status_sums: np.ndarray  # float64[3], seconds
-    sk_idx: np.ndarray  # sketch bucket indices (ascending)
+    operations: list[str]  # per row
+    kinds: list[int]  # per row
+    row_end_ns: list[int]  # per row: newest span end (the cardinality limiter's last seen)
+    status_counts: np.ndarray  # int64[rows, 3]: unset, ok, error
+    bucket_counts: np.ndarray  # int64[rows, 3, len(bounds) + 1]
+    status_sums: np.ndarray  # float64[rows, 3], seconds
+    zero: np.ndarray  # int64[rows]: spans of zero duration (the sketch's zero bucket)
+    vmin: np.ndarray  # float64[rows], seconds
+    vmax: np.ndarray
+    sk_row: np.ndarray  # sketch buckets: row, bucket index, count (sorted by row, then index)
+    sk_idx: np.ndarray
     sk_cnt: np.ndarray
-    zero: int
-    vmin: float
-    vmax: float
-    slow: list[tuple[float, str]]  # (duration s, trace id hex) of the slowest spans, slowest first
-    error_traces: list[str]  # trace ids of error spans (the slowest ones)
+    slow_row: np.ndarray  # exemplars: the slowest spans of each row, slowest first
+    slow_dur: np.ndarray  # float64 seconds
+    slow_trace: np.ndarray  # S16 trace ids
+    err_row: np.ndarray  # trace ids of error spans of each row (the slowest ones first)
+    err_trace: np.ndarray
+    instances: tuple[str, ...] = ()  # distinct service.instance.id values (sorted, none empty)
 
     @property
     def count(self) -> int:
         return int(self.status_counts.sum())
 
 
+def _rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal values (``keys`` sorted)."""
+    return np.arange(keys.size) - np.searchsorted(keys, keys, side="left")
+
 
 def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
-    """Group a batch's spans by (service, operation, kind, window) and aggregate each group.
+    """Group a batch's spans by (service, window), and within that by (operation, kind).
 
     All arithmetic is done once over the whole batch (one sort, a few bincounts);
-    the loop at the end only slices the results, once per group.
+    the loop at the end only slices the results, once per (service, window).
     """
     n = len(batch)
     if n == 0:
         return []
-    n_ops = len(batch.operations)
-    key = (batch.service_idx.astype(np.int64) * n_ops + batch.op_idx) * 8 + batch.kind.astype(np.int64)
     window = batch.end_ns // spec.length_ns
-    order = np.lexsort((-batch.duration_ns, window, key))  # slowest first within a group
-    key_s, win_s = key[order], window[order]
-    new_group = np.empty(n, dtype=bool)
-    new_group[0] = True
-    np.not_equal(key_s[1:], key_s[:-1], out=new_group[1:])
-    new_group[1:] |= win_s[1:] != win_s[:-1]
-    starts = np.flatnonzero(new_group)
-    groups = starts.size
-    gid = np.cumsum(new_group) - 1  # group of each sorted span
+    opkind = batch.op_idx.astype(np.int64) * 8 + batch.kind
+    # slowest first within a row; rows of one (service, window) next to each other
+    order = np.lexsort((-batch.duration_ns, opkind, window, batch.service_idx))
+    svc_s, win_s, ok_s = batch.service_idx[order], window[order], opkind[order]
+    new_part = np.empty(n, dtype=bool)
+    new_part[0] = True
+    np.not_equal(svc_s[1:], svc_s[:-1], out=new_part[1:])
+    new_part[1:] |= win_s[1:] != win_s[:-1]
+    new_row = new_part.copy()
+    new_row[1:] |= ok_s[1:] != ok_s[:-1]
+    row_starts = np.flatnonzero(new_row)
+    rows = row_starts.size
+    gid = np.cumsum(new_row) - 1  # row of each sorted span
 
     dur = batch.duration_ns[order] / 1e9  # seconds, rounded exactly like Python does
     status = batch.status[order].astype(np.int64)
     nb = spec.bounds.size + 1
     bucket = np.searchsorted(spec.bounds, dur, side="left")
-    status_counts = np.bincount(gid * 3 + status, minlength=groups * 3).reshape(groups, 3)
-    bucket_counts = np.bincount((gid * 3 + status) * nb + bucket, minlength=groups * 3 * nb).reshape(groups, 3, nb)
-    status_sums = np.bincount(gid * 3 + status, weights=dur, minlength=groups * 3).reshape(groups, 3)
-    vmin = np.minimum.reduceat(dur, starts)
-    vmax = np.maximum.reduceat(dur, starts)
-    max_end = np.maximum.reduceat(batch.end_ns[order], starts)
+    cell = gid * 3 + status
+    status_counts = np.bincount(cell, minlength=rows * 3).reshape(rows, 3)
+    bucket_counts = np.bincount(cell * nb + bucket, minlength=rows * 3 * nb).reshape(rows, 3, nb)
+    status_sums = np.bincount(cell, weights=dur, minlength=rows * 3).reshape(rows, 3)
+    vmin = np.minimum.reduceat(dur, row_starts)
+    vmax = np.maximum.reduceat(dur, row_starts)
+    row_end = np.maximum.reduceat(batch.end_ns[order], row_starts)
 
-    # Sketch buckets of every group at once: unique (group, bucket index) pairs.
+    # Sketch buckets of every row at once: unique (row, bucket index) pairs.
     positive = dur > 0
-    zero = np.bincount(gid[~positive], minlength=groups) if not positive.all() else np.zeros(groups, np.int64)
+    zero = np.bincount(gid[~positive], minlength=rows) if not positive.all() else np.zeros(rows, np.int64)
     sk = spec.mapping.index(dur[positive])
     pair = gid[positive] * 1_000_000 + (sk + 500_000)  # bucket indices stay well inside +-500k
     upair, ucnt = np.unique(pair, return_counts=True)
-    ugid = upair // 1_000_000
+    urow = upair // 1_000_000
     uidx = upair % 1_000_000 - 500_000
-    bounds = np.searchsorted(ugid, np.arange(groups + 1))
 
-    out = []
-    services, operations = batch.services, batch.operations
-    keys, wins = key_s[starts].tolist(), win_s[starts].tolist()
-    stops = np.append(starts[1:], n).tolist()
-    starts_l = starts.tolist()
+    # Exemplars: the slowest spans of each row (sorted slowest first) and its error spans.
     trace_s = batch.trace_id[order]
-    errors_g = status_counts[:, 2].tolist()
-    top = spec.exemplars
-    for g in range(groups):
-        k = keys[g]
-        svc_op = k // 8
-        a, b = bounds[g], bounds[g + 1]
-        s0, s1 = starts_l[g], stops[g]
-        slow = [(float(dur[i]), trace_s[i].hex()) for i in range(s0, min(s0 + top, s1))]
-        error_traces = []
-        if errors_g[g]:
-            error_traces = [trace_s[s0 + i].hex() for i in np.flatnonzero(status[s0:s1] == 2)[:top].tolist()]
+    slow_at = np.flatnonzero(np.arange(n) - row_starts[gid] < spec.exemplars)
+    err_at = np.flatnonzero(status == 2)
+    err_at = err_at[_rank_in_runs(gid[err_at]) < spec.exemplars]
+
+    part_rows = np.append(np.flatnonzero(new_part[row_starts]), rows)  # first row of each part
+    parts = part_rows.size - 1
+    # Distinct instances of each part: unique (part, instance) pairs, sorted by part.
+    n_inst = len(batch.instances)
+    pair = np.unique((np.cumsum(new_part) - 1) * n_inst + batch.instance_idx[order])
+    inst_cut = np.searchsorted(pair // n_inst, np.arange(parts + 1)).tolist()
+    inst_names = [batch.instances[i] for i in (pair % n_inst).tolist()]
+    sk_cut = np.searchsorted(urow, part_rows)
+    slow_cut = np.searchsorted(gid[slow_at], part_rows)
+    err_cut = np.searchsorted(gid[err_at], part_rows)
+    services, operations = batch.services, batch.operations
+    row_ok = ok_s[row_starts].tolist()
+    row_end_l = row_end.tolist()
+    firsts = row_starts[part_rows[:-1]]
+    part_svc, part_win = svc_s[firsts].tolist(), win_s[firsts].tolist()
+    out = []
+    for i in range(parts):
+        a, b = int(part_rows[i]), int(part_rows[i + 1])
+        k0, k1, s0, s1, e0, e1 = sk_cut[i], sk_cut[i + 1], slow_cut[i], slow_cut[i + 1], err_cut[i], err_cut[i + 1]
         out.append(
             Partial(
-                service=services[svc_op // n_ops],
-                operation=operations[svc_op % n_ops],
-                span_kind=k % 8,
-                window_start=wins[g] * spec.length_ns,
-                max_end_ns=int(max_end[g]),
+                service=services[part_svc[i]],
+                window_start=part_win[i] * spec.length_ns,
+                max_end_ns=max(row_end_l[a:b]),
                 step=batch.step,
-                status_counts=status_counts[g],
-                bucket_counts=bucket_counts[g],
-                status_sums=status_sums[g],
-                sk_idx=uidx[a:b],
-                sk_cnt=ucnt[a:b],
-                zero=int(zero[g]),
-                vmin=float(vmin[g]),
-                vmax=float(vmax[g]),
-                slow=slow,
-                error_traces=error_traces,
+                operations=[operations[k >> 3] for k in row_ok[a:b]],
+                kinds=[k & 7 for k in row_ok[a:b]],
+                row_end_ns=row_end_l[a:b],
+                status_counts=status_counts[a:b],
+                bucket_counts=bucket_counts[a:b],
+                status_sums=status_sums[a:b],
+                zero=zero[a:b],
+                vmin=vmin[a:b],
+                vmax=vmax[a:b],
+                sk_row=urow[k0:k1] - a,
+                sk_idx=uidx[k0:k1],
+                sk_cnt=ucnt[k0:k1],
+                slow_row=gid[slow_at[s0:s1]] - a,
+                slow_dur=dur[slow_at[s0:s1]],
+                slow_trace=trace_s[slow_at[s0:s1]],
+                err_row=gid[err_at[e0:e1]] - a,
+                err_trace=trace_s[err_at[e0:e1]],
+                instances=tuple(sorted(filter(None, inst_names[inst_cut[i] : inst_cut[i + 1]]))),
             )
         )
     return out
@@ -197,17 +228,6 @@ class LogPartial:
     step: tuple[int, int]
     records: int
     errors: int  # severity ERROR or worse (number >= 17)
-
-
-@dataclass
-class InstanceSet:
-    """The ``service.instance.id`` values one batch shows for a service in a window."""
-
-    service: str
-    window_start: int
-    max_end_ns: int
-    step: tuple[int, int]
-    instances: tuple[str, ...]
 
 
 SEVERITY_ERROR = 17
@@ -242,32 +262,6 @@ def preaggregate_logs(batch: LogBatch, spec: WindowSpec, step: tuple[int, int]) 
     ]
 
 
-def instance_sets(batch: SpanBatch, spec: WindowSpec) -> list[InstanceSet]:
-    """Distinct instances per (service, window) in a span batch."""
-    if len(batch) == 0:
-        return []
-    n_inst = len(batch.instances)
-    window = batch.end_ns // spec.length_ns
-    wmin = int(window.min())
-    span = int(window.max()) - wmin + 1
-    code = (batch.service_idx.astype(np.int64) * n_inst + batch.instance_idx) * span + (window - wmin)
-    ucode, inverse = np.unique(code, return_inverse=True)
-    newest = np.full(ucode.size, np.iinfo(np.int64).min)
-    np.maximum.at(newest, inverse, batch.end_ns)
-    grouped: dict[tuple[int, int], tuple[list[str], int]] = {}
-    for i, c in enumerate(ucode.tolist()):
-        svc_inst, w = divmod(c, span)
-        svc, inst = divmod(svc_inst, n_inst)
-        names, high = grouped.get((svc, w), ([], 0))
-        names.append(batch.instances[inst])
-        grouped[(svc, w)] = (names, max(high, int(newest[i])))
-    return [
-        InstanceSet(batch.services[svc], (w + wmin) * spec.length_ns, high, batch.step, tuple(sorted(names)))
-        for (svc, w), (names, high) in grouped.items()
-        if any(names)
-    ]
-
-
 class CardinalityLimiter:
     """Per-service set of live operations; those past the limit become the overflow series.
 
@@ -281,19 +275,25 @@ class CardinalityLimiter:
         self.last_seen: dict[str, int] = {}
         self.watermark = 0
 
-    def admit(self, p: Partial) -> Partial:
-        self.watermark = max(self.watermark, p.max_end_ns)
-        op = p.operation
-        if op in self.last_seen:
-            self.last_seen[op] = max(self.last_seen[op], p.max_end_ns)
-            return p
-        if len(self.last_seen) >= self.limit:
-            self._expire()
-        if len(self.last_seen) < self.limit:
-            self.last_seen[op] = p.max_end_ns
-            return p
-        p.operation = OVERFLOW_OPERATION
-        return p
+    def admit(self, operations: list[str], ends_ns: list[int]) -> list[str]:
+        """The operations of a partial's rows as they are counted: each one, or the overflow
+        operation when it does not fit. ``ends_ns``: each row's newest span end."""
+        self.watermark = max(self.watermark, max(ends_ns, default=0))
+        last_seen = self.last_seen
+        out = []
+        for op, end in zip(operations, ends_ns):
+            seen = last_seen.get(op)
+            if seen is None:
+                if len(last_seen) >= self.limit:
+                    self._expire()
+                if len(last_seen) < self.limit:
+                    last_seen[op] = end
+                else:
+                    op = OVERFLOW_OPERATION
+            elif end > seen:
+                last_seen[op] = end
+            out.append(op)
+        return out
 
     def _expire(self) -> None:
         horizon = self.watermark - self.expire_ns
@@ -301,27 +301,107 @@ class CardinalityLimiter:
             del self.last_seen[op]
 
 
-class _Window:
-    __slots__ = ("status_counts", "bucket_counts", "status_sums", "sketch", "slow", "error_traces")
+class _Ops:
+    """Every (operation, kind) of one service in one open window, as rows of arrays.
 
-    def __init__(self, p: Partial, mapping: LogMapping) -> None:
-        self.status_counts = p.status_counts.copy()
-        self.bucket_counts = p.bucket_counts.copy()
-        self.status_sums = p.status_sums.copy()
-        self.sketch = LogSketch(mapping)
-        self.sketch.add_buckets(p.sk_idx, p.sk_cnt, p.zero, p.vmin, p.vmax)
-        self.slow = list(p.slow)
-        self.error_traces = list(p.error_traces)
+    A partial merges with a few numpy calls however many operations it carries.
+    Sketch buckets and exemplar candidates are appended as they come and folded
+    (summed per (row, bucket); the top exemplars kept per row) when they pile up
+    and at close, so memory stays bounded by distinct buckets, not by spans.
+    """
 
-    def merge(self, p: Partial, keep: int) -> None:
-        self.status_counts += p.status_counts
-        self.bucket_counts += p.bucket_counts
-        self.status_sums += p.status_sums
-        self.sketch.add_buckets(p.sk_idx, p.sk_cnt, p.zero, p.vmin, p.vmax)
-        if p.slow and (len(self.slow) < keep or p.slow[0][0] > self.slow[-1][0]):
-            self.slow = sorted(self.slow + p.slow, key=lambda x: -x[0])[:keep]
-        if len(self.error_traces) < keep:
-            self.error_traces.extend(p.error_traces[: keep - len(self.error_traces)])
+    __slots__ = ("nb", "keep", "rows", "status_counts", "bucket_counts", "status_sums", "zero", "vmin", "vmax",
+                 "sketch", "sketch_len", "slow", "errors")  # fmt: skip
+
+    def __init__(self, nb: int, keep: int) -> None:
+        self.nb, self.keep = nb, keep
+        self.rows: dict[tuple[str, int], int] = {}  # (operation, kind) -> row
+        self.status_counts = np.zeros((0, 3), np.int64)
+        self.bucket_counts = np.zeros((0, 3, nb), np.int64)
+        self.status_sums = np.zeros((0, 3), np.float64)
+        self.zero = np.zeros(0, np.int64)
+        self.vmin = np.zeros(0, np.float64)
+        self.vmax = np.zeros(0, np.float64)
+        self.sketch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (row, bucket index, count)
+        self.sketch_len = 0
+        self.slow: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (row, duration, trace id)
+        self.errors: list[tuple[np.ndarray, np.ndarray]] = []  # (row, trace id)
+
+    def merge(self, p: Partial, operations: list[str]) -> None:
+        """Add ``p`` with its rows named ``operations`` (after the cardinality limit)."""
+        rows = self.rows
+        at = np.fromiter((rows.setdefault(k, len(rows)) for k in zip(operations, p.kinds)), np.int64, len(p.kinds))
+        if len(rows) > self.zero.size:
+            self._grow(len(rows))
+        np.add.at(self.status_counts, at, p.status_counts)
+        np.add.at(self.bucket_counts, at, p.bucket_counts)
+        np.add.at(self.status_sums, at, p.status_sums)
+        np.add.at(self.zero, at, p.zero)
+        np.minimum.at(self.vmin, at, p.vmin)
+        np.maximum.at(self.vmax, at, p.vmax)
+        if p.sk_row.size:
+            self.sketch.append((at[p.sk_row], p.sk_idx, p.sk_cnt))
+            self.sketch_len += p.sk_row.size
+            if self.sketch_len > 65_536 and len(self.sketch) > 1:
+                self.sketch = [self.folded_sketch()]
+                self.sketch_len = self.sketch[0][0].size
+        if p.slow_row.size:
+            self.slow.append((at[p.slow_row], p.slow_dur, p.slow_trace))
+            if len(self.slow) > 64:
+                self.slow = [self.top_slow()]
+        if p.err_row.size:
+            self.errors.append((at[p.err_row], p.err_trace))
+            if len(self.errors) > 64:
+                self.errors = [self.first_errors()]
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self.zero.size, 8)
+        extra = cap - self.zero.size
+        self.status_counts = np.concatenate([self.status_counts, np.zeros((extra, 3), np.int64)])
+        self.bucket_counts = np.concatenate([self.bucket_counts, np.zeros((extra, 3, self.nb), np.int64)])
+        self.status_sums = np.concatenate([self.status_sums, np.zeros((extra, 3), np.float64)])
+        self.zero = np.concatenate([self.zero, np.zeros(extra, np.int64)])
+        self.vmin = np.concatenate([self.vmin, np.full(extra, np.inf)])
+        self.vmax = np.concatenate([self.vmax, np.full(extra, -np.inf)])
+
+    def folded_sketch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All sketch buckets summed per (row, bucket index), sorted by row then index."""
+        if not self.sketch:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        row = np.concatenate([r for r, _, _ in self.sketch])
+        idx = np.concatenate([i for _, i, _ in self.sketch])
+        cnt = np.concatenate([c for _, _, c in self.sketch])
+        pair, inverse = np.unique(row * 1_000_000 + (idx + 500_000), return_inverse=True)
+        return pair // 1_000_000, pair % 1_000_000 - 500_000, np.bincount(inverse, weights=cnt).astype(np.int64)
+
+    def top_slow(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ``keep`` slowest candidates of each row, sorted by row, slowest first (earlier
+        first among equal durations)."""
+        row = np.concatenate([r for r, _, _ in self.slow])
+        dur = np.concatenate([d for _, d, _ in self.slow])
+        trace = np.concatenate([t for _, _, t in self.slow])
+        order = np.lexsort((-dur, row))
+        order = order[_rank_in_runs(row[order]) < self.keep]
+        return row[order], dur[order], trace[order]
+
+    def first_errors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``keep`` error traces of each row, in arrival order, sorted by row."""
+        row = np.concatenate([r for r, _ in self.errors])
+        trace = np.concatenate([t for _, t in self.errors])
+        order = np.argsort(row, kind="stable")
+        order = order[_rank_in_runs(row[order]) < self.keep]
+        return row[order], trace[order]
+
+    def __getstate__(self):  # snapshots carry the folded form
+        self.sketch = [self.folded_sketch()] if self.sketch else []
+        self.sketch_len = self.sketch[0][0].size if self.sketch else 0
+        self.slow = [self.top_slow()] if self.slow else []
+        self.errors = [self.first_errors()] if self.errors else []
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 class _ServiceSlot:
@@ -329,8 +409,8 @@ class _ServiceSlot:
 
     __slots__ = ("ops", "logs", "error_logs", "instances", "calls_to")
 
-    def __init__(self) -> None:
-        self.ops: dict[tuple[str, int], _Window] = {}
+    def __init__(self, nb: int, keep: int) -> None:
+        self.ops = _Ops(nb, keep)
         self.logs = 0
         self.error_logs = 0
         self.instances: set[str] = set()
@@ -362,7 +442,7 @@ class ServiceWindows:
         self.last_activity = 0.0  # injected clock, seconds
         self.late_logs = 0
 
-    def on_item(self, item: Partial | LogPartial | InstanceSet | EdgePartial, now: float) -> list:
+    def on_item(self, item: Partial | LogPartial | EdgePartial, now: float) -> list:
         """Merge one item; returns what closed: ``LateSpans`` and ``ServiceWindow`` objects."""
         self.last_activity = now
         partition, step = item.step
@@ -377,16 +457,14 @@ class ServiceWindows:
         late = item.window_start < self.closed_until
         if isinstance(item, Partial):
             st[2] = max(st[2], item.max_end_ns)
-            p = self.limiter.admit(item)
+            operations = self.limiter.admit(item.operations, item.row_end_ns)
             if late:
-                out.append(LateSpans(self.service, p.operation, p.span_kind, p.count))
+                counts = item.status_counts.sum(axis=1).tolist()
+                out.extend(LateSpans(self.service, op, k, n) for op, k, n in zip(operations, item.kinds, counts))
             else:
-                slot = self._slot(p.window_start)
-                w = slot.ops.get((p.operation, p.span_kind))
-                if w is None:
-                    slot.ops[(p.operation, p.span_kind)] = _Window(p, self.spec.mapping)
-                else:
-                    w.merge(p, self.spec.exemplars)
+                slot = self._slot(item.window_start)
+                slot.ops.merge(item, operations)
+                slot.instances.update(item.instances)
         elif isinstance(item, LogPartial):
             st[2] = max(st[2], item.max_time_ns)
             if late:
@@ -395,17 +473,13 @@ class ServiceWindows:
                 slot = self._slot(item.window_start)
                 slot.logs += item.records
                 slot.error_logs += item.errors
-        elif isinstance(item, EdgePartial):
+        else:  # EdgePartial
             st[2] = max(st[2], item.max_end_ns)
             if not late:
                 c = self._slot(item.window_start).calls_to.setdefault(item.callee, [0, 0, 0.0])
                 c[0] += item.calls
                 c[1] += item.errors
                 c[2] += item.duration_sum
-        else:
-            st[2] = max(st[2], item.max_end_ns)
-            if not late:
-                self._slot(item.window_start).instances.update(item.instances)
         horizon = self.watermark - self.spec.lateness_ns
         ready = sorted(s for s in self.open if s + self.spec.length_ns <= horizon)
         out.extend(self._close(ready))
@@ -431,7 +505,7 @@ class ServiceWindows:
     def _slot(self, start: int) -> _ServiceSlot:
         slot = self.open.get(start)
         if slot is None:
-            slot = self.open[start] = _ServiceSlot()
+            slot = self.open[start] = _ServiceSlot(self.spec.bounds.size + 1, self.spec.exemplars)
         return slot
 
     def idle_deadline(self) -> float | None:
@@ -455,25 +529,18 @@ class ServiceWindows:
         for start in starts:
             slot = self.open.pop(start)
             self.closed_until = max(self.closed_until, start + length)
-            results = []
-            server = LogSketch(self.spec.mapping)
-            server_errors = 0
-            for (op, kind), w in sorted(slot.ops.items()):
-                results.append(_result(self.service, op, kind, start, length, w))
-                if kind == KIND_SERVER:
-                    server.merge(w.sketch)
-                    server_errors += int(w.status_counts[2])
+            results, server = _results(self.service, start, length, slot.ops, self.spec.mapping)
             closed.append(
                 ServiceWindow(
                     service=self.service,
                     window_start=start,
                     window_end=start + length,
-                    results=tuple(results),
+                    results=results,
                     instances=tuple(sorted(i for i in slot.instances if i)),
                     logs=slot.logs,
                     error_logs=slot.error_logs,
                     server_calls=server.count,
-                    server_errors=server_errors,
+                    server_errors=int(sum(r.errors for r in results if r.span_kind == KIND_SERVER)),
                     server_p95=server.quantile(0.95) if server.count else math.nan,
                     dependencies=tuple(
                         Dependency(callee, c[0], c[1], c[2] / c[0]) for callee, c in sorted(slot.calls_to.items())
@@ -483,26 +550,76 @@ class ServiceWindows:
         return closed
 
 
-def _result(service: str, op: str, kind: int, start: int, length: int, w: _Window) -> WindowResult:
-    sk = w.sketch
-    q = sk.quantiles(QUANTILES)
-    return WindowResult(
-        service=service,
-        operation=op,
-        span_kind=kind,
-        window_start=start,
-        window_end=start + length,
-        count=sk.count,
-        errors=int(w.status_counts[2]),
-        p50=q[0],
-        p90=q[1],
-        p95=q[2],
-        p99=q[3],
-        max=sk.max,
-        sum=float(w.status_sums.sum()),
-        status_counts=tuple(w.status_counts.tolist()),
-        bucket_counts=tuple(map(tuple, w.bucket_counts.tolist())),
-        status_sums=tuple(w.status_sums.tolist()),
-        slow_traces=tuple(t for _, t in w.slow),
-        error_traces=tuple(w.error_traces),
-    )
+def _hex_ids(ids: np.ndarray) -> list[str]:
+    """Fixed-width id array -> hex strings (not via numpy's bytes scalars, which drop trailing zero bytes)."""
+    width = 2 * ids.dtype.itemsize
+    text = ids.tobytes().hex()
+    return [text[i : i + width] for i in range(0, len(text), width)]
+
+
+def _split_rows(row: np.ndarray, values: list, n: int) -> list[list]:
+    """``values`` (sorted by ``row``) as one list per row 0..n-1."""
+    cuts = np.searchsorted(row, np.arange(n + 1)).tolist()
+    return [values[cuts[r] : cuts[r + 1]] for r in range(n)]
+
+
+def _results(service: str, start: int, length: int, ops: _Ops, mapping: LogMapping) -> tuple[tuple, LogSketch]:
+    """Window results of every row (sorted by operation, kind) and the service's SERVER sketch.
+
+    Quantiles are computed for all rows at once, with the same rules as
+    ``LogSketch.quantiles`` (extremes exact, zero bucket, estimates clamped to
+    [min, max])."""
+    n = len(ops.rows)
+    status_counts = ops.status_counts[:n]
+    count = status_counts.sum(axis=1)
+    zero, vmin, vmax = ops.zero[:n], ops.vmin[:n], ops.vmax[:n]
+    row, idx, cnt = ops.folded_sketch()
+    cum = np.cumsum(cnt)
+    first = np.searchsorted(row, np.arange(n))
+    base = np.where(first > 0, cum[np.maximum(first - 1, 0)] if cum.size else 0, 0)
+    qs = np.empty((n, len(QUANTILES)))
+    for c, q in enumerate(QUANTILES):
+        rank = np.floor(q * (count - 1)).astype(np.int64)
+        if cum.size:
+            j = np.minimum(np.searchsorted(cum, base + rank - zero, side="right"), cum.size - 1)
+            # bucket values from LogMapping.value itself (numpy's power can differ in the last bit)
+            buckets, inverse = np.unique(idx[j], return_inverse=True)
+            value = np.array([mapping.value(i) for i in buckets.tolist()])[inverse]
+            est = np.minimum(np.maximum(value, vmin), vmax)
+        else:
+            est = np.zeros(n)
+        est = np.where(rank < zero, 0.0, est)
+        est = np.where(rank == 0, vmin, est)
+        qs[:, c] = np.where(rank == count - 1, vmax, est)
+
+    slow_row, slow_dur, slow_trace = ops.top_slow() if ops.slow else (np.zeros(0, np.int64), [], np.zeros(0, "S16"))
+    slow = _split_rows(slow_row, _hex_ids(slow_trace), n)
+    err_row, err_trace = ops.first_errors() if ops.errors else (np.zeros(0, np.int64), np.zeros(0, "S16"))
+    errors = _split_rows(err_row, _hex_ids(err_trace), n)
+
+    qs_l, count_l, max_l = qs.tolist(), count.tolist(), vmax.tolist()
+    sums = ops.status_sums[:n]
+    totals, status_l, sums_l = sums.sum(axis=1).tolist(), status_counts.tolist(), sums.tolist()
+    buckets_l = ops.bucket_counts[:n].tolist()
+    results = []
+    server_rows = []
+    for (op, kind), r in sorted(ops.rows.items()):
+        q = qs_l[r]
+        results.append(
+            WindowResult(
+                service=service, operation=op, span_kind=kind, window_start=start, window_end=start + length,
+                count=count_l[r], errors=status_l[r][2], p50=q[0], p90=q[1], p95=q[2], p99=q[3], max=max_l[r],
+                sum=totals[r], status_counts=tuple(status_l[r]), bucket_counts=tuple(map(tuple, buckets_l[r])),
+                status_sums=tuple(sums_l[r]), slow_traces=tuple(slow[r]), error_traces=tuple(errors[r]),
+            )
+        )  # fmt: skip
+        if kind == KIND_SERVER:
+            server_rows.append(r)
+    server = LogSketch(mapping)
+    if server_rows:
+        rows = np.array(server_rows)
+        mine = np.isin(row, rows)
+        uidx, inverse = np.unique(idx[mine], return_inverse=True)
+        server.add_buckets(uidx, np.bincount(inverse, weights=cnt[mine]).astype(np.int64),
+                           int(zero[rows].sum()), float(vmin[rows].min()), float(vmax[rows].max()))  # fmt: skip
+    return tuple(results), server

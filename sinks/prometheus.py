@@ -25,12 +25,13 @@ import math
 import threading
 import time
 import zlib
-from itertools import accumulate
-from operator import attrgetter
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import accumulate
+from operator import attrgetter
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from prometheus_client.utils import floatToGoString
 
 from pipeline.anomaly import STATE_VALUE, AnomalyUpdate
 from pipeline.model import SPAN_KINDS, STATUS_CODES, OVERFLOW_OPERATION, LateSpans, WindowResult
@@ -234,11 +235,9 @@ _CHUNK_LINES = 4096
 
 
 def _fmt(v: float) -> str:
-    """A sample value as Go's ParseFloat (Prometheus) reads it."""
-    v = float(v)
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return "NaN" if math.isnan(v) else repr(v)
+    """A float sample value as Go (and so Prometheus and prometheus_client) writes it:
+    ``+Inf``, ``NaN``, ``1e+06``. Integer counts are written as integers, also valid."""
+    return floatToGoString(v)
 
 
 def _escape(v: str) -> str:

@@ -8,7 +8,6 @@ from pipeline.windows import (
     CardinalityLimiter,
     ServiceWindows,
     WindowSpec,
-    instance_sets,
     preaggregate,
     preaggregate_logs,
 )
@@ -46,17 +45,71 @@ def test_preaggregate_groups_by_key_and_window():
         operations=("a", "b"),
     )
     parts = preaggregate(b, spec())
-    got = {(p.operation, p.span_kind, p.window_start): p for p in parts}
+    assert [(p.service, p.window_start) for p in parts] == [("svc", 0), ("svc", 10 * S)]  # one per (service, window)
+    got = {(op, k, p.window_start): (p, i) for p in parts for i, (op, k) in enumerate(zip(p.operations, p.kinds))}
     assert set(got) == {("a", 2, 0), ("b", 2, 0), ("a", 2, 10 * S), ("a", 3, 0)}
-    p = got[("a", 2, 0)]
-    assert p.status_counts.tolist() == [1, 0, 1] and p.count == 2
-    assert p.max_end_ns == 2 * S
-    assert abs(p.status_sums.sum() - 0.04) < 1e-12
+    p, i = got[("a", 2, 0)]
+    assert p.status_counts[i].tolist() == [1, 0, 1]
+    assert p.row_end_ns[i] == 2 * S and p.max_end_ns == 4 * S
+    assert abs(p.status_sums[i].sum() - 0.04) < 1e-12
     # 10 ms falls in le=0.01, 30 ms in le=0.05
-    assert p.bucket_counts[0][4] == 1 and p.bucket_counts[2][5] == 1
+    assert p.bucket_counts[i][0][4] == 1 and p.bucket_counts[i][2][5] == 1
     assert sum(p.count for p in parts) == 5
 
 
+def test_windows_match_a_sketch_of_all_their_spans():
+    """Many operations, several batches per window, zero durations, errors: every window result
+    equals what one LogSketch of that key's spans gives (counts, sums, quantiles, max)."""
+    from pipeline.sketch import LogSketch
+
+    rng = np.random.default_rng(7)
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = ServiceWindows("s0", sp, 1000, 600 * S)
+    other = ServiceWindows("s1", sp, 1000, 600 * S)
+    spans: dict[tuple, list] = {}
+    results = []
+    ops = tuple(f"op{i}" for i in range(40))
+    for step in range(12):
+        n = 300
+        svc = rng.integers(0, 2, n)
+        op = rng.integers(0, len(ops), n)
+        kind = rng.choice([2, 3], n)
+        status = rng.choice([0, 1, 2], n, p=[0.8, 0.1, 0.1])
+        end = (step * 3 + rng.integers(0, 3, n)) * S + rng.integers(0, S, n)
+        dur = np.where(rng.random(n) < 0.05, 0, rng.lognormal(15, 1.5, n).astype(np.int64))
+        b = batch(list(zip(svc, op, kind, status, end, dur)), services=("s0", "s1"), operations=ops, step=step)
+        for s, o, k, st, e, d in zip(svc, op, kind, status, end, dur):
+            spans.setdefault((int(s), ops[o], int(k), int(e // (10 * S))), []).append((int(st), d / 1e9))
+        for p in preaggregate(b, sp):
+            results += closed_results((sw if p.service == "s0" else other).on_item(p, 0.0))
+    results += closed_results(sw.close_all()) + closed_results(other.close_all())
+    assert len(results) == len(spans)
+    for r in results:
+        got = spans[(0 if r.service == "s0" else 1, r.operation, r.span_kind, r.window_start // (10 * S))]
+        sk = LogSketch(sp.mapping)
+        sk.add(np.array([d for _, d in got]))
+        assert r.count == len(got) and r.errors == sum(st == 2 for st, _ in got)
+        assert [r.p50, r.p90, r.p95, r.p99] == sk.quantiles((0.5, 0.9, 0.95, 0.99))
+        assert r.max == max(d for _, d in got)
+        assert r.status_counts == tuple(sum(st == c for st, _ in got) for c in range(3))
+        assert abs(r.sum - sum(d for _, d in got)) < 1e-9
+        assert sum(map(sum, r.bucket_counts)) == len(got)
+
+
+def test_exemplars_are_the_slowest_and_the_error_spans_with_whole_ids():
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = service_windows(sp)
+    for step in range(3):  # eight spans over three batches; the slowest five are kept
+        rows = [(0, 0, 2, 2 if i == 1 else 0, (step + 1) * S, (step * 10 + i) * 1_000_000) for i in range(3)]
+        b = batch(rows, step=step)
+        ids = [bytes([step, i]) + bytes(13) + b"\x00" for i in range(3)]  # trace ids ending in a zero byte
+        b = SpanBatch(**{**b.__dict__, "trace_id": np.array(ids, "S16")})
+        for p in preaggregate(b, sp):
+            sw.on_item(p, 0.0)
+    (r,) = closed_results(sw.close_all())
+    assert all(len(t) == 32 for t in r.slow_traces + r.error_traces)
+    assert r.slow_traces == tuple(f"{s:02x}{i:02x}" + "00" * 14 for s, i in [(2, 2), (2, 1), (2, 0), (1, 2), (1, 1)])
+    assert r.error_traces == tuple(f"{s:02x}01" + "00" * 14 for s in range(3))
 def service_windows(sp, limit=100):
     return ServiceWindows("svc", sp, limit, 600 * S)
 
@@ -120,7 +173,7 @@ def test_logs_and_instances_join_the_service_window():
         severity_text=["INFO", "ERROR", "FATAL"], body=["a", "b", "c"], trace_id=["", "", ""],
         span_id=["", "", ""], service=["svc", "svc", "svc"], instance=["", "", ""], attributes=[{}, {}, {}],
     )  # fmt: skip
-    items = [*preaggregate(b, sp), *instance_sets(b, sp), *preaggregate_logs(logs, sp, (0, 1))]
+    items = [*preaggregate(b, sp), *preaggregate_logs(logs, sp, (0, 1))]
     for item in items:
         assert sw.on_item(item, 0.0) == []
     (window,) = sw.close_all()
@@ -148,17 +201,10 @@ def test_service_windows_pickle_round_trip():
 
 def test_cardinality_limit_folds_excess_operations():
     lim = CardinalityLimiter(limit=2, expire_ns=60 * S)
-    ops = ["a", "b", "c", "a", "d"]
-    sp = spec()
-    names = []
-    for i, name in enumerate(ops):
-        p = preaggregate(batch([(0, 0, 2, 0, (i + 1) * S, 1)], operations=(name,)), sp)[0]
-        names.append(lim.admit(p).operation)
+    names = [lim.admit([name], [(i + 1) * S])[0] for i, name in enumerate(["a", "b", "c", "a", "d"])]
     assert names == ["a", "b", OVERFLOW_OPERATION, "a", OVERFLOW_OPERATION]
     # after "b" has not been seen for longer than expire_ns, a new operation gets its slot
-    p = preaggregate(batch([(0, 0, 2, 0, 100 * S, 1)], operations=("e",)), sp)[0]
-    lim.admit(preaggregate(batch([(0, 0, 2, 0, 99 * S, 1)], operations=("a",)), sp)[0])
-    assert lim.admit(p).operation == "e"
+    assert lim.admit(["a", "e"], [99 * S, 100 * S]) == ["a", "e"]
     assert pickle.loads(pickle.dumps(lim)).last_seen == lim.last_seen
 
 
