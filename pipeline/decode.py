@@ -108,7 +108,8 @@ class _SpanColumns:
             "op_idx": op_idx,
             "instance_idx": np.repeat(np.array(self.instance_idx, dtype=np.int32), self.spans),
             "kind": _known(np.fromiter(kinds, np.int64, n), 5),
-            "status": np.fromiter(statuses, np.int8, n),
+            # unknown status codes (newer clients) are kept, clamped into our tables' range
+            "status": np.clip(np.fromiter(statuses, np.int64, n), 0, 2).astype(np.int8),
             "end_ns": end.astype(np.int64),
             "duration_ns": (end - start).astype(np.int64),
             "trace_id": trace_id,
@@ -119,8 +120,6 @@ class _SpanColumns:
             return Decoded(None, n, n, _reason_message(reasons))
         if rejected:
             cols = {k: v[ok] for k, v in cols.items()}
-        # Unknown status codes (newer clients) are kept but clamped into our tables' range.
-        np.clip(cols["status"], 0, 2, out=cols["status"])
         batch = SpanBatch(
             services=tuple(self.services),
             operations=tuple(ops),
@@ -259,9 +258,9 @@ def decode_traces_json(obj: dict) -> Decoded:
                 )
             columns = zip(*rows, strict=True) if rows else [()] * len(_COLUMNS)
             cols.add_resource(service, instance, columns, len(rows))
-    except (AttributeError, TypeError, ValueError) as exc:
+        return cols.finish()
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:  # e.g. a kind beyond int64
         raise MalformedRequest(f"malformed OTLP/JSON trace request: {exc}") from exc
-    return cols.finish()
 
 
 # ----------------------------------------------------------------------------------- logs
@@ -462,7 +461,7 @@ def decode_logs_json(obj: dict, limits: DecodeLimits = DecodeLimits()) -> Decode
                     [r.get("attributes") or () for r in recs],
                 )  # fmt: skip
         return cols.finish()  # renders the attributes
-    except (AttributeError, TypeError, ValueError) as exc:
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
         raise MalformedRequest(f"malformed OTLP/JSON log request: {exc}") from exc
 
 

@@ -129,7 +129,9 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     if n == 0:
         return []
     window = batch.end_ns // spec.length_ns
-    opkind = batch.op_idx.astype(np.int64) * 8 + batch.kind
+    # kinds outside OTLP's 0..5 (spooled by an older telepipe) count as UNSPECIFIED, as decode does now
+    kind = np.where((batch.kind < 0) | (batch.kind > 5), 0, batch.kind)
+    opkind = batch.op_idx.astype(np.int64) * 8 + kind
     # slowest first within a row; rows of one (service, window) next to each other
     order = np.lexsort((-batch.duration_ns, opkind, window, batch.service_idx))
     svc_s, win_s, ok_s = batch.service_idx[order], window[order], opkind[order]
@@ -205,8 +207,8 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
                 vmin=vmin[a:b],
                 vmax=vmax[a:b],
                 sk_row=urow[k0:k1] - a,
-                sk_idx=uidx[k0:k1],
-                sk_cnt=ucnt[k0:k1],
+                sk_idx=uidx[k0:k1].copy(),  # copies: the window keeps these, not the whole batch's
+                sk_cnt=ucnt[k0:k1].copy(),
                 slow_row=gid[slow_at[s0:s1]] - a,
                 slow_dur=dur[slow_at[s0:s1]],
                 slow_trace=trace_s[slow_at[s0:s1]],
@@ -277,7 +279,9 @@ class CardinalityLimiter:
 
     def admit(self, operations: list[str], ends_ns: list[int]) -> list[str]:
         """The operations of a partial's rows as they are counted: each one, or the overflow
-        operation when it does not fit. ``ends_ns``: each row's newest span end."""
+        operation when it does not fit. ``ends_ns``: each row's newest span end. Within a
+        batch, operations are admitted window by window, in the order of the operation
+        table (deterministic: the input decides)."""
         self.watermark = max(self.watermark, max(ends_ns, default=0))
         last_seen = self.last_seen
         out = []
@@ -311,7 +315,7 @@ class _Ops:
     """
 
     __slots__ = ("nb", "keep", "rows", "status_counts", "bucket_counts", "status_sums", "zero", "vmin", "vmax",
-                 "sketch", "sketch_len", "slow", "errors")  # fmt: skip
+                 "sketch", "sketch_len", "folded_len", "slow", "errors")  # fmt: skip
 
     def __init__(self, nb: int, keep: int) -> None:
         self.nb, self.keep = nb, keep
@@ -323,7 +327,8 @@ class _Ops:
         self.vmin = np.zeros(0, np.float64)
         self.vmax = np.zeros(0, np.float64)
         self.sketch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (row, bucket index, count)
-        self.sketch_len = 0
+        self.sketch_len = 0  # entries pending in self.sketch
+        self.folded_len = 0  # entries after the last fold
         self.slow: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (row, duration, trace id)
         self.errors: list[tuple[np.ndarray, np.ndarray]] = []  # (row, trace id)
 
@@ -342,9 +347,11 @@ class _Ops:
         if p.sk_row.size:
             self.sketch.append((at[p.sk_row], p.sk_idx, p.sk_cnt))
             self.sketch_len += p.sk_row.size
-            if self.sketch_len > 65_536 and len(self.sketch) > 1:
+            # fold when the pending entries double what the last fold left (or pile up in
+            # many small pieces): amortized linear in what is merged
+            if self.sketch_len > max(65_536, 2 * self.folded_len) or len(self.sketch) > 256:
                 self.sketch = [self.folded_sketch()]
-                self.sketch_len = self.sketch[0][0].size
+                self.sketch_len = self.folded_len = self.sketch[0][0].size
         if p.slow_row.size:
             self.slow.append((at[p.slow_row], p.slow_dur, p.slow_trace))
             if len(self.slow) > 64:
@@ -394,7 +401,7 @@ class _Ops:
 
     def __getstate__(self):  # snapshots carry the folded form
         self.sketch = [self.folded_sketch()] if self.sketch else []
-        self.sketch_len = self.sketch[0][0].size if self.sketch else 0
+        self.sketch_len = self.folded_len = self.sketch[0][0].size if self.sketch else 0
         self.slow = [self.top_slow()] if self.slow else []
         self.errors = [self.first_errors()] if self.errors else []
         return {k: getattr(self, k) for k in self.__slots__}
@@ -404,6 +411,34 @@ class _Ops:
             setattr(self, k, v)
 
 
+class _Window:
+    """One operation's open window as telepipe kept it before ``_Ops``: only read back from
+    recovery snapshots taken by an older version (see ``_ServiceSlot.__setstate__``)."""
+
+    __slots__ = ("status_counts", "bucket_counts", "status_sums", "sketch", "slow", "error_traces")
+
+
+def _ops_from_windows(windows: dict[tuple[str, int], _Window], nb: int, keep: int) -> _Ops:
+    """An older snapshot's per-operation windows as one ``_Ops`` (the same aggregates)."""
+    ops = _Ops(nb, keep)
+    if windows:
+        ops._grow(len(windows))
+    for key, w in windows.items():
+        r = ops.rows[key] = len(ops.rows)
+        ops.status_counts[r], ops.bucket_counts[r], ops.status_sums[r] = w.status_counts, w.bucket_counts, w.status_sums
+        sk = w.sketch
+        ops.zero[r], ops.vmin[r], ops.vmax[r] = sk.zero_count, sk.min, sk.max
+        nz = np.flatnonzero(sk.counts)
+        ops.sketch.append((np.full(nz.size, r), nz + sk.offset, sk.counts[nz]))
+        # hex ids back to bytes (ids the older version cut short of their trailing zero bytes get them back)
+        ops.slow.append((np.full(len(w.slow), r), np.array([d for d, _ in w.slow]),
+                         np.array([bytes.fromhex(t) for _, t in w.slow], "S16")))
+        ops.errors.append((np.full(len(w.error_traces), r),
+                           np.array([bytes.fromhex(t) for t in w.error_traces], "S16")))
+    ops.sketch_len = sum(r.size for r, _, _ in ops.sketch)
+    return ops
+
+
 class _ServiceSlot:
     """Everything one service has in one open window."""
 
@@ -411,6 +446,7 @@ class _ServiceSlot:
 
     def __init__(self, nb: int, keep: int) -> None:
         self.ops = _Ops(nb, keep)
+
         self.logs = 0
         self.error_logs = 0
         self.instances: set[str] = set()
@@ -484,6 +520,12 @@ class ServiceWindows:
         ready = sorted(s for s in self.open if s + self.spec.length_ns <= horizon)
         out.extend(self._close(ready))
         return out
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for slot in self.open.values():
+            if isinstance(slot.ops, dict):  # a recovery snapshot from before the columnar windows
+                slot.ops = _ops_from_windows(slot.ops, self.spec.bounds.size + 1, self.spec.exemplars)
 
     def resumed(self, now: float) -> None:
         """After a restart from a snapshot: idle timers (service and partitions) start over, so a
@@ -577,20 +619,18 @@ def _results(service: str, start: int, length: int, ops: _Ops, mapping: LogMappi
     cum = np.cumsum(cnt)
     first = np.searchsorted(row, np.arange(n))
     base = np.where(first > 0, cum[np.maximum(first - 1, 0)] if cum.size else 0, 0)
-    qs = np.empty((n, len(QUANTILES)))
-    for c, q in enumerate(QUANTILES):
-        rank = np.floor(q * (count - 1)).astype(np.int64)
-        if cum.size:
-            j = np.minimum(np.searchsorted(cum, base + rank - zero, side="right"), cum.size - 1)
-            # bucket values from LogMapping.value itself (numpy's power can differ in the last bit)
-            buckets, inverse = np.unique(idx[j], return_inverse=True)
-            value = np.array([mapping.value(i) for i in buckets.tolist()])[inverse]
-            est = np.minimum(np.maximum(value, vmin), vmax)
-        else:
-            est = np.zeros(n)
-        est = np.where(rank < zero, 0.0, est)
-        est = np.where(rank == 0, vmin, est)
-        qs[:, c] = np.where(rank == count - 1, vmax, est)
+    rank = np.floor(np.array(QUANTILES)[None, :] * (count[:, None] - 1)).astype(np.int64)  # [rows, quantiles]
+    if cum.size:
+        j = np.minimum(np.searchsorted(cum, (base - zero)[:, None] + rank, side="right"), cum.size - 1)
+        # bucket values from LogMapping.value itself (numpy's power can differ in the last bit)
+        buckets, inverse = np.unique(idx[j].ravel(), return_inverse=True)
+        value = np.array([mapping.value(i) for i in buckets.tolist()])[inverse.ravel()].reshape(rank.shape)
+        est = np.minimum(np.maximum(value, vmin[:, None]), vmax[:, None])
+    else:
+        est = np.zeros(rank.shape)
+    est = np.where(rank < zero[:, None], 0.0, est)
+    est = np.where(rank == 0, vmin[:, None], est)
+    qs = np.where(rank == (count - 1)[:, None], vmax[:, None], est)
 
     slow_row, slow_dur, slow_trace = ops.top_slow() if ops.slow else (np.zeros(0, np.int64), [], np.zeros(0, "S16"))
     slow = _split_rows(slow_row, _hex_ids(slow_trace), n)
@@ -618,7 +658,9 @@ def _results(service: str, start: int, length: int, ops: _Ops, mapping: LogMappi
     server = LogSketch(mapping)
     if server_rows:
         rows = np.array(server_rows)
-        mine = np.isin(row, rows)
+        is_server = np.zeros(n, dtype=bool)
+        is_server[rows] = True
+        mine = is_server[row]
         uidx, inverse = np.unique(idx[mine], return_inverse=True)
         server.add_buckets(uidx, np.bincount(inverse, weights=cnt[mine]).astype(np.int64),
                            int(zero[rows].sum()), float(vmin[rows].min()), float(vmax[rows].max()))  # fmt: skip

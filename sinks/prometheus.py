@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
-from operator import attrgetter
+from operator import add, attrgetter
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client.utils import floatToGoString
@@ -104,9 +104,7 @@ class SeriesState:
                     if s is None:
                         s = self._series[key] = _Series(nb)
                     s.calls += n
-                    row = r.bucket_counts[status]
-                    for i in range(nb):
-                        s.buckets[i] += row[i]
+                    s.buckets = list(map(add, s.buckets, r.bucket_counts[status]))
                     s.sum += r.status_sums[status]
                     s.updated = now
                 q = (r.p50, r.p90, r.p95, r.p99, r.max)
@@ -299,6 +297,19 @@ def _gauges(page: _Page, labels: _LabelCache, items: list, specs: tuple) -> Iter
                 yield from page.line(f"{name}{{{labels(key)}}} {_fmt(v)}\n")
 
 
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (``gzip;q=0`` refuses it)."""
+    for part in accept_encoding.split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            q = params.strip().removeprefix("q=").strip() if params.strip().startswith("q=") else "1"
+            try:
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
 def _render_selfmetrics(page: _Page, metrics: SelfMetrics) -> Iterator[bytes]:
     counters, gauges = metrics.snapshot()
     for table, values, kind, suffix in ((COUNTERS, counters, "counter", "_total"), (GAUGES, gauges, "gauge", "")):
@@ -343,6 +354,7 @@ class MetricsHttpServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive for scrapers, chunked /metrics
+            timeout = 120  # an idle kept-alive connection is closed (and its thread ends)
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
@@ -363,26 +375,32 @@ class MetricsHttpServer:
                 self.wfile.write(body)
 
             def send_metrics(self) -> None:
-                gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Transfer-Encoding", "chunked")
-                if gzipped:
-                    self.send_header("Content-Encoding", "gzip")
-                self.end_headers()
-                packer = zlib.compressobj(1, zlib.DEFLATED, 31) if gzipped else None
+                gzipped = _accepts_gzip(self.headers.get("Accept-Encoding", ""))
+                chunked = self.request_version != "HTTP/1.0"  # an HTTP/1.0 client reads to the close
                 try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", CONTENT_TYPE)
+                    if chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                    else:
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
+                    if gzipped:
+                        self.send_header("Content-Encoding", "gzip")
+                    self.end_headers()
+                    packer = zlib.compressobj(1, zlib.DEFLATED, 31) if gzipped else None
                     for chunk in outer.render():
-                        self.write_chunk(packer.compress(chunk) if packer else chunk)
+                        self.write_chunk(packer.compress(chunk) if packer else chunk, chunked)
                     if packer:
-                        self.write_chunk(packer.flush())
-                    self.wfile.write(b"0\r\n\r\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    self.close_connection = True  # the scraper gave up (its timeout); nothing to answer
+                        self.write_chunk(packer.flush(), chunked)
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:  # the scraper went away (its timeout, a reset): nothing to answer
+                    self.close_connection = True
 
-            def write_chunk(self, data: bytes) -> None:
+            def write_chunk(self, data: bytes, chunked: bool) -> None:
                 if data:
-                    self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
 
             def log_message(self, fmt: str, *args) -> None:
                 log.debug("http: " + fmt, *args)

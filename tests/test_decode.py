@@ -41,12 +41,15 @@ def test_valid_spans_become_columns():
 
 
 def test_unknown_span_kinds_and_status_codes_are_kept_as_unspecified_and_clamped():
-    b = decode_traces(trace_request([{"kind": 300}, {"kind": -4}, {"kind": 5, "status": 9}])).batch
-    assert b.kind.tolist() == [0, 0, 5] and b.status.tolist() == [0, 0, 2]
+    b = decode_traces(trace_request([{"kind": 300}, {"kind": -4}, {"kind": 5, "status": 300}, {"status": -200}])).batch
+    assert b.kind.tolist() == [0, 0, 5, 2] and b.status.tolist() == [0, 0, 2, 0]
     j = decode_json_line(orjson.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{
         "traceId": "01" * 16, "spanId": "02" * 8, "name": "x", "kind": 1 << 40,
         "startTimeUnixNano": "1", "endTimeUnixNano": "2"}]}]}]}))[0].batch  # fmt: skip
     assert j.kind.tolist() == [0]
+    with pytest.raises(MalformedRequest):  # beyond int64: malformed, not an internal error
+        decode_json_line(b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "' + b"01" * 16
+                         + b'", "spanId": "0202020202020202", "kind": "1180591620717411303424"}]}]}]}')  # fmt: skip
 
 
 def test_invalid_spans_rejected_individually():

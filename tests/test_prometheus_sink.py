@@ -3,6 +3,7 @@ label escaping, chunked and gzip transfer, stale expiry on an injected clock."""
 
 import gzip
 import math
+import socket
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,6 +177,13 @@ def test_http_metrics_chunked_and_gzip():
             assert packed.headers["content-encoding"] == "gzip"
             raw = b"".join(packed.iter_raw())  # the body as sent, not decoded by httpx
         assert gzip.decompress(raw) == plain.content
+        refused = httpx.get(f"{base}/metrics", headers={"Accept-Encoding": "gzip;q=0, identity"})
+        assert "content-encoding" not in refused.headers and refused.content == plain.content
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # HTTP/1.0: no chunks
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))  # read until the server closes
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"Transfer-Encoding" not in head and body == plain.content
         assert len(samples(plain.text)) == len(samples(page(state)))
         assert value(plain.text, "telepipe_windows_closed_total") == 300
         ready = httpx.get(f"{base}/readyz")

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 
@@ -238,3 +239,20 @@ def test_without_partition_idleness_only_the_input_decides():
         p = preaggregate(batch([(0, 0, 2, 0, end_s * S, 1_000_000)], step=step, partition=partition), sp)[0]
         assert closed_results(sw.on_item(p, now=now)) == []  # shard 1 never passed 10 s
     assert [r.count for r in closed_results(sw.close_all())] == [2, 2]
+
+
+def test_a_recovery_snapshot_from_before_the_columnar_windows_is_read():
+    """tests/data/service_windows_before_columns.pickle: a ServiceWindows with one open window
+    (two operations, 40 spans, errors, an instance) pickled by the per-operation window code;
+    the values below are what that code closed it to (its trace ids came out cut short of
+    their trailing zero bytes; read back they are whole)."""
+    sw = pickle.loads((Path(__file__).parent / "data" / "service_windows_before_columns.pickle").read_bytes())
+    (w,) = sw.close_all()
+    assert (w.instances, w.server_calls, w.server_errors, w.server_p95) == (("pod-1",), 40, 8, 0.03800038419011715)
+    a, b = w.results
+    assert (a.operation, a.count, a.errors, a.p50, a.p90, a.p99, a.max, a.sum) == (
+        "GET /a", 20, 4, 0.018869991995869057, 0.03507868226597899, 0.03724790133486731, 0.039, 0.4000000000000001)
+    assert (b.operation, b.count, b.errors, b.p95) == ("GET /b", 20, 4, 0.03800038419011715)
+    whole = lambda ids: tuple(f"{i:02x}" + "00" * 15 for i in ids)  # noqa: E731
+    assert a.slow_traces == whole([0x27, 0x25, 0x23, 0x21, 0x1F]) and a.error_traces == whole([0x1F, 0x15, 0x0B, 0x01])
+    assert b.slow_traces == whole([0x28, 0x26, 0x24, 0x22, 0x20]) and b.error_traces == whole([0x24, 0x1A, 0x10, 0x06])
