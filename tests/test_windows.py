@@ -256,3 +256,23 @@ def test_a_recovery_snapshot_from_before_the_columnar_windows_is_read():
     whole = lambda ids: tuple(f"{i:02x}" + "00" * 15 for i in ids)  # noqa: E731
     assert a.slow_traces == whole([0x27, 0x25, 0x23, 0x21, 0x1F]) and a.error_traces == whole([0x1F, 0x15, 0x0B, 0x01])
     assert b.slow_traces == whole([0x28, 0x26, 0x24, 0x22, 0x20]) and b.error_traces == whole([0x24, 0x1A, 0x10, 0x06])
+
+
+def test_open_windows_hold_folded_aggregates_not_the_batches():
+    """Sketch entries are copies (not views pinning a whole batch's arrays) and are folded as they
+    pile up, so an open window's size follows its distinct (operation, bucket) pairs."""
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = service_windows(sp)
+    rng = np.random.default_rng(3)
+    for step in range(600):  # 600 batches of 200 spans over 20 operations, one window
+        rows = [(0, int(o), 2, 0, 1 * S + step, int(d)) for o, d in zip(rng.integers(0, 20, 200),
+                                                                      rng.lognormal(15, 2, 200))]  # fmt: skip
+        for p in preaggregate(batch(rows, operations=tuple(f"op{i}" for i in range(20)), step=step), sp):
+            assert p.sk_idx.base is None and p.sk_cnt.base is None
+            sw.on_item(p, 0.0)
+    ops = sw.open[0].ops
+    assert len(ops.sketch) <= 256 and len(ops.slow) <= 64 and len(ops.errors) <= 64
+    assert ops.folded_len < 20 * 1_000  # folded: distinct (operation, bucket) pairs ...
+    assert sum(r.size for r, _, _ in ops.sketch) <= 65_536 + 200  # ... and pending ones stay under the fold size
+    (w,) = sw.close_all()
+    assert sum(r.count for r in w.results) == 600 * 200
