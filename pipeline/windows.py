@@ -384,6 +384,8 @@ class _Ops:
     def top_slow(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``keep`` slowest candidates of each row, sorted by row, slowest first (earlier
         first among equal durations)."""
+        if not self.slow:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, "S16")
         row = np.concatenate([r for r, _, _ in self.slow])
         dur = np.concatenate([d for _, d, _ in self.slow])
         trace = np.concatenate([t for _, _, t in self.slow])
@@ -393,6 +395,8 @@ class _Ops:
 
     def first_errors(self) -> tuple[np.ndarray, np.ndarray]:
         """The first ``keep`` error traces of each row, in arrival order, sorted by row."""
+        if not self.errors:
+            return np.zeros(0, np.int64), np.zeros(0, "S16")
         row = np.concatenate([r for r, _ in self.errors])
         trace = np.concatenate([t for _, t in self.errors])
         order = np.argsort(row, kind="stable")
@@ -632,9 +636,9 @@ def _results(service: str, start: int, length: int, ops: _Ops, mapping: LogMappi
     est = np.where(rank == 0, vmin[:, None], est)
     qs = np.where(rank == (count - 1)[:, None], vmax[:, None], est)
 
-    slow_row, slow_dur, slow_trace = ops.top_slow() if ops.slow else (np.zeros(0, np.int64), [], np.zeros(0, "S16"))
+    slow_row, _, slow_trace = ops.top_slow()
     slow = _split_rows(slow_row, _hex_ids(slow_trace), n)
-    err_row, err_trace = ops.first_errors() if ops.errors else (np.zeros(0, np.int64), np.zeros(0, "S16"))
+    err_row, err_trace = ops.first_errors()
     errors = _split_rows(err_row, _hex_ids(err_trace), n)
 
     qs_l, count_l, max_l = qs.tolist(), count.tolist(), vmax.tolist()
