@@ -76,6 +76,7 @@ class SeriesState:
         self._latest: dict[tuple[str, str, str], tuple[tuple[float, ...], int, float]] = {}
         self._anomaly: dict[tuple[str, str, str], tuple[AnomalyUpdate, float]] = {}
         self._scaling: dict[str, tuple[ScalingUpdate, float]] = {}
+        self._expired_at = -math.inf
 
     def update(self, items: Iterable[WindowResult | LateSpans]) -> None:
         now = self.clock()
@@ -114,7 +115,8 @@ class SeriesState:
                 if r.operation == OVERFLOW_OPERATION:
                     self.metrics.inc("overflow_spans", r.count)
                 newest_end = max(newest_end, r.window_end)
-            self._expire(now)
+            if now - self._expired_at >= 1.0:  # a scan of every series: not on every batch
+                self._expire(now)
             self.metrics.set_gauge("series", len(self._series))
         if newest_end:
             self.metrics.set_gauge("pipeline_lag_seconds", max(0.0, now - newest_end / 1e9))
@@ -122,6 +124,7 @@ class SeriesState:
             self.metrics.set_gauge("closed_window_end_seconds", newest)
 
     def _expire(self, now: float) -> None:
+        self._expired_at = now
         horizon = now - self.stale_after_s
         for key in [k for k, s in self._series.items() if s.updated < horizon]:
             del self._series[key]
