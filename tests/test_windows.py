@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
-from pipeline.model import OVERFLOW_OPERATION, LateSpans, LogBatch, ServiceWindow, SpanBatch, WindowResult
+from pipeline.model import OVERFLOW_OPERATION, LateSpans, LogBatch, ServiceWindow, SpanBatch
 from pipeline.windows import (
     CardinalityLimiter,
     ServiceWindows,
