@@ -1,5 +1,6 @@
 # telepipe daemon image. Mirrors the README install: a Python 3.11 environment,
-# `pip install .` of this repository, then `telepipe run` (listening on all interfaces).
+# `pip install .` of this repository, the span wire reader compiled into numba's cache,
+# then `telepipe run` (listening on all interfaces).
 FROM python:3.11-slim-bookworm
 
 WORKDIR /opt/telepipe
@@ -8,6 +9,7 @@ COPY pipeline/ pipeline/
 COPY sources/ sources/
 COPY sinks/ sinks/
 RUN pip install --no-cache-dir . \
+    && python -I -m pipeline.span_wire \
     && useradd --system --uid 10001 --home-dir /var/lib/telepipe --create-home telepipe
 
 USER 10001

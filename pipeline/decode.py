@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from pipeline import span_wire
 from pipeline.model import LogBatch, SpanBatch
 from pipeline.span_schema import TraceRequestSubset
 
@@ -84,49 +85,65 @@ class _SpanColumns:
         if n == 0:
             return Decoded(None, 0, 0, "")
         names, starts, ends, kinds, statuses, tids, sids, pids = self.cols
-        start = np.fromiter(starts, np.uint64, n)
-        end = np.fromiter(ends, np.uint64, n)
-        trace_id, tid_ok = _id_column(tids, 16, n, allow_empty=False)
-        span_id, sid_ok = _id_column(sids, 8, n, allow_empty=False)
-        parent, pid_ok = _id_column(pids, 8, n, allow_empty=True)
-        time_ok = end >= start
-        ok = tid_ok & sid_ok & pid_ok & time_ok
-        rejected = int(n - np.count_nonzero(ok))
-        reasons: Counter[str] = Counter()
-        if rejected:
-            reasons["spans with trace_id not 16 non-zero bytes"] = int(n - tid_ok.sum())
-            reasons["spans with span_id not 8 non-zero bytes"] = int(n - sid_ok.sum())
-            reasons["spans with parent_span_id not empty or 8 bytes"] = int(n - pid_ok.sum())
-            reasons["spans with end_time before start_time"] = int(n - time_ok.sum())
-            reasons = Counter({k: v for k, v in reasons.items() if v})
         ops = self.operations
         for name in dict.fromkeys(names):  # the distinct names, in order (C speed)
             ops.setdefault(name, len(ops))
-        op_idx = np.fromiter(map(ops.__getitem__, names), np.int32, n)
-        cols = {
-            "service_idx": np.repeat(np.array(self.service_idx, dtype=np.int32), self.spans),
-            "op_idx": op_idx,
-            "instance_idx": np.repeat(np.array(self.instance_idx, dtype=np.int32), self.spans),
-            "kind": _known(np.fromiter(kinds, np.int64, n), 5),
-            # unknown status codes (newer clients) are kept, clamped into our tables' range
-            "status": np.clip(np.fromiter(statuses, np.int64, n), 0, 2).astype(np.int8),
-            "end_ns": end.astype(np.int64),
-            "duration_ns": (end - start).astype(np.int64),
-            "trace_id": trace_id,
-            "span_id": span_id,
-            "parent_span_id": parent,
-        }
-        if rejected == n:
-            return Decoded(None, n, n, _reason_message(reasons))
-        if rejected:
-            cols = {k: v[ok] for k, v in cols.items()}
-        batch = SpanBatch(
+        return _span_batch(
             services=tuple(self.services),
             operations=tuple(ops),
             instances=tuple(self.instances),
-            **cols,
+            service_idx=np.repeat(np.array(self.service_idx, dtype=np.int32), self.spans),
+            instance_idx=np.repeat(np.array(self.instance_idx, dtype=np.int32), self.spans),
+            op_idx=np.fromiter(map(ops.__getitem__, names), np.int32, n),
+            kinds=np.fromiter(kinds, np.int64, n),
+            statuses=np.fromiter(statuses, np.int64, n),
+            start=np.fromiter(starts, np.uint64, n),
+            end=np.fromiter(ends, np.uint64, n),
+            trace_id=_id_column(tids, 16, n, allow_empty=False),
+            span_id=_id_column(sids, 8, n, allow_empty=False),
+            parent=_id_column(pids, 8, n, allow_empty=True),
         )
-        return Decoded(batch, n, rejected, _reason_message(reasons))
+
+
+def _span_batch(
+    *, services, operations, instances, service_idx, instance_idx, op_idx, kinds, statuses, start, end,
+    trace_id, span_id, parent,
+) -> Decoded:
+    """Validates span columns (ids as ``(fixed-width array, valid mask)``) and makes the batch
+    of the valid ones; both decoders end here."""
+    n = len(start)
+    trace_id, tid_ok = trace_id
+    span_id, sid_ok = span_id
+    parent, pid_ok = parent
+    time_ok = end >= start
+    ok = tid_ok & sid_ok & pid_ok & time_ok
+    rejected = int(n - np.count_nonzero(ok))
+    reasons: Counter[str] = Counter()
+    if rejected:
+        reasons["spans with trace_id not 16 non-zero bytes"] = int(n - tid_ok.sum())
+        reasons["spans with span_id not 8 non-zero bytes"] = int(n - sid_ok.sum())
+        reasons["spans with parent_span_id not empty or 8 bytes"] = int(n - pid_ok.sum())
+        reasons["spans with end_time before start_time"] = int(n - time_ok.sum())
+        reasons = Counter({k: v for k, v in reasons.items() if v})
+    if rejected == n:
+        return Decoded(None, n, n, _reason_message(reasons))
+    cols = {
+        "service_idx": service_idx,
+        "op_idx": op_idx,
+        "instance_idx": instance_idx,
+        "kind": _known(kinds, 5),
+        # unknown status codes (newer clients) are kept, clamped into our tables' range
+        "status": np.clip(statuses, 0, 2).astype(np.int8),
+        "end_ns": end.astype(np.int64),
+        "duration_ns": (end - start).astype(np.int64),
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "parent_span_id": parent,
+    }
+    if rejected:
+        cols = {k: v[ok] for k, v in cols.items()}
+    batch = SpanBatch(services=services, operations=operations, instances=instances, **cols)
+    return Decoded(batch, n, rejected, _reason_message(reasons))
 
 
 def _known(values: np.ndarray, highest: int) -> np.ndarray:
@@ -137,21 +154,22 @@ def _known(values: np.ndarray, highest: int) -> np.ndarray:
 
 
 def _id_column(ids: tuple[bytes, ...], width: int, n: int, *, allow_empty: bool):
-    """Fixed-width id array and a validity mask (right length, not all zero)."""
+    """Fixed-width id array and a validity mask: the right length and not all zero, or for
+    parent ids (``allow_empty``) empty or the right length (empty and all-zero both mean root)."""
     lengths = set(map(len, ids))
     if lengths == {width}:  # the common case, without a per-id array of lengths
         arr = np.frombuffer(b"".join(ids), dtype=f"S{width}").copy()
-        return arr, arr != b""  # numpy compares fixed-width bytes without trailing NULs: zero ids == b""
+        # numpy compares fixed-width bytes without trailing NULs: all-zero ids == b""
+        return arr, np.ones(n, dtype=bool) if allow_empty else arr != b""
     if allow_empty and lengths <= {0, width}:  # parent ids: roots have none
         zero = bytes(width)
         return np.frombuffer(b"".join([i or zero for i in ids]), dtype=f"S{width}").copy(), np.ones(n, dtype=bool)
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
     right = lens == width
     arr = np.array([i if len(i) == width else b"" for i in ids], dtype=f"S{width}")
-    nonzero = arr != b""
     if allow_empty:
-        return arr, (lens == 0) | nonzero  # an all-zero parent id means "root" as well
-    return arr, right & nonzero
+        return arr, (lens == 0) | right
+    return arr, right & (arr != b"")
 
 
 def _resource_ids(attributes) -> tuple[str, str]:
@@ -191,8 +209,51 @@ _STATUS_CODE = _StatusCodes({b"": 0, b"\x18\x00": 0, b"\x18\x01": 1, b"\x18\x02"
 def decode_traces(data: bytes) -> Decoded:
     """ExportTraceServiceRequest bytes -> SpanBatch of the valid spans.
 
-    Parsed with the subset schema of the fields telepipe reads (``pipeline/span_schema.py``).
+    The fields of ``pipeline/span_schema.py`` are read straight from the wire bytes by
+    ``pipeline/span_wire.py``; a request it does not handle (malformed ones among them)
+    is parsed with upb instead, with the same result or error.
     """
+    walked = span_wire.walk(np.frombuffer(data, dtype=np.uint8))
+    if walked[0] != span_wire.OK:
+        return decode_traces_upb(data)
+    _, ints, times, trace_id, span_id, parent, resources, names, n_names = walked
+    n = ints.shape[1]
+    if n == 0:
+        return Decoded(None, 0, 0, "")
+    services: dict[str, int] = {}
+    instances: dict[str, int] = {}
+    service_idx, instance_idx = [], []
+    for sa, sb, ia, ib, _spans in resources.tolist():
+        service = data[sa:sb].decode() or UNKNOWN_SERVICE
+        service_idx.append(services.setdefault(service, len(services)))
+        instance_idx.append(instances.setdefault(data[ia:ib].decode(), len(instances)))
+    counts = resources[:, span_wire.SPANS]
+    tid = trace_id.view("S16").ravel()
+    sid = span_id.view("S8").ravel()
+    pid = parent.view("S8").ravel()
+    parent_len = ints[span_wire.PARENT_LEN]
+    return _span_batch(
+        services=tuple(services),
+        operations=tuple(data[a:b].decode() for a, b in names[:n_names].tolist()),
+        instances=tuple(instances),
+        service_idx=np.repeat(np.array(service_idx, dtype=np.int32), counts),
+        instance_idx=np.repeat(np.array(instance_idx, dtype=np.int32), counts),
+        op_idx=ints[span_wire.NAME].astype(np.int32),
+        kinds=ints[span_wire.KIND],
+        statuses=ints[span_wire.STATUS],
+        start=times[0],
+        end=times[1],
+        # numpy compares fixed-width bytes without trailing NULs: an all-zero id == b""
+        trace_id=(tid, (ints[span_wire.TRACE_LEN] == 16) & (tid != b"")),
+        span_id=(sid, (ints[span_wire.SPAN_LEN] == 8) & (sid != b"")),
+        parent=(pid, (parent_len == 0) | (parent_len == 8)),
+    )
+
+
+def decode_traces_upb(data: bytes) -> Decoded:
+    """``decode_traces`` through upb: parsed with the subset schema of the fields telepipe
+    reads (``pipeline/span_schema.py``), each field read from the span objects. The
+    reference the wire reader is tested against, and its fallback."""
     req = TraceRequestSubset()
     try:
         req.ParseFromString(data)

@@ -102,3 +102,12 @@ def daemon_factory(tmp_path):
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def span_wire_compiled():
+    """Compile the numba span reader once, in this process, before any test starts a daemon
+    (each would otherwise compile it itself on a fresh clone: ~12 s; later loads use the cache)."""
+    from pipeline import span_wire
+
+    span_wire.warm()
