@@ -1,6 +1,6 @@
 """The live daemon under load: throughput against the ceiling, end-to-end lag, memory with many series.
 
-    .venv/bin/python -m bench.live throughput [--spans 512,64] [--seconds 60] [--processes 1] [--json]
+    .venv/bin/python -m bench.live throughput [--spans 512,64] [--seconds 60] [--processes 1] [--rate 0] [--json]
     .venv/bin/python -m bench.live lag [--rate 75000] [--seconds 120] [--lateness 5,1] [--json]
     .venv/bin/python -m bench.live memory [--series 10000] [--minutes 10] [--rate 20000] [--json]
 
@@ -17,7 +17,9 @@ the load generator can send for ``--seconds``. After the load it waits (up to
 processed trails accepted by 15-30 s by design (a window's spans are counted when
 it closes, after its end + allowed lateness, or ``idle_timeout_s`` after traffic
 stops). Reports acknowledged spans/s, refusals, accepted/processed, whether
-acknowledged == processed, the ratio to the ceiling and the daemon's peak RSS
+acknowledged == processed, the ratio to the ceiling, the dataflow's own pace
+(``telepipe_read_spans_total``: spans read from the spool while the load ran, and
+how long the rest took to read after it) and the daemon's peak RSS
 (its processes summed, sampled every second). With ``--processes N`` > 1 the
 daemon runs N processes (one OTLP port, /metrics on the HTTP port + i, counters
 summed); nothing is pinned then, so on a 2-core machine the load generator
@@ -268,7 +270,7 @@ def _clean_up(load, daemon, tmp) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def throughput(spans: int, seconds: float, processes: int) -> dict:
+def throughput(spans: int, seconds: float, processes: int, rate: float = 0.0) -> dict:
     ceiling_rate = ceiling(spans, seconds=5)  # before the daemon starts: nothing else of ours running
     pin = processes == 1
     tmp = Path(tempfile.mkdtemp(prefix="telepipe-live-"))
@@ -277,16 +279,22 @@ def throughput(spans: int, seconds: float, processes: int) -> dict:
         daemon = Daemon(tmp, processes=processes, pin=pin)
         daemon.wait_ready()
         peak = daemon.rss_mib()
-        load = Load(daemon.target, spans, seconds, cpu=LOAD_CPU if pin else None)
+        read_before = daemon.metric("telepipe_read_spans_total")
+        load = Load(daemon.target, spans, seconds, rate=rate, cpu=LOAD_CPU if pin else None)
         while load.running(wait=1):
             daemon.check()
             peak = max(peak, daemon.rss_mib())
         counts = load.result()
+        read_during = daemon.metric("telepipe_read_spans_total") - read_before
+        ended = time.monotonic()
         acked = counts.get("acked_spans", 0)
-        deadline = time.monotonic() + 300  # processed trails acknowledged by 15-30 s by design
+        drained = None
+        deadline = ended + 300  # processed trails acknowledged by 15-30 s by design
         while time.monotonic() < deadline:
             daemon.check()
             peak = max(peak, daemon.rss_mib())
+            if drained is None and daemon.metric("telepipe_read_spans_total") >= acked:
+                drained = time.monotonic() - ended
             if daemon.metric("telepipe_processed_spans_total") >= acked:
                 break
             time.sleep(1)
@@ -297,6 +305,7 @@ def throughput(spans: int, seconds: float, processes: int) -> dict:
     rate = counts["acked_spans_per_s"]
     return {
         "mode": "throughput", "spans_per_request": spans, "processes": processes, "pinned": pin,
+        "offered_spans_per_s": rate or None,
         "seconds": round(counts["seconds"], 1), "acked_spans": acked, "acked_spans_per_s": round(rate),
         "refused": _refused(counts),
         "failed_spans": counts.get("failed_spans", 0), "rejected_spans": counts.get("rejected_spans", 0),
@@ -304,20 +313,29 @@ def throughput(spans: int, seconds: float, processes: int) -> dict:
         "processed_spans": int(processed), "acked_equals_processed": processed == acked,
         "ceiling_spans_per_s": round(ceiling_rate), "ratio": round(rate / ceiling_rate, 3),
         "peak_rss_mib": round(peak, 1),
+        # the dataflow's pace: spans it read from the spool while the load ran, and how long
+        # the backlog took to drain after (the spool absorbs what it does not keep up with)
+        "read_spans_per_s": round(read_during / counts["seconds"]),
+        "backlog_at_end_spans": int(acked - read_during - read_before),
+        "drain_s": None if drained is None else round(drained, 1),
     }  # fmt: skip
 
 
 def print_throughput(rows: list[dict]) -> None:
     print(f"{'spans/req':>9} {'procs':>5} {'seconds':>7} {'acked spans':>12} {'acked/s':>9} {'failed':>6} "
           f"{'rejected':>8} {'accepted':>12} {'processed':>12} {'acked==proc':>11} {'ceiling/s':>9} "
-          f"{'ratio':>5} {'peak RSS MiB':>12}  refused requests")  # fmt: skip
+          f"{'ratio':>5} {'read/s':>9} {'read ratio':>10} {'drain s':>7} {'peak RSS MiB':>12}  refused requests")  # fmt: skip
     for r in rows:
         same = "yes" if r["acked_equals_processed"] else "no"
+        drain = "-" if r["drain_s"] is None else f"{r['drain_s']:.1f}"
         print(f"{r['spans_per_request']:>9} {r['processes']:>5} {r['seconds']:>7.1f} {r['acked_spans']:>12,} "
               f"{r['acked_spans_per_s']:>9,} {r['failed_spans']:>6,} {r['rejected_spans']:>8,} "
               f"{r['accepted_spans']:>12,} {r['processed_spans']:>12,} {same:>11} {r['ceiling_spans_per_s']:>9,} "
-              f"{r['ratio']:>5.2f} {r['peak_rss_mib']:>12.1f}  {r['refused']}")  # fmt: skip
+              f"{r['ratio']:>5.2f} {r['read_spans_per_s']:>9,} {r['read_spans_per_s'] / r['ceiling_spans_per_s']:>10.2f} "
+              f"{drain:>7} {r['peak_rss_mib']:>12.1f}  {r['refused']}")  # fmt: skip
     print()
+    print("read/s: spans the dataflow read from the spool while the load ran (it keeps up when read/s ~ acked/s; "
+          "what it does not, the spool holds); drain s: after the load, until it had read everything.")
     if any(r["pinned"] for r in rows):
         print(f"1 process: daemon pinned to CPU {DAEMON_CPU}, load generator to CPU {LOAD_CPU}; "
               "ceiling = bench.ceiling on one core, daemon not running.")  # fmt: skip
@@ -498,6 +516,9 @@ def main() -> None:
     tp.add_argument("--spans", default="512,64", help="spans per request, comma-separated")
     tp.add_argument("--seconds", type=float, default=60.0, help="load duration per row")
     tp.add_argument("--processes", type=int, default=1, help="daemon processes (telepipe run --processes)")
+    tp.add_argument("--rate", type=float, default=0.0,
+                    help="spans/s offered (0: as many as the load generator sends); a rate the dataflow keeps up "
+                         "with shows the sustained end-to-end figure")  # fmt: skip
     lg = sub.add_parser("lag", help="span end to window visible on /metrics")
     lg.add_argument("--rate", type=float, default=75_000.0, help="spans/s offered")
     lg.add_argument("--seconds", type=float, default=120.0, help="load duration per row")
@@ -513,7 +534,7 @@ def main() -> None:
     if args.mode == "throughput":
         rows = []
         for spans in _numbers(args.spans, int):
-            rows.append(throughput(spans, args.seconds, args.processes))
+            rows.append(throughput(spans, args.seconds, args.processes, args.rate))
             if args.json:
                 print(json.dumps(rows[-1]), flush=True)
         if not args.json:

@@ -23,6 +23,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rejected_logs": ("Log records rejected, by reason", ("reason",)),
     "requests": ("Export requests answered, by signal and gRPC status code", ("signal", "code")),
     "refused_requests": ("Export requests refused (client retries or must fix), by reason", ("reason",)),
+    "read_spans": ("Spans the dataflow read from the spool (accepted minus read is its backlog)", ()),
     "processed_spans": ("Spans that went through the windows", ()),
     "processed_logs": ("Log records that went through the pipeline", ()),
     "late_spans": ("Spans whose window had already closed (counted, not merged)", ()),

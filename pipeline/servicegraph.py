@@ -16,7 +16,9 @@ caller's window; alert rankings name downstream services from them.
 
 from __future__ import annotations
 
+import logging
 import pickle
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +29,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pipeline.deadletter import DeadLetters
 from pipeline.model import SpanBatch
 
+log = logging.getLogger("telepipe.servicegraph")
+
 GENERATION_NS = 10_000_000_000
+# Parent ids waiting for their span, per generation: beyond this, a child whose parent has not
+# been seen is not kept (counted in ``unjoined``): traffic whose parents never arrive (callers
+# not instrumented or not sampled) must not grow the joiner without bound within its ttl.
+MAX_WAITING = 100_000
 
 
 @dataclass
@@ -52,8 +60,26 @@ class LinkJoiner:
         self.ttl_ns = ttl_ns
         self.window_ns = window_ns
         self.generations: list[tuple[int, dict[int, str]]] = []  # (generation, span id -> service)
-        self.waiting: list[tuple[int, dict[int, list[tuple]]]] = []  # (generation, parent id -> children)
+        # (generation, parent id -> {(callee, window start): [calls, errors, duration sum, max end]}):
+        # children waiting for their parent, summed per callee and window, so a parent that never
+        # comes costs one entry per callee and window however many children name it (a client
+        # that reuses span ids made these lists grow by thousands a second, and every snapshot
+        # pickled them).
+        self.waiting: list[tuple[int, dict[int, dict[tuple[str, int], list]]]] = []
         self.high = 0
+        self.unjoined = 0  # children not kept to wait: MAX_WAITING reached
+
+    def __setstate__(self, state: dict) -> None:
+        """Snapshots taken before waiting children were summed held a list of child tuples."""
+        self.__dict__.update(state)
+        self.__dict__.setdefault("unjoined", 0)
+        for _, table in self.waiting:
+            for parent_id, children in table.items():
+                if isinstance(children, list):
+                    summed: dict[tuple[str, int], list] = {}
+                    for callee, error, dur, end in children:
+                        self._wait(summed, callee, error, dur, end)
+                    table[parent_id] = summed
 
     def process(self, batch: SpanBatch) -> list[EdgePartial]:
         n = len(batch)
@@ -84,9 +110,13 @@ class LinkJoiner:
         for _, table in self.waiting:
             for parent_id in table.keys() & arrived:
                 caller = spans[parent_id]
-                for child in table.pop(parent_id):
-                    if child[0] != caller:
-                        self._add(edges, caller, child)
+                for (callee, window), (calls, errors, dur_sum, max_end) in table.pop(parent_id).items():
+                    if callee != caller:
+                        e = edges[(caller, callee, window)]
+                        e[0] += calls
+                        e[1] += errors
+                        e[2] += dur_sum
+                        e[3] = max(e[3], max_end)
 
         # This batch's children: parent found (in any generation) or left waiting for it.
         with_parent = np.flatnonzero(pid_arr).tolist()
@@ -100,22 +130,31 @@ class LinkJoiner:
         for i, parent_id, caller in zip(with_parent, pids, parents):
             callee = me[i]
             if caller is None:
-                waiting.setdefault(parent_id, []).append((callee, err[i], dur[i], end[i]))
+                children = waiting.get(parent_id)
+                if children is None:
+                    if len(waiting) >= MAX_WAITING:
+                        self.unjoined += 1
+                        continue
+                    children = waiting[parent_id] = {}
+                self._wait(children, callee, err[i], dur[i], end[i])
             elif caller != callee:
-                self._add(edges, caller, (callee, err[i], dur[i], end[i]))
+                e = edges[(caller, callee, end[i] // self.window_ns * self.window_ns)]
+                e[0] += 1
+                e[1] += err[i]
+                e[2] += dur[i]
+                e[3] = max(e[3], end[i])
         self._expire(gen)
         return [
             EdgePartial(caller, callee, w, e[3], batch.step, e[0], e[1], e[2])
             for (caller, callee, w), e in sorted(edges.items())
         ]
 
-    def _add(self, edges, caller: str, child: tuple) -> None:
-        callee, error, dur, end = child
-        e = edges[(caller, callee, end // self.window_ns * self.window_ns)]
-        e[0] += 1
-        e[1] += error
-        e[2] += dur
-        e[3] = max(e[3], end)
+    def _wait(self, children: dict, callee: str, error: bool, dur: float, end: int) -> None:
+        c = children.setdefault((callee, end // self.window_ns * self.window_ns), [0, 0, 0.0, 0])
+        c[0] += 1
+        c[1] += error
+        c[2] += dur
+        c[3] = max(c[3], end)
 
     @staticmethod
     def _current(gens: list, gen: int) -> dict:
@@ -134,10 +173,12 @@ class _JoinedPartition(StatefulSourcePartition):
         self.inner = inner
         self.joiner = joiner
         self.dead = dead
+        self.logged_at = -1e9
 
     def next_batch(self) -> list:
         items = self.inner.next_batch()
         out = []
+        unjoined = self.joiner.unjoined
         for item in items:
             out.append(item)
             if isinstance(item, SpanBatch):
@@ -145,6 +186,13 @@ class _JoinedPartition(StatefulSourcePartition):
                     out.extend(self.joiner.process(item))
                 else:
                     out.extend(self.dead.run("servicegraph", self.joiner.process, item) or [])
+        if self.joiner.unjoined > unjoined and self.dead is not None:
+            # counted per batch, logged at most once a minute (this can go on for a while)
+            self.dead.metrics.inc("dropped", self.joiner.unjoined - unjoined, "servicegraph_unjoined")
+            if time.monotonic() - self.logged_at > 60:
+                self.logged_at = time.monotonic()
+                log.warning("service graph: more than %d parent spans awaited; children not joined are counted "
+                            "as dropped{reason=\"servicegraph_unjoined\"}", MAX_WAITING)  # fmt: skip
         return out
 
     def next_awake(self) -> datetime | None:

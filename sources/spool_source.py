@@ -126,6 +126,9 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
                 out.append(batch_from_bytes(payload))
             except ValueError as exc:
                 self.spool.metrics.dropped("spool_undecodable_record", 1, detail=str(exc))
+        spans = sum(len(b) for b in out if isinstance(b, SpanBatch))
+        if spans:
+            self.spool.metrics.inc("read_spans", spans)
         self._idle = not out
         return self.steps.stamp(coalesce(out))
 

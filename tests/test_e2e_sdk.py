@@ -105,6 +105,7 @@ def test_sdk_spans_and_logs_end_to_end(daemon_factory):
                 exact = values[math.floor(float(q) * (len(values) - 1))]
                 assert abs(s[key] - exact) <= 0.01 * exact, (op, q, s[key], exact)
         assert s[("telepipe_accepted_spans_total", ())] == 2200
+        assert s[("telepipe_read_spans_total", ())] == 2200  # all read from the spool: no backlog left
 
         def log_streams():
             return [st for doc in loki.accepted for st in doc["streams"] if "level" in st["stream"]]

@@ -42,6 +42,40 @@ def test_parent_first_child_first_and_same_service():
     assert pickle.loads(pickle.dumps(j)).high == j.high
 
 
+def test_children_of_a_missing_parent_are_summed_while_they_wait():
+    """A parent id that many children name (a client reusing span ids) costs one waiting entry per
+    callee and window, not one per child; when the parent comes, the edge has every call."""
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    for k in range(200):
+        assert j.process(spans([(1, 7, 100 + k, 99, 1 + k % 2 * 10, k % 4 == 0)])) == []
+    waiting = {pid: children for _, table in j.waiting for pid, children in table.items()}
+    assert list(waiting) == [int.from_bytes((99).to_bytes(8, "little"), "little")]
+    assert sorted(waiting[next(iter(waiting))]) == [("back", 0), ("back", 10 * S)]
+    assert len(pickle.dumps(j.waiting)) < 300
+    edges = j.process(spans([(0, 7, 99, 0, 1, 0)]))
+    assert [(e.window_start, e.calls, e.errors) for e in edges] == [(0, 100, 50), (10 * S, 100, 0)]
+    assert abs(edges[0].duration_sum - 100 * 0.005) < 1e-12
+
+
+def test_waiting_parents_are_bounded(monkeypatch):
+    monkeypatch.setattr("pipeline.servicegraph.MAX_WAITING", 50)
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    j.process(spans([(1, 7, 1000 + k, 100 + k, 1, 0) for k in range(80)]))  # 80 parents never seen
+    assert sum(len(t) for _, t in j.waiting) == 50 and j.unjoined == 30
+
+
+def test_snapshots_with_waiting_child_lists_are_converted():
+    """Snapshots taken before children were summed (the joiner's dict, with a list of
+    (callee, error, duration, end) per waiting parent) restore into the summed form."""
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    j.process(spans([(0, 1, 5, 0, 1, 0)]))  # sets up the generations
+    j.waiting = [(0, {99: [("back", True, 0.005, 1 * S), ("back", False, 0.005, 2 * S)]})]
+    restored = pickle.loads(pickle.dumps(j))
+    assert restored.waiting == [(0, {99: {("back", 0): [2, 1, 0.01, 2 * S]}})]
+    edges = restored.process(spans([(0, 1, 99, 0, 3, 0)]))
+    assert [(e.service, e.callee, e.calls, e.errors) for e in edges] == [("front", "back", 2, 1)]
+
+
 def test_sampling_keeps_whole_traces_and_ttl_bounds_memory():
     j = LinkJoiner(4, 20 * S, 10 * S)
     rows = [(0, t, 1000 + t, 0, 1, 0) for t in range(400)] + [(1, t, 5000 + t, 1000 + t, 1, 0) for t in range(400)]
