@@ -1,14 +1,16 @@
-"""The Python ceiling on this machine: decode + extract + per-key sketch update, nothing else.
+"""The ceiling on this machine: decode + extract + per-key sketch update, nothing else.
 
     .venv/bin/python -m bench.ceiling [--seconds 5]
 
 Runs, on one core and in one thread, the loop every span must go through at least:
-protobuf parse (upb) of the same pre-serialized requests ``bench/load`` sends,
-column extraction and validation (``pipeline.decode.decode_traces``), and the
-numpy pre-aggregation into per-(key, window) sketches and histograms
-(``pipeline.windows.preaggregate``). Prints spans/s for 512- and 64-span
-requests. Other benchmarks report telepipe's throughput as a ratio of this, so
-the figure holds on a noisy machine.
+decoding the same pre-serialized requests ``bench/load`` sends into validated
+columns (``pipeline.decode.decode_traces``: the numba wire reader of
+``pipeline/span_wire.py``, as the daemon decodes), and the numpy pre-aggregation
+into per-(key, window) sketches and histograms (``pipeline.windows.preaggregate``).
+Prints spans/s for 512- and 64-span requests, and the same loop with upb decoding
+(``decode_traces_upb``, the decoder before the wire reader) for comparison. Other
+benchmarks report telepipe's throughput as a ratio of the first, so the figure
+holds on a noisy machine.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import time
 
 from bench.load import Template, operation_mix
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
-from pipeline.decode import decode_traces
+from pipeline.decode import decode_traces, decode_traces_upb
 from pipeline.windows import WindowSpec, preaggregate
 
 
-def ceiling(spans: int, seconds: float) -> float:
+def ceiling(spans: int, seconds: float, decode=decode_traces) -> float:
     mix = operation_mix()
     bodies = [Template(spans, seed, mix).at(time.time_ns()) for seed in range(8)]
     spec = WindowSpec.from_config(WindowsConfig(), DEFAULT_BUCKETS)
@@ -30,7 +32,7 @@ def ceiling(spans: int, seconds: float) -> float:
     t0 = time.perf_counter()
     i = 0
     while time.perf_counter() - t0 < seconds:
-        batch = decode_traces(bodies[i % len(bodies)]).batch
+        batch = decode(bodies[i % len(bodies)]).batch
         preaggregate(batch, spec)
         done += len(batch)
         i += 1
@@ -41,9 +43,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
-    print(f"{'spans/request':>13} {'ceiling spans/s':>16}")
+    print(f"{'spans/request':>13} {'ceiling spans/s':>16} {'with upb decode':>16}")
     for spans in (512, 64):
-        print(f"{spans:>13} {ceiling(spans, args.seconds):>16,.0f}")
+        fast, upb = ceiling(spans, args.seconds), ceiling(spans, args.seconds, decode_traces_upb)
+        print(f"{spans:>13} {fast:>16,.0f} {upb:>16,.0f}")
 
 
 if __name__ == "__main__":

@@ -236,24 +236,28 @@ class LogBatch:
 
 
 def coalesce(batches: list[SpanBatch | LogBatch], max_spans: int = 8192) -> list[SpanBatch | LogBatch]:
-    """Merge runs of consecutive span batches (up to ``max_spans`` each); logs pass through."""
+    """The span batches of one read step merged (up to ``max_spans`` each, order kept), then its
+    log batches as they came.
+
+    Spans and logs take separate paths and a step is one unit for watermarks, so their order
+    within a step changes nothing downstream; merging across interleaved log requests (the
+    recordings alternate them) made the x16 replay's span batches 3 requests long instead of
+    16, and every downstream step pays per batch (the service graph join: 353 against 130 ns
+    per span)."""
     out: list[SpanBatch | LogBatch] = []
     run: list[SpanBatch] = []
     size = 0
     for b in batches:
-        if isinstance(b, SpanBatch) and size + len(b) <= max_spans:
-            run.append(b)
-            size += len(b)
+        if not isinstance(b, SpanBatch):
             continue
-        if run:
+        if run and size + len(b) > max_spans:
             out.append(SpanBatch.concat(run))
             run, size = [], 0
-        if isinstance(b, SpanBatch):
-            run, size = [b], len(b)
-        else:
-            out.append(b)
+        run.append(b)
+        size += len(b)
     if run:
         out.append(SpanBatch.concat(run))
+    out.extend(b for b in batches if not isinstance(b, SpanBatch))
     return out
 
 

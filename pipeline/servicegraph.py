@@ -52,6 +52,14 @@ class EdgePartial:
     duration_sum: float  # seconds, of the callee's spans
 
 
+class _Codes(dict):
+    """Service name -> small int, numbered as first seen (``None``, no parent found, is -1)."""
+
+    def __missing__(self, name: str) -> int:
+        code = self[name] = len(self) - 1
+        return code
+
+
 class LinkJoiner:
     """Joins sampled spans to their parents across batches. Picklable."""
 
@@ -96,9 +104,6 @@ class LinkJoiner:
         sid = np.frombuffer(batch.span_id.tobytes(), dtype="<u8")[keep].tolist()
         pid_arr = np.frombuffer(batch.parent_span_id.tobytes(), dtype="<u8")[keep]
         me = np.array(batch.services, dtype=object)[batch.service_idx[keep]].tolist()
-        err = (batch.status[keep] == 2).tolist()
-        dur = (batch.duration_ns[keep] / 1e9).tolist()
-        end = batch.end_ns[keep].tolist()
         self.high = max(self.high, int(batch.end_ns.max()))
         gen = self.high // GENERATION_NS
         spans, waiting = self._current(self.generations, gen), self._current(self.waiting, gen)
@@ -119,7 +124,7 @@ class LinkJoiner:
                         e[3] = max(e[3], max_end)
 
         # This batch's children: parent found (in any generation) or left waiting for it.
-        with_parent = np.flatnonzero(pid_arr).tolist()
+        with_parent = np.flatnonzero(pid_arr)
         pids = pid_arr[with_parent].tolist()
         parents = list(map(spans.get, pids))
         for _, table in reversed(self.generations[:-1]):
@@ -127,22 +132,44 @@ class LinkJoiner:
                 break
             older = list(map(table.get, pids))
             parents = [p if p is not None else o for p, o in zip(parents, older)]
-        for i, parent_id, caller in zip(with_parent, pids, parents):
-            callee = me[i]
-            if caller is None:
-                children = waiting.get(parent_id)
-                if children is None:
-                    if len(waiting) >= MAX_WAITING:
-                        self.unjoined += 1
-                        continue
-                    children = waiting[parent_id] = {}
-                self._wait(children, callee, err[i], dur[i], end[i])
-            elif caller != callee:
-                e = edges[(caller, callee, end[i] // self.window_ns * self.window_ns)]
-                e[0] += 1
-                e[1] += err[i]
-                e[2] += dur[i]
-                e[3] = max(e[3], end[i])
+        # Callers and callees as codes, so the found pairs are summed with numpy, not per child.
+        codes = _Codes({None: -1})
+        callee = np.fromiter(map(codes.__getitem__, batch.services), np.int64, len(batch.services))
+        callee = callee[batch.service_idx[keep][with_parent]]
+        caller = np.fromiter(map(codes.__getitem__, parents), np.int64, len(parents))
+        names = list(codes)[1:]  # by code
+        cross = np.flatnonzero((caller >= 0) & (caller != callee))
+        if cross.size:
+            rows = with_parent[cross]
+            window = batch.end_ns[keep][rows] // self.window_ns * self.window_ns
+            a, b = caller[cross], callee[cross]
+            order = np.lexsort((window, b, a))
+            a, b, window, rows = a[order], b[order], window[order], rows[order]
+            first = np.flatnonzero(np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (window[1:] != window[:-1])])
+            calls = np.diff(np.r_[first, len(rows)])
+            errors = np.add.reduceat(batch.status[keep][rows] == 2, first)
+            dur_sum = np.add.reduceat(batch.duration_ns[keep][rows] / 1e9, first)
+            max_end = np.maximum.reduceat(batch.end_ns[keep][rows], first)
+            for k, at in enumerate(first.tolist()):
+                e = edges[(names[a[at]], names[b[at]], int(window[at]))]
+                e[0] += int(calls[k])
+                e[1] += int(errors[k])
+                e[2] += float(dur_sum[k])
+                e[3] = max(e[3], int(max_end[k]))
+        lost = np.flatnonzero(caller < 0)
+        rows = with_parent[lost]
+        err = (batch.status[keep][rows] == 2).tolist()
+        dur = (batch.duration_ns[keep][rows] / 1e9).tolist()
+        end = batch.end_ns[keep][rows].tolist()
+        for k, i in enumerate(rows.tolist()):
+            parent_id = pids[lost[k]]
+            children = waiting.get(parent_id)
+            if children is None:
+                if len(waiting) >= MAX_WAITING:
+                    self.unjoined += 1
+                    continue
+                children = waiting[parent_id] = {}
+            self._wait(children, me[i], err[k], dur[k], end[k])
         self._expire(gen)
         return [
             EdgePartial(caller, callee, w, e[3], batch.step, e[0], e[1], e[2])

@@ -6,7 +6,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from pipeline.decode import MalformedRequest, decode_json_line, decode_logs, decode_logs_json, decode_traces
-from pipeline.model import LogBatch, SpanBatch, batch_from_bytes
+from pipeline.model import LogBatch, SpanBatch, batch_from_bytes, coalesce
 
 from .conftest import ONLINEBOUTIQUE, TRAINTICKET
 
@@ -95,6 +95,18 @@ def test_batch_bytes_round_trip():
     for col in ("service_idx", "op_idx", "kind", "status", "end_ns", "duration_ns", "trace_id", "span_id"):
         assert np.array_equal(getattr(back, col), getattr(b, col))
     assert back.operations == b.operations
+
+
+def test_coalesce_merges_the_span_batches_of_a_step_across_log_batches():
+    spans = [decode_traces(trace_request([{"name": f"op{i}"}] * (i + 1), service=f"s{i % 2}")).batch for i in range(4)]
+    logs = [decode_logs(log_request([{}])).batch for _ in range(2)]
+    out = coalesce([spans[0], logs[0], spans[1], spans[2], logs[1], spans[3]])
+    assert [type(b) for b in out] == [SpanBatch, LogBatch, LogBatch] and out[1] is logs[0] and out[2] is logs[1]
+    merged = out[0]
+    assert [merged.operations[i] for i in merged.op_idx] == [f"op{i}" for i in range(4) for _ in range(i + 1)]
+    assert [merged.services[i] for i in merged.service_idx] == [f"s{i % 2}" for i in range(4) for _ in range(i + 1)]
+    limited = coalesce(spans, max_spans=5)  # 1 + 2, then 3, then 4 spans
+    assert [len(b) for b in limited] == [3, 3, 4]
 
 
 def test_recording_lines_decode_to_every_span():

@@ -1,6 +1,7 @@
 import pickle
 
 import numpy as np
+import pytest
 
 from pipeline.anomaly import ServiceAnomaly
 from pipeline.config import AnomalyConfig
@@ -9,7 +10,7 @@ from pipeline.servicegraph import LinkJoiner
 from sources.replay import iter_batches
 from pipeline.selfmetrics import SelfMetrics
 
-from .conftest import ONLINEBOUTIQUE
+from .conftest import ONLINEBOUTIQUE, TRAINTICKET
 from .factories import result, service_window
 
 S = 10**9
@@ -97,6 +98,44 @@ def test_recording_gives_the_onlineboutique_call_graph():
     assert calls[("frontend", "productcatalogservice")] > 2000
     assert calls[("checkoutservice", "paymentservice")] > 0
     assert all(a != b for a, b in calls)
+
+
+@pytest.mark.parametrize("path", [ONLINEBOUTIQUE, TRAINTICKET])
+def test_edges_equal_a_join_of_the_whole_recording(path):
+    """Every cross-service parent/child pair of the recording, found in whatever order the
+    batches bring parents and children, summed per (caller, callee, window)."""
+    batches = [b for b in iter_batches(path, SelfMetrics()) if isinstance(b, SpanBatch)]
+    owner, children = {}, []
+    for b in batches:
+        for i in range(len(b)):
+            svc = b.services[b.service_idx[i]]
+            owner[bytes(b.span_id[i])] = svc
+            if bytes(b.parent_span_id[i]).strip(b"\0"):
+                children.append((bytes(b.parent_span_id[i]), svc, int(b.end_ns[i]), int(b.status[i]) == 2,
+                                 int(b.duration_ns[i])))  # fmt: skip
+    expected = {}
+    for parent, callee, end, error, dur in children:
+        caller = owner.get(parent)
+        if caller is not None and caller != callee:
+            e = expected.setdefault((caller, callee, end // (10 * S) * 10 * S), [0, 0, 0, 0])
+            e[0] += 1
+            e[1] += error
+            e[2] += dur
+            e[3] = max(e[3], end)
+    j = LinkJoiner(1, 10**6 * S, 10 * S)
+    got = {}
+    for b in batches:
+        for e in j.process(b):
+            g = got.setdefault((e.service, e.callee, e.window_start), [0, 0, 0.0, 0])
+            g[0] += e.calls
+            g[1] += e.errors
+            g[2] += e.duration_sum
+            g[3] = max(g[3], e.max_end_ns)
+    assert expected and got.keys() == expected.keys()
+    for key, (calls, errors, dur, end) in expected.items():
+        g = got[key]
+        assert (g[0], g[1], g[3]) == (calls, errors, end), key
+        assert abs(g[2] - dur / 1e9) <= 1e-9 * max(1.0, dur / 1e9), key
 
 
 def test_downstream_service_ranked_when_the_caller_fires():
