@@ -35,7 +35,7 @@ GENERATION_NS = 10_000_000_000
 # Parent ids waiting for their span, per generation: beyond this, a child whose parent has not
 # been seen is not kept (counted in ``unjoined``): traffic whose parents never arrive (callers
 # not instrumented or not sampled) must not grow the joiner without bound within its ttl.
-MAX_WAITING = 100_000
+MAX_WAITING = 25_000  # ~100,000 over the default 30 s ttl
 
 
 @dataclass
