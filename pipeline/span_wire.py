@@ -95,14 +95,6 @@ def _skip(buf, p, end, wire_type):
 
 
 @njit(cache=True, nogil=True)
-def _fixed64(buf, p):
-    value = np.uint64(0)
-    for k in range(8):
-        value |= np.uint64(buf[p + k]) << np.uint64(8 * k)
-    return value
-
-
-@njit(cache=True, nogil=True)
 def _int32(value):
     """A varint read into an int32 field, as protobuf does: the low 32 bits, signed."""
     low = np.int64(value & np.uint64(0xFFFFFFFF))
