@@ -300,6 +300,8 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                     if n == ids.shape[1]:
                         for k in range(n):
                             ids[i, k] = buf[va + k]
+                    else:  # last one wins: an earlier right-length id of this span is gone
+                        ids[i, :] = 0
                 elif field == 5:
                     for k in range(va, vb):
                         if buf[k] >= 0x80:

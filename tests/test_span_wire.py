@@ -162,6 +162,11 @@ CRAFTED = {
                        span("d", b"\x01" * 16, b"\x02" * 8, field(4, 2, bytes(8))),
                        span("e", b"\x01" * 16, b"\x02" * 8, field(4, 2, b"\x03" * 7)),
                        span("f", b"\x01" * 16, b"\x02" * 8, field(4, 2, b""))),  # fmt: skip
+    "an id, then an id of another length": request(
+        span("p", b"\x01" * 16, b"\x02" * 8, field(4, 2, b"\x02" * 8), field(4, 2, b"")),
+        span("t", b"\x01" * 16, b"\x02" * 8, field(1, 2, b"\x03" * 3)),
+        span("s", b"\x01" * 16, b"\x02" * 8, field(2, 2, b""), field(4, 2, b"\x04" * 8), field(4, 2, b"\x05" * 9)),
+    ),  # fmt: skip
     "end before start": request(span("a", b"\x01" * 16, b"\x02" * 8, field(8, 1, 10))),
     "group in a span": request(span("g", b"\x01" * 16, b"\x02" * 8, varint(9 << 3 | 3) + varint(9 << 3 | 4))),
     "known field, other wire type": request(span("w", b"\x01" * 16, b"\x02" * 8, field(7, 0, 5), field(1, 0, 3))),
@@ -181,7 +186,8 @@ def test_crafted_requests_agree_with_upb(case):
 def test_the_fast_path_handles_what_exporters_send():
     """Crafted cases that stay on the fast path (the others give up and use upb)."""
     for case in ("empty request", "unknown fields everywhere", "duplicated fields, last wins", "long name and long span",
-                 "kinds beyond int32", "status forms", "unicode names", "service twice, resource twice", "bad ids"):  # fmt: skip
+                 "kinds beyond int32", "status forms", "unicode names", "service twice, resource twice", "bad ids",
+                 "an id, then an id of another length"):  # fmt: skip
         assert walked(CRAFTED[case]), case
     for case in ("group in a span", "known field, other wire type", "truncated", "invalid utf-8 name"):
         assert not walked(CRAFTED[case]), case
