@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.load import Template, operation_mix
+from bench.load import RecordedTraces, Template
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
 from pipeline.decode import decode_traces, decode_traces_upb
 from pipeline.windows import WindowSpec, preaggregate
 
 
 def ceiling(spans: int, seconds: float, decode=decode_traces) -> float:
-    mix = operation_mix()
-    bodies = [Template(spans, seed, mix).at(time.time_ns()) for seed in range(8)]
+    traces = RecordedTraces()
+    bodies = [Template(spans, seed, traces).at(time.time_ns()) for seed in range(8)]
     spec = WindowSpec.from_config(WindowsConfig(), DEFAULT_BUCKETS)
     done = 0
     t0 = time.perf_counter()

@@ -3,17 +3,19 @@
     .venv/bin/python -m bench.load --target 127.0.0.1:4317 --spans 512 --concurrency 4 \\
         --processes 1 --duration 60 [--rate SPANS_PER_S] [--series N]
 
-Requests are shaped like the shared OnlineBoutique recording (its services and
-operations in their proportions, span kinds, parent ids) with heavy-tailed
-durations (lognormal), ~1 % errors and 10 attributes per span. A small pool of
-requests is serialized once; before each send only their timestamps are moved
-to "now" (fixed64 fields patched in place with numpy), so the generator spends
-its CPU on sending, not on protobuf. An OTel SDK process cannot load-test
-telepipe (~23k spans/s per core); this can.
+Requests are made of the shared OnlineBoutique recording's traces (its services,
+operations, span kinds and call trees: every parent is in the request) with
+heavy-tailed durations (lognormal), ~1 % errors and 10 attributes per span. A
+small pool of requests is serialized once; before each send only their
+timestamps are moved to "now" and their ids salted (fixed64 and id bytes patched
+in place with numpy), so every send is new traffic (new trace and span ids, the
+same trees) and the generator spends its CPU on sending, not on protobuf. An OTel
+SDK process cannot load-test telepipe (~23k spans/s per core); this can.
 
-``--series N`` replaces the recording's mix with N synthetic (service, operation)
+``--series N`` replaces the recording with N synthetic (service, operation)
 pairs (``svc-000``/``op-000`` ..., 100 operations per service, SERVER, equal
-shares), taken in turn so that every pair is in each cycle through the requests.
+shares), taken in turn so that every pair is in each cycle through the requests,
+in traces of ~8 spans that mostly stay within a service (``SyntheticTraces``).
 
 Every thread honours RetryInfo: on UNAVAILABLE or RESOURCE_EXHAUSTED it waits
 the given delay and sends the same request again (as an OTLP exporter does).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import random
 import struct
 import threading
 import time
@@ -57,15 +60,9 @@ ATTRIBUTES = [
 
 def operation_mix(path: Path = RECORDING) -> list[tuple[str, str, int, float]]:
     """(service, operation, kind, share of spans) from the recording."""
-    import orjson
-
     counts: Counter = Counter()
-    for line in path.open("rb"):
-        for rs in orjson.loads(line).get("resourceSpans", []):
-            svc = next(a["value"]["stringValue"] for a in rs["resource"]["attributes"] if a["key"] == "service.name")
-            for ss in rs["scopeSpans"]:
-                for s in ss["spans"]:
-                    counts[(svc, s["name"], int(s.get("kind", 0)))] += 1
+    for trace in recorded_traces(path):
+        counts.update((svc, op, kind) for svc, op, kind, _ in trace)
     total = sum(counts.values())
     return [(svc, op, kind, n / total) for (svc, op, kind), n in counts.most_common()]
 
@@ -76,28 +73,103 @@ def synthetic_mix(series: int) -> list[tuple[str, str, int, float]]:
     return [(f"svc-{i // 100:03d}", f"op-{i % 100:03d}", 2, 1.0 / series) for i in range(series)]
 
 
-class Template:
-    """One serialized request and the byte offsets of its timestamps."""
+def recorded_traces(path: Path = RECORDING) -> list[list[tuple[str, str, int, int]]]:
+    """The recording's traces, each a list of spans (service, operation, kind, position of
+    the parent in the list or -1), parents before their children."""
+    import orjson
 
-    def __init__(self, spans: int, seed: int, mix, start: int | None = None) -> None:
-        """``start``: take mix entries in turn from this index (so consecutive templates cover
-        the whole mix) instead of at random by share."""
-        rng = np.random.default_rng(seed)
-        if start is None:
-            shares = np.array([m[3] for m in mix])
-            picks = rng.choice(len(mix), size=spans, p=shares / shares.sum())
+    spans: dict[str, tuple] = {}  # span id -> (trace id, parent id, service, operation, kind)
+    for line in path.open("rb"):
+        for rs in orjson.loads(line).get("resourceSpans", []):
+            svc = next(a["value"]["stringValue"] for a in rs["resource"]["attributes"] if a["key"] == "service.name")
+            for ss in rs["scopeSpans"]:
+                for s in ss["spans"]:
+                    spans[s["spanId"]] = (s["traceId"], s.get("parentSpanId", ""), svc, s["name"], int(s.get("kind", 0)))
+    children: dict[str, list[str]] = {}
+    roots: dict[str, list[str]] = {}  # trace id -> its spans without a parent in the recording
+    for sid, (tid, parent, *_) in spans.items():
+        if parent in spans:
+            children.setdefault(parent, []).append(sid)
         else:
-            picks = (start + np.arange(spans)) % len(mix)
+            roots.setdefault(tid, []).append(sid)
+    traces = []
+    for tops in roots.values():
+        order, at = list(tops), {}
+        for sid in order:  # breadth first: grows while it is walked
+            order.extend(children.get(sid, ()))
+        trace = []
+        for sid in order:
+            at[sid] = len(trace)
+            _, parent, svc, op, kind = spans[sid]
+            trace.append((svc, op, kind, at.get(parent, -1)))
+        traces.append(trace)
+    return traces
+
+
+class RecordedTraces:
+    """Requests made of whole traces of the recording (its services, operations, kinds and call
+    tree), picked at random; the last trace of a request is cut to fit (parents come first,
+    so every span's parent is in the request)."""
+
+    def __init__(self, path: Path = RECORDING) -> None:
+        self.traces = recorded_traces(path)
+
+    def spans(self, rng: np.random.Generator, n: int, start: int | None) -> list[tuple[str, str, int, int, int]]:
+        """``n`` spans (service, operation, kind, position of the parent or -1, trace number)."""
+        out: list = []
+        while len(out) < n:
+            trace = self.traces[rng.integers(len(self.traces))]
+            base, number = len(out), out[-1][4] + 1 if out else 0
+            out.extend((svc, op, kind, p + base if p >= 0 else -1, number) for svc, op, kind, p in trace)
+        return out[:n]
+
+
+class SyntheticTraces:
+    """Requests covering ``series`` synthetic (service, operation) pairs (``synthetic_mix``),
+    taken in turn from ``start``; consecutive spans form traces of ~8 spans (geometric sizes),
+    each span's parent one of the earlier spans of its trace, so a trace mostly stays within a
+    service and crosses to the next one at the boundaries (about one edge per service)."""
+
+    def __init__(self, series: int) -> None:
+        self.mix = synthetic_mix(series)
+
+    def spans(self, rng: np.random.Generator, n: int, start: int | None) -> list[tuple[str, str, int, int, int]]:
+        first = 0 if start is None else start
+        out: list = []
+        number = 0
+        while len(out) < n:
+            base = len(out)
+            for j in range(min(int(rng.geometric(1 / 8)), n - base)):
+                svc, op, kind, _ = self.mix[(first + base + j) % len(self.mix)]
+                out.append((svc, op, kind, base + int(rng.integers(j)) if j else -1, number))
+            number += 1
+        return out
+
+
+class Template:
+    """One serialized request and the byte offsets of its timestamps and ids.
+
+    ``at`` moves the timestamps to now and gives the request's traces fresh ids (the same
+    8-byte salt XORed into every span and parent id, keeping the call tree; new trace ids):
+    sent again, a template is new traffic, as a service's exporter sends it.
+    """
+
+    def __init__(self, spans: int, seed: int, traces: RecordedTraces | SyntheticTraces, start: int | None = None) -> None:
+        """``start``: for ``SyntheticTraces``, take pairs in turn from this index (so consecutive
+        templates cover the whole mix)."""
+        rng = np.random.default_rng(seed)
+        rows = traces.spans(rng, spans, start)
         by_service: dict[str, list[int]] = {}
-        for i, k in enumerate(picks):
-            by_service.setdefault(mix[k][0], []).append(i)
+        for i, row in enumerate(rows):
+            by_service.setdefault(row[0], []).append(i)
         durations = (rng.lognormal(-6.0, 1.3, size=spans) * 1e9).astype(np.int64) + 1000
         ends = np.sort(rng.integers(0, 1_000_000_000, size=spans))  # spread over one second
+        span_ids = rng.integers(1, 2**63, size=spans, dtype=np.int64).astype("<u8")
+        trace_lo = rng.integers(1, 2**63, size=rows[-1][4] + 1, dtype=np.int64).astype("<u8")
+        # Unique placeholders for every timestamp and id, found again after serializing.
+        marks = rng.choice(2**62, size=5 * spans, replace=False).astype("<u8") + (1 << 62)
         req = ExportTraceServiceRequest()
-        marks: list[int] = []  # unique placeholder end times, found again after serializing
-        rel: list[int] = []  # each span's end within its second
-        durs: list[int] = []
-        base = 1 << 62
+        placed: list[tuple[bytes, int, bytes]] = []  # (tag + placeholder, kind of field, real bytes)
         for svc, idx in by_service.items():
             rs = req.resource_spans.add()
             rs.resource.attributes.add(key="service.name").value.string_value = svc
@@ -105,18 +177,20 @@ class Template:
             ss = rs.scope_spans.add()
             ss.scope.name = "bench.load"
             for i in idx:
-                _, op, kind, _ = mix[picks[i]]
+                _, op, kind, parent, trace = rows[i]
+                m = [struct.pack("<Q", int(x)) for x in marks[5 * i : 5 * i + 5]]
                 sp = ss.spans.add()
-                sp.trace_id = rng.bytes(16)
-                sp.span_id = rng.bytes(8)
-                sp.parent_span_id = rng.bytes(8) if kind != 2 or rng.random() < 0.5 else b""
+                sp.trace_id = m[0] + m[1]
+                sp.span_id = m[2]
+                placed += [(b"\x0a\x10" + m[0] + m[1], 0, trace_lo[trace].tobytes()), (b"\x12\x08" + m[2], 1, span_ids[i].tobytes())]
+                if parent >= 0:
+                    sp.parent_span_id = m[3]
+                    placed.append((b"\x22\x08" + m[3], 1, span_ids[parent].tobytes()))
                 sp.name, sp.kind = op, kind
-                end = base + len(marks) * 4_000_000_000_000
-                sp.start_time_unix_nano = end - int(durations[i])
-                sp.end_time_unix_nano = end
-                marks.append(end)
-                rel.append(int(ends[i]))
-                durs.append(int(durations[i]))
+                sp.start_time_unix_nano = int(marks[5 * i + 4]) - int(durations[i])
+                sp.end_time_unix_nano = int(marks[5 * i + 4])
+                placed += [(b"\x39" + struct.pack("<Q", sp.start_time_unix_nano), 2, b""),
+                           (b"\x41" + m[4], 3, b"")]  # fmt: skip
                 if rng.random() < 0.01:
                     sp.status.code = 2
                 for key, value in ATTRIBUTES:
@@ -126,14 +200,26 @@ class Template:
                     else:
                         a.value.string_value = value
         self.body = bytearray(req.SerializeToString())
-        end_at = [self.body.find(b"\x41" + struct.pack("<Q", m)) + 1 for m in marks]  # field 8, fixed64
-        start_at = [self.body.find(b"\x39" + struct.pack("<Q", m - d)) + 1 for m, d in zip(marks, durs)]  # field 7
-        if min(end_at) <= 0 or min(start_at) <= 0:
-            raise RuntimeError("timestamp fields not found in the serialized template")
-        self.end_index = np.array(end_at, dtype=np.int64)[:, None] + np.arange(8)
-        self.start_index = np.array(start_at, dtype=np.int64)[:, None] + np.arange(8)
-        self.rel = np.array(rel, dtype=np.int64)
-        self.durs = np.array(durs, dtype=np.int64)
+        at: dict[int, list] = {0: [], 1: [], 2: [], 3: []}
+        ids = []
+        for needle, what, real in placed:
+            pos = self.body.find(needle)
+            if pos < 0 or self.body.find(needle, pos + 1) >= 0:
+                raise RuntimeError("a placeholder not found once in the serialized template")
+            pos += len(needle) - 8  # the last 8 bytes: a timestamp, a span or parent id, a trace id's second half
+            at[what].append(pos)
+            if what == 0:
+                self.body[pos - 8 : pos] = real  # the trace id's first half stays; the second is salted per send
+            elif what == 1:
+                ids.append(np.frombuffer(real, dtype=np.uint8))
+        index = {what: np.array(p, dtype=np.int64)[:, None] + np.arange(8) for what, p in at.items()}
+        self.trace_index, self.id_index = index[0], index[1]
+        self.start_index, self.end_index = index[2], index[3]
+        self.ids = np.stack(ids)
+        # placed follows rows grouped by service: the timestamps' rows in that order
+        order = [i for idx in by_service.values() for i in idx]
+        self.rel = ends[order].astype(np.int64)
+        self.durs = durations[order].astype(np.int64)
         self.spans = spans
         self.lock = threading.Lock()  # sending threads share templates; at() patches body in place
 
@@ -144,14 +230,18 @@ class Template:
         self.__dict__.update(state)
         self.lock = threading.Lock()
 
-    def at(self, now_ns: int) -> bytes:
-        """The request with its spans ending within the second before ``now_ns``."""
+    def at(self, now_ns: int, salt: int = 0) -> bytes:
+        """The request with its spans ending within the second before ``now_ns``, its ids
+        salted with ``salt`` (a 64-bit int; 0 gives the template's own ids)."""
         ends = (now_ns - 1_000_000_000 + self.rel).astype("<u8")
         starts = (ends - self.durs.astype("<u8")).astype("<u8")
+        key = np.frombuffer(struct.pack("<Q", salt), dtype=np.uint8)
         with self.lock:  # unlocked, two threads could mix one's end times with the other's start times
             arr = np.frombuffer(self.body, dtype=np.uint8)
             arr[self.end_index] = ends.view(np.uint8).reshape(-1, 8)
             arr[self.start_index] = starts.view(np.uint8).reshape(-1, 8)
+            arr[self.id_index] = self.ids ^ key
+            arr[self.trace_index] = key
             return bytes(self.body)
 
 
@@ -182,6 +272,7 @@ def _worker(target: str, templates: list[Template], duration: float, rate: float
         export = channel.unary_unary(TRACES, request_serializer=None, response_deserializer=None)
         interval = spans / per_thread_rate if per_thread_rate else 0.0
         next_at = time.monotonic()
+        salts = random.Random()  # seeded from the OS: every send gets new ids
         i = k
         while time.monotonic() < deadline:
             if interval:
@@ -189,7 +280,7 @@ def _worker(target: str, templates: list[Template], duration: float, rate: float
                 pause = next_at - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
-            body = templates[i % len(templates)].at(time.time_ns())
+            body = templates[i % len(templates)].at(time.time_ns(), salts.getrandbits(64))
             i += 1
             while True:
                 local["sent_requests"] += 1
@@ -229,11 +320,11 @@ def run_load(
     """``series`` > 0: spans cover that many synthetic (service, operation) pairs (``synthetic_mix``),
     with enough templates that one cycle through them holds every pair."""
     if series:
-        mix = synthetic_mix(series)
-        templates = [Template(spans, seed, mix, start=seed * spans) for seed in range(max(16, -(-series // spans)))]
+        synthetic = SyntheticTraces(series)
+        templates = [Template(spans, seed, synthetic, start=seed * spans) for seed in range(max(16, -(-series // spans)))]
     else:
-        mix = operation_mix()
-        templates = [Template(spans, seed, mix) for seed in range(16)]
+        recorded = RecordedTraces()
+        templates = [Template(spans, seed, recorded) for seed in range(16)]
     queue: mp.Queue = mp.Queue()
     per_thread = rate / (concurrency * processes) if rate else 0.0
     t0 = time.monotonic()

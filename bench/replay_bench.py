@@ -285,14 +285,14 @@ def series_payloads(series: int, windows: int = 4) -> list[tuple[str, bytes, int
     """High cardinality: ``bench/load``'s synthetic mix of ``series`` (service, operation) pairs,
     512-span requests, 20,000 spans/s of event time for ``windows`` 10 s windows (each pair
     ~20 spans per window: a batch holds about one span per pair)."""
-    from bench.load import Template, synthetic_mix
+    from bench.load import SyntheticTraces, Template
 
-    mix = synthetic_mix(series)
-    templates = [Template(512, seed, mix, start=seed * 512) for seed in range(20)]
+    traces = SyntheticTraces(series)
+    templates = [Template(512, seed, traces, start=seed * 512) for seed in range(20)]
     t0 = 1_800_000_000 * 10**9
     per_window = 400  # x 512 spans = 204,800 spans per 10 s
     return [
-        ("spans", templates[k % 20].at(t0 + w * 10**10 + (k + 1) * (10**10 // per_window)), 512)
+        ("spans", templates[k % 20].at(t0 + w * 10**10 + (k + 1) * (10**10 // per_window), salt=w * per_window + k + 1), 512)
         for w in range(windows)
         for k in range(per_window)
     ]

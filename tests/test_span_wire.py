@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.load import Template, operation_mix, synthetic_mix
+from bench.load import RecordedTraces, SyntheticTraces, Template
 from bench.replay_bench import payloads
 from pipeline import span_wire
 from pipeline.decode import Decoded, MalformedRequest, decode_traces, decode_traces_upb
@@ -111,9 +111,9 @@ def test_recordings_take_the_fast_path_with_upbs_results(copies):
 
 @pytest.mark.parametrize("mix", ["recorded", "synthetic"])
 def test_load_generator_requests_take_the_fast_path(mix):
-    ops = operation_mix() if mix == "recorded" else synthetic_mix(1000)
+    traces = RecordedTraces() if mix == "recorded" else SyntheticTraces(1000)
     for spans in (1, 64, 512):
-        body = Template(spans, 7, ops).at(time.time_ns())
+        body = Template(spans, 7, traces).at(time.time_ns(), salt=12345)
         assert walked(body)
         assert assert_same(body).received == spans
 
