@@ -9,7 +9,7 @@ COPY pipeline/ pipeline/
 COPY sources/ sources/
 COPY sinks/ sinks/
 RUN pip install --no-cache-dir . \
-    && python -I -m pipeline.span_wire \
+    && python -I -m pipeline.compiled \
     && useradd --system --uid 10001 --home-dir /var/lib/telepipe --create-home telepipe
 
 USER 10001

@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
-	$(PY) -m pipeline.span_wire
+	$(PY) -m pipeline.compiled
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml

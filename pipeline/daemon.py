@@ -20,7 +20,7 @@ from bytewax.recovery import init_db_dir
 from bytewax.testing import cluster_main, run_main
 from google.protobuf.internal import api_implementation
 
-from pipeline import span_wire
+from pipeline import compiled
 from pipeline.config import Config
 from pipeline.decode import DecodeLimits
 from pipeline.flow import Outputs, build_flow
@@ -179,9 +179,9 @@ class Daemon:
         self.http.start()
         if self.keda is not None:
             self.keda.start()
-        seconds = span_wire.warm()  # before OTLP is accepted: a first request must not wait for it
+        seconds = compiled.warm()  # before OTLP is accepted: a first request must not wait for it
         if seconds > 1.0:
-            log.info("compiled the span wire reader in %.1f s (cached for the next start)", seconds)
+            log.info("compiled the span wire reader and span index in %.1f s (cached for the next start)", seconds)
         self.receiver.start()
         self._started = True
         log.info(

@@ -28,6 +28,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from pipeline.deadletter import DeadLetters
 from pipeline.model import SpanBatch
+from pipeline.span_index import SpanIndex
 
 log = logging.getLogger("telepipe.servicegraph")
 
@@ -36,6 +37,10 @@ GENERATION_NS = 10_000_000_000
 # been seen is not kept (counted in ``unjoined``): traffic whose parents never arrive (callers
 # not instrumented or not sampled) must not grow the joiner without bound within its ttl.
 MAX_WAITING = 25_000  # ~100,000 over the default 30 s ttl
+# Sampled spans kept as possible parents, per generation: 100,000 a second, what 400,000 spans/s
+# (the 1-in-4 default sample) bring; beyond it spans are not kept (counted in ``unstored``, their
+# children then wait and are counted in ``unjoined``). ~24 MiB per full generation (SpanIndex).
+MAX_SPANS = 1_000_000
 
 
 @dataclass
@@ -52,14 +57,6 @@ class EdgePartial:
     duration_sum: float  # seconds, of the callee's spans
 
 
-class _Codes(dict):
-    """Service name -> small int, numbered as first seen (``None``, no parent found, is -1)."""
-
-    def __missing__(self, name: str) -> int:
-        code = self[name] = len(self) - 1
-        return code
-
-
 class LinkJoiner:
     """Joins sampled spans to their parents across batches. Picklable."""
 
@@ -67,7 +64,9 @@ class LinkJoiner:
         self.sample = sample_one_in
         self.ttl_ns = ttl_ns
         self.window_ns = window_ns
-        self.generations: list[tuple[int, dict[int, str]]] = []  # (generation, span id -> service)
+        self.names: list[str] = []  # service code -> name, as first seen
+        self.codes: dict[str, int] = {}
+        self.generations: list[tuple[int, SpanIndex]] = []  # (generation, span id -> service code)
         # (generation, parent id -> {(callee, window start): [calls, errors, duration sum, max end]}):
         # children waiting for their parent, summed per callee and window, so a parent that never
         # comes costs one entry per callee and window however many children name it (a client
@@ -76,11 +75,14 @@ class LinkJoiner:
         self.waiting: list[tuple[int, dict[int, dict[tuple[str, int], list]]]] = []
         self.high = 0
         self.unjoined = 0  # children not kept to wait: MAX_WAITING reached
+        self.unstored = 0  # sampled spans not kept as possible parents: MAX_SPANS reached
 
     def __setstate__(self, state: dict) -> None:
-        """Snapshots taken before waiting children were summed held a list of child tuples."""
+        """Converts snapshots of earlier versions: waiting children as a list of child tuples,
+        and span ids in a dict of service names."""
         self.__dict__.update(state)
         self.__dict__.setdefault("unjoined", 0)
+        self.__dict__.setdefault("unstored", 0)
         for _, table in self.waiting:
             for parent_id, children in table.items():
                 if isinstance(children, list):
@@ -88,6 +90,22 @@ class LinkJoiner:
                     for callee, error, dur, end in children:
                         self._wait(summed, callee, error, dur, end)
                     table[parent_id] = summed
+        if "names" not in state:
+            self.names, self.codes = [], {}
+            generations = []
+            for gen, spans in self.generations:
+                index = SpanIndex(max(MAX_SPANS, len(spans)))
+                ids = np.fromiter(spans.keys(), dtype=np.uint64, count=len(spans))
+                index.insert(ids, np.fromiter(map(self._code, spans.values()), dtype=np.int32, count=len(spans)))
+                generations.append((gen, index))
+            self.generations = generations
+
+    def _code(self, service: str) -> int:
+        code = self.codes.get(service)
+        if code is None:
+            code = self.codes[service] = len(self.names)
+            self.names.append(service)
+        return code
 
     def process(self, batch: SpanBatch) -> list[EdgePartial]:
         n = len(batch)
@@ -98,46 +116,49 @@ class LinkJoiner:
         keep = np.flatnonzero(mixed % np.uint64(self.sample) == 0) if self.sample > 1 else np.arange(n)
         if keep.size == 0:
             return []
-        # Storing spans and looking up parents are C-level dict/map calls over the batch; only
-        # children with a parent run a short loop body (the old per-span loop was ~25 % of a
-        # replay's time under cProfile).
-        sid = np.frombuffer(batch.span_id.tobytes(), dtype="<u8")[keep].tolist()
+        # Spans are stored and parents looked up by compiled loops over the batch (SpanIndex),
+        # callers and callees are service codes, and found pairs are summed with numpy: only
+        # children whose parent has not arrived run Python per span.
+        sid = np.frombuffer(batch.span_id.tobytes(), dtype="<u8")[keep]
         pid_arr = np.frombuffer(batch.parent_span_id.tobytes(), dtype="<u8")[keep]
-        me = np.array(batch.services, dtype=object)[batch.service_idx[keep]].tolist()
+        service_code = np.array([self._code(s) for s in batch.services], dtype=np.int32)
+        me = service_code[batch.service_idx[keep]]
         self.high = max(self.high, int(batch.end_ns.max()))
         gen = self.high // GENERATION_NS
-        spans, waiting = self._current(self.generations, gen), self._current(self.waiting, gen)
-        spans.update(zip(sid, me))
+        if not self.generations or self.generations[-1][0] < gen:
+            self.generations.append((gen, SpanIndex(MAX_SPANS)))
+        self.unstored += self.generations[-1][1].insert(sid, me)
+        waiting = self._current(self.waiting, gen)
         edges: dict[tuple[str, str, int], list] = defaultdict(lambda: [0, 0, 0.0, 0])
 
         # Children that were waiting for one of these spans.
-        arrived = set(sid)
-        for _, table in self.waiting:
-            for parent_id in table.keys() & arrived:
-                caller = spans[parent_id]
-                for (callee, window), (calls, errors, dur_sum, max_end) in table.pop(parent_id).items():
-                    if callee != caller:
-                        e = edges[(caller, callee, window)]
-                        e[0] += calls
-                        e[1] += errors
-                        e[2] += dur_sum
-                        e[3] = max(e[3], max_end)
+        if any(table for _, table in self.waiting):
+            arrived = set(sid.tolist())
+            for _, table in self.waiting:
+                found = list(table.keys() & arrived)
+                if not found:
+                    continue
+                callers = np.full(len(found), -1, dtype=np.int32)
+                self.generations[-1][1].lookup(np.array(found, dtype=np.uint64), callers)
+                for parent_id, code in zip(found, callers.tolist()):
+                    if code < 0:  # not stored (MAX_SPANS): it keeps waiting
+                        continue
+                    caller = self.names[code]
+                    for (callee, window), (calls, errors, dur_sum, max_end) in table.pop(parent_id).items():
+                        if callee != caller:
+                            e = edges[(caller, callee, window)]
+                            e[0] += calls
+                            e[1] += errors
+                            e[2] += dur_sum
+                            e[3] = max(e[3], max_end)
 
         # This batch's children: parent found (in any generation) or left waiting for it.
         with_parent = np.flatnonzero(pid_arr)
-        pids = pid_arr[with_parent].tolist()
-        parents = list(map(spans.get, pids))
-        for _, table in reversed(self.generations[:-1]):
-            if None not in parents:
-                break
-            older = list(map(table.get, pids))
-            parents = [p if p is not None else o for p, o in zip(parents, older)]
-        # Callers and callees as codes, so the found pairs are summed with numpy, not per child.
-        codes = _Codes({None: -1})
-        callee = np.fromiter(map(codes.__getitem__, batch.services), np.int64, len(batch.services))
-        callee = callee[batch.service_idx[keep][with_parent]]
-        caller = np.fromiter(map(codes.__getitem__, parents), np.int64, len(parents))
-        names = list(codes)[1:]  # by code
+        pids = pid_arr[with_parent]
+        caller = np.full(pids.size, -1, dtype=np.int32)
+        for _, index in reversed(self.generations):
+            index.lookup(pids, caller)
+        callee = me[with_parent]
         cross = np.flatnonzero((caller >= 0) & (caller != callee))
         if cross.size:
             rows = with_parent[cross]
@@ -151,25 +172,25 @@ class LinkJoiner:
             dur_sum = np.add.reduceat(batch.duration_ns[keep][rows] / 1e9, first)
             max_end = np.maximum.reduceat(batch.end_ns[keep][rows], first)
             for k, at in enumerate(first.tolist()):
-                e = edges[(names[a[at]], names[b[at]], int(window[at]))]
+                e = edges[(self.names[a[at]], self.names[b[at]], int(window[at]))]
                 e[0] += int(calls[k])
                 e[1] += int(errors[k])
                 e[2] += float(dur_sum[k])
                 e[3] = max(e[3], int(max_end[k]))
         lost = np.flatnonzero(caller < 0)
-        rows = with_parent[lost]
-        err = (batch.status[keep][rows] == 2).tolist()
-        dur = (batch.duration_ns[keep][rows] / 1e9).tolist()
-        end = batch.end_ns[keep][rows].tolist()
-        for k, i in enumerate(rows.tolist()):
-            parent_id = pids[lost[k]]
-            children = waiting.get(parent_id)
-            if children is None:
-                if len(waiting) >= MAX_WAITING:
-                    self.unjoined += 1
-                    continue
-                children = waiting[parent_id] = {}
-            self._wait(children, me[i], err[k], dur[k], end[k])
+        if lost.size:
+            rows = with_parent[lost]
+            err = (batch.status[keep][rows] == 2).tolist()
+            dur = (batch.duration_ns[keep][rows] / 1e9).tolist()
+            end = batch.end_ns[keep][rows].tolist()
+            for parent_id, code, error, d, e in zip(pids[lost].tolist(), callee[lost].tolist(), err, dur, end):
+                children = waiting.get(parent_id)
+                if children is None:
+                    if len(waiting) >= MAX_WAITING:
+                        self.unjoined += 1
+                        continue
+                    children = waiting[parent_id] = {}
+                self._wait(children, self.names[code], error, d, e)
         self._expire(gen)
         return [
             EdgePartial(caller, callee, w, e[3], batch.step, e[0], e[1], e[2])
@@ -205,7 +226,7 @@ class _JoinedPartition(StatefulSourcePartition):
     def next_batch(self) -> list:
         items = self.inner.next_batch()
         out = []
-        unjoined = self.joiner.unjoined
+        before = (self.joiner.unjoined, self.joiner.unstored)
         for item in items:
             out.append(item)
             if isinstance(item, SpanBatch):
@@ -213,13 +234,17 @@ class _JoinedPartition(StatefulSourcePartition):
                     out.extend(self.joiner.process(item))
                 else:
                     out.extend(self.dead.run("servicegraph", self.joiner.process, item) or [])
-        if self.joiner.unjoined > unjoined and self.dead is not None:
+        unjoined, unstored = self.joiner.unjoined - before[0], self.joiner.unstored - before[1]
+        if (unjoined or unstored) and self.dead is not None:
             # counted per batch, logged at most once a minute (this can go on for a while)
-            self.dead.metrics.inc("dropped", self.joiner.unjoined - unjoined, "servicegraph_unjoined")
+            for n, reason in ((unjoined, "servicegraph_unjoined"), (unstored, "servicegraph_unstored")):
+                if n:
+                    self.dead.metrics.inc("dropped", n, reason)
             if time.monotonic() - self.logged_at > 60:
                 self.logged_at = time.monotonic()
-                log.warning("service graph: more than %d parent spans awaited; children not joined are counted "
-                            "as dropped{reason=\"servicegraph_unjoined\"}", MAX_WAITING)  # fmt: skip
+                log.warning("service graph: more than %d sampled spans per %d s or %d awaited parents; spans not kept "
+                            "and children not joined are counted as dropped{reason=\"servicegraph_unstored\"} and "
+                            "{reason=\"servicegraph_unjoined\"}", MAX_SPANS, GENERATION_NS // 10**9, MAX_WAITING)  # fmt: skip
         return out
 
     def next_awake(self) -> datetime | None:

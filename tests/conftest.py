@@ -105,9 +105,9 @@ def daemon_factory(tmp_path):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def span_wire_compiled():
-    """Compile the numba span reader once, in this process, before any test starts a daemon
-    (each would otherwise compile it itself on a fresh clone: ~12 s; later loads use the cache)."""
-    from pipeline import span_wire
+def numba_compiled():
+    """Compile the numba code once, in this process, before any test starts a daemon
+    (each would otherwise compile it itself on a fresh clone: ~15 s; later loads use the cache)."""
+    from pipeline import compiled
 
-    span_wire.warm()
+    compiled.warm()

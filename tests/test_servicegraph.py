@@ -77,6 +77,30 @@ def test_snapshots_with_waiting_child_lists_are_converted():
     assert [(e.service, e.callee, e.calls, e.errors) for e in edges] == [("front", "back", 2, 1)]
 
 
+def test_snapshots_with_span_dicts_are_converted():
+    """Snapshots taken before SpanIndex kept each generation's span ids in a dict of service
+    names; they restore into the index and their spans are still found as parents."""
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    j.process(spans([(0, 1, 5, 0, 1, 0)]))
+    old = dict(j.__dict__)
+    del old["names"], old["codes"], old["unstored"]
+    old["generations"] = [(0, {5: "front", 6: "back"})]
+    restored = LinkJoiner.__new__(LinkJoiner)
+    restored.__setstate__(pickle.loads(pickle.dumps(old)))
+    assert [len(index) for _, index in restored.generations] == [2] and restored.names == ["front", "back"]
+    edges = restored.process(spans([(1, 1, 50, 5, 3, 0), (0, 1, 60, 6, 3, 1)]))
+    assert [(e.service, e.callee, e.calls, e.errors) for e in edges] == [("back", "front", 1, 1), ("front", "back", 1, 0)]
+
+
+def test_sampled_spans_kept_are_bounded(monkeypatch):
+    monkeypatch.setattr("pipeline.servicegraph.MAX_SPANS", 100)
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    j.process(spans([(0, 1, 1000 + k, 0, 1, 0) for k in range(150)]))
+    assert sum(map(len, (index for _, index in j.generations))) == 100 and j.unstored == 50
+    edges = j.process(spans([(1, 1, 5000 + k, 1000 + k, 2, 0) for k in range(150)]))
+    assert sum(e.calls for e in edges) == 100 and sum(len(t) for _, t in j.waiting) == 50
+
+
 def test_sampling_keeps_whole_traces_and_ttl_bounds_memory():
     j = LinkJoiner(4, 20 * S, 10 * S)
     rows = [(0, t, 1000 + t, 0, 1, 0) for t in range(400)] + [(1, t, 5000 + t, 1000 + t, 1, 0) for t in range(400)]
