@@ -170,6 +170,16 @@ class Daemon:
         """A counter or gauge without labels, summed over the processes' /metrics."""
         return sum(_counter(text, name) for text in self.metrics_texts())
 
+    def dropped(self) -> dict[str, int]:
+        """``telepipe_dropped_total`` by reason, summed over the processes (nothing dropped: {})."""
+        out: dict[str, int] = {}
+        for text in self.metrics_texts():
+            for line in text.splitlines():
+                if line.startswith('telepipe_dropped_total{reason="'):
+                    reason = line.split('"')[1]
+                    out[reason] = out.get(reason, 0) + int(float(line.split()[-1]))
+        return {r: n for r, n in out.items() if n}
+
     def metrics_texts(self) -> list[str]:
         return [httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=30).text for p in self.http_ports]
 
@@ -300,6 +310,7 @@ def throughput(spans: int, seconds: float, processes: int, rate: float = 0.0) ->
             time.sleep(1)
         accepted = daemon.metric("telepipe_accepted_spans_total")
         processed = daemon.metric("telepipe_processed_spans_total")
+        dropped = daemon.dropped()
     finally:
         _clean_up(load, daemon, tmp)
     rate = counts["acked_spans_per_s"]
@@ -318,13 +329,14 @@ def throughput(spans: int, seconds: float, processes: int, rate: float = 0.0) ->
         "read_spans_per_s": round(read_during / counts["seconds"]),
         "backlog_at_end_spans": int(acked - read_during - read_before),
         "drain_s": None if drained is None else round(drained, 1),
+        "dropped": dropped,  # by reason, e.g. the service graph's servicegraph_unstored
     }  # fmt: skip
 
 
 def print_throughput(rows: list[dict]) -> None:
     print(f"{'spans/req':>9} {'procs':>5} {'seconds':>7} {'acked spans':>12} {'acked/s':>9} {'failed':>6} "
           f"{'rejected':>8} {'accepted':>12} {'processed':>12} {'acked==proc':>11} {'ceiling/s':>9} "
-          f"{'ratio':>5} {'read/s':>9} {'read ratio':>10} {'drain s':>7} {'peak RSS MiB':>12}  refused requests")  # fmt: skip
+          f"{'ratio':>5} {'read/s':>9} {'read ratio':>10} {'drain s':>7} {'peak RSS MiB':>12}  refused requests; dropped")  # fmt: skip
     for r in rows:
         same = "yes" if r["acked_equals_processed"] else "no"
         drain = "-" if r["drain_s"] is None else f"{r['drain_s']:.1f}"
@@ -332,7 +344,7 @@ def print_throughput(rows: list[dict]) -> None:
               f"{r['acked_spans_per_s']:>9,} {r['failed_spans']:>6,} {r['rejected_spans']:>8,} "
               f"{r['accepted_spans']:>12,} {r['processed_spans']:>12,} {same:>11} {r['ceiling_spans_per_s']:>9,} "
               f"{r['ratio']:>5.2f} {r['read_spans_per_s']:>9,} {r['read_spans_per_s'] / r['ceiling_spans_per_s']:>10.2f} "
-              f"{drain:>7} {r['peak_rss_mib']:>12.1f}  {r['refused']}")  # fmt: skip
+              f"{drain:>7} {r['peak_rss_mib']:>12.1f}  {r['refused']}; {r['dropped'] or 'none'}")  # fmt: skip
     print()
     print("read/s: spans the dataflow read from the spool while the load ran (it keeps up when read/s ~ acked/s; "
           "what it does not, the spool holds); drain s: after the load, until it had read everything.")
@@ -423,6 +435,7 @@ def memory(series: int, minutes: float, rate: float) -> tuple[list[dict], dict]:
     status = "running"
     rss_window: list[float] = []  # RSS read every second since the last row
     last = {"series": None, "processed_spans": None}
+    processed = 0
     try:
         daemon = Daemon(tmp)
         daemon.wait_ready()
@@ -450,6 +463,12 @@ def memory(series: int, minutes: float, rate: float) -> tuple[list[dict], dict]:
             if not load.running(wait=max(0.0, t0 + tick - time.monotonic())):
                 counts = load.result()
                 break
+        if status == "running":  # every acknowledged span counted in a closed window (15-30 s by design)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and processed < counts.get("acked_spans", 0):
+                daemon.check()
+                processed = int(daemon.metric("telepipe_processed_spans_total"))
+                time.sleep(1)
     finally:
         _clean_up(load, daemon, tmp)
     if rss_window:
@@ -466,6 +485,7 @@ def memory(series: int, minutes: float, rate: float) -> tuple[list[dict], dict]:
         "mode": "memory_summary", "series_pairs": series, "minutes": minutes, "offered_spans_per_s": rate,
         "daemon": status, "acked_spans": counts.get("acked_spans"),  # None: the load was stopped early
         "acked_spans_per_s": round(counts.get("acked_spans_per_s", 0)), "refused": _refused(counts),
+        "processed_spans": processed, "acked_equals_processed": processed == counts.get("acked_spans"),
         "max_series": max((s["series"] or 0) for s in samples),
         "rss_start_mib": samples[0]["rss_median_mib"], "rss_end_mib": samples[-1]["rss_median_mib"],
         "rss_max_mib": peak, "slope_mib_per_min": round(slope, 2), "pass_max_500_mib": alive and peak <= 500,
@@ -495,6 +515,8 @@ def print_memory(samples: list[dict], s: dict) -> None:
     print(f"{s['series_pairs']:,} (service, operation) pairs offered at {s['offered_spans_per_s']:,.0f} spans/s for "
           f"{s['minutes']:g} min: acknowledged {acked}, refused {s['refused']}; "
           f"telepipe_series max {s['max_series']:,}")  # fmt: skip
+    print(f"processed after the load (telepipe_processed_spans_total): {s['processed_spans']:,}, "
+          f"= acknowledged: {'yes' if s['acked_equals_processed'] else 'NO'}")  # fmt: skip
     print(f"RSS median of the first row {s['rss_start_mib']:.1f} MiB, of the last {s['rss_end_mib']:.1f} MiB, "
           f"max {s['rss_max_mib']:.1f} MiB; slope of the row medians over the second half "
           f"{s['slope_mib_per_min']:+.2f} MiB/min")  # fmt: skip
