@@ -41,6 +41,9 @@ MAX_WAITING = 25_000  # ~100,000 over the default 30 s ttl
 # (the 1-in-4 default sample) bring; beyond it spans are not kept (counted in ``unstored``, their
 # children then wait and are counted in ``unjoined``). ~24 MiB per full generation (SpanIndex).
 MAX_SPANS = 1_000_000
+# Service names known by code: beyond this, codes are renumbered to the services still held
+# when a generation expires.
+MAX_NAMES = 4096
 
 
 @dataclass
@@ -212,8 +215,22 @@ class LinkJoiner:
 
     def _expire(self, gen: int) -> None:
         oldest = gen - max(1, self.ttl_ns // GENERATION_NS)
+        if self.generations[0][0] < oldest and len(self.names) > MAX_NAMES:
+            self.generations = [(g, t) for g, t in self.generations if g >= oldest]
+            self._renumber()
         self.generations = [(g, t) for g, t in self.generations if g >= oldest]
         self.waiting = [(g, t) for g, t in self.waiting if g >= oldest]
+
+    def _renumber(self) -> None:
+        """Service codes of the kept generations only, numbered afresh: service names that
+        come and go (e.g. one per deployment) must not pile up in ``names`` over months."""
+        used = np.unique(np.concatenate([index.codes() for _, index in self.generations]))
+        new = np.full(len(self.names), -1, dtype=np.int32)
+        new[used] = np.arange(used.size, dtype=np.int32)
+        for _, index in self.generations:
+            index.recode(new)
+        self.names = [self.names[c] for c in used.tolist()]
+        self.codes = {name: i for i, name in enumerate(self.names)}
 
 
 class _JoinedPartition(StatefulSourcePartition):

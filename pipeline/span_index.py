@@ -86,13 +86,22 @@ class SpanIndex:
             self._rehash(capacity)
         # half full at most (probes stay short): the limit is what fits that way
         limit = min(self.max_ids, self.keys.size // 2)
-        self.held, full = _insert(self.keys, self.values, self._shift(), self.held, ids, codes.astype(np.int32), limit)
+        self.held, full = _insert(self.keys, self.values, self._shift(), self.held, ids, np.asarray(codes, dtype=np.int32), limit)
         return full
 
     def lookup(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Fills ``out[i]`` (int32, -1 where not known yet) with the code of ``ids[i]``, if held."""
         if self.held:
             _lookup(self.keys, self.values, self._shift(), ids, out)
+
+    def codes(self) -> np.ndarray:
+        """The codes held (one per id)."""
+        return self.values[self.values >= 0]
+
+    def recode(self, new: np.ndarray) -> None:
+        """Every held code c becomes ``new[c]``."""
+        filled = self.values >= 0
+        self.values[filled] = new[self.values[filled]]
 
     def _shift(self) -> np.uint64:
         """The hash's top bits index the table (its size is a power of two)."""

@@ -101,6 +101,25 @@ def test_sampled_spans_kept_are_bounded(monkeypatch):
     assert sum(e.calls for e in edges) == 100 and sum(len(t) for _, t in j.waiting) == 50
 
 
+def test_service_names_that_come_and_go_do_not_pile_up(monkeypatch):
+    """Each 10 s brings 50 new services (a name per deployment): codes of services no longer
+    held are dropped when generations expire, and joins across the renumbering still work."""
+    monkeypatch.setattr("pipeline.servicegraph.MAX_NAMES", 100)
+    j = LinkJoiner(1, 20 * S, 10 * S)
+    for g in range(20):
+        names = tuple(f"svc-{g}-{k}" for k in range(50))
+        parents = [(k, g * 1000 + k, g * 1000 + k + 1, 0, 10 * g + 1, 0) for k in range(50)]
+        assert j.process(spans(parents, names)) == []
+        # children in the next generation, of the parents above, in another service each
+        edges = j.process(spans([((k + 1) % 50, g * 1000 + k, 10**6 + g * 1000 + k, g * 1000 + k + 1,
+                                  10 * g + 11, 0) for k in range(50)], names))  # fmt: skip
+        assert sorted((e.service, e.callee) for e in edges) == sorted(
+            (names[k], names[(k + 1) % 50]) for k in range(50))  # fmt: skip
+        assert len(j.names) <= 100 + 50 and len(j.codes) == len(j.names)
+    again = pickle.loads(pickle.dumps(j))
+    assert again.names == j.names
+
+
 def test_sampling_keeps_whole_traces_and_ttl_bounds_memory():
     j = LinkJoiner(4, 20 * S, 10 * S)
     rows = [(0, t, 1000 + t, 0, 1, 0) for t in range(400)] + [(1, t, 5000 + t, 1000 + t, 1, 0) for t in range(400)]
