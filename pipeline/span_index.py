@@ -86,7 +86,8 @@ class SpanIndex:
             self._rehash(capacity)
         # half full at most (probes stay short): the limit is what fits that way
         limit = min(self.max_ids, self.keys.size // 2)
-        self.held, full = _insert(self.keys, self.values, self._shift(), self.held, ids, np.asarray(codes, dtype=np.int32), limit)
+        codes = np.asarray(codes, dtype=np.int32)
+        self.held, full = _insert(self.keys, self.values, self._shift(), self.held, ids, codes, limit)
         return full
 
     def lookup(self, ids: np.ndarray, out: np.ndarray) -> None:
@@ -116,13 +117,17 @@ class SpanIndex:
 
     def __getstate__(self) -> dict:
         filled = self.values >= 0
-        return {"max_ids": self.max_ids, "capacity": self.keys.size, "keys": self.keys[filled], "values": self.values[filled]}
+        return {
+            "max_ids": self.max_ids, "capacity": self.keys.size,
+            "keys": self.keys[filled], "values": self.values[filled],
+        }  # fmt: skip
 
     def __setstate__(self, state: dict) -> None:
         self.max_ids = state["max_ids"]
         self.keys = np.zeros(state["capacity"], dtype=np.uint64)
         self.values = np.full(state["capacity"], -1, dtype=np.int32)
-        self.held, _ = _insert(self.keys, self.values, self._shift(), 0, state["keys"], state["values"], state["capacity"])
+        keys, values = state["keys"], state["values"]
+        self.held, _ = _insert(self.keys, self.values, self._shift(), 0, keys, values, state["capacity"])
 
 
 def warm() -> float:

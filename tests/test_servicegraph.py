@@ -120,6 +120,31 @@ def test_service_names_that_come_and_go_do_not_pile_up(monkeypatch):
     assert again.names == j.names
 
 
+def test_the_reading_partition_counts_spans_not_kept_and_children_not_joined(monkeypatch):
+    from pipeline.deadletter import DeadLetters
+    from pipeline.servicegraph import _JoinedPartition
+
+    monkeypatch.setattr("pipeline.servicegraph.MAX_SPANS", 10)
+    monkeypatch.setattr("pipeline.servicegraph.MAX_WAITING", 5)
+
+    class Inner:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def next_batch(self):
+            return [self.batches.pop(0)] if self.batches else []
+
+    metrics = SelfMetrics()
+    part = _JoinedPartition(Inner([
+        spans([(0, 1, 100 + k, 0, 1, 0) for k in range(12)]),  # 2 not kept
+        spans([(1, 1, 200 + k, 300 + k, 1, 0) for k in range(8)]),  # 8 more not kept; 5 of 8 children wait
+    ]), LinkJoiner(1, 30 * S, 10 * S), DeadLetters(None, metrics))  # fmt: skip
+    part.next_batch()
+    part.next_batch()
+    assert metrics.counter("dropped", "servicegraph_unstored") == 10
+    assert metrics.counter("dropped", "servicegraph_unjoined") == 3
+
+
 def test_sampling_keeps_whole_traces_and_ttl_bounds_memory():
     j = LinkJoiner(4, 20 * S, 10 * S)
     rows = [(0, t, 1000 + t, 0, 1, 0) for t in range(400)] + [(1, t, 5000 + t, 1000 + t, 1, 0) for t in range(400)]
