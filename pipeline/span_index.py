@@ -31,16 +31,16 @@ def _insert(keys, values, shift, held, ids, codes, limit):
         key = ids[i]
         slot = (key * MIX) >> shift
         while True:
-            if keys[slot] == key:
-                values[slot] = codes[i]
-                break
-            if values[slot] < 0:
+            if values[slot] < 0:  # empty (checked first: an empty slot's key is 0, a valid id here)
                 if held >= limit:
                     full += 1
                 else:
                     keys[slot] = key
                     values[slot] = codes[i]
                     held += 1
+                break
+            if keys[slot] == key:
+                values[slot] = codes[i]
                 break
             slot = (slot + np.uint64(1)) & mask
     return held, full
@@ -76,8 +76,8 @@ class SpanIndex:
         return self.held
 
     def insert(self, ids: np.ndarray, codes: np.ndarray) -> int:
-        """Stores the ids (uint64, non-zero) with their codes; returns how many new ids were
-        not stored because ``max_ids`` are held."""
+        """Stores the ids (uint64) with their codes; returns how many of them (new ids, counted
+        per occurrence) were not stored because ``max_ids`` are held."""
         need = self.held + ids.size
         if need * 2 > self.keys.size and self.keys.size < 2 * self.max_ids:
             capacity = self.keys.size

@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from pipeline.span_index import SpanIndex
 
-ids64 = st.integers(1, 2**64 - 1)
+ids64 = st.integers(0, 2**64 - 1)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.one_of(ids64, st.integers(1, 40)), st.integers(0, 9)), max_size=300), max_size=6),
-       st.lists(st.one_of(ids64, st.integers(1, 40)), max_size=100))  # fmt: skip
+@given(st.lists(st.lists(st.tuples(st.one_of(ids64, st.integers(0, 40)), st.integers(0, 9)), max_size=300), max_size=6),
+       st.lists(st.one_of(ids64, st.integers(0, 40)), max_size=100))  # fmt: skip
 def test_inserts_and_lookups_agree_with_a_dict(batches, queries):
     index, ref = SpanIndex(max_ids=10**6, capacity=2), {}
     for batch in batches:
@@ -61,3 +61,14 @@ def test_snapshot_holds_the_filled_slots_only():
     out = np.full(ids.size, -1, dtype=np.int32)
     again.lookup(ids, out)
     assert out.tolist() == (np.arange(300_000) % 7).tolist()
+
+
+def test_id_zero_is_an_ordinary_id():
+    """An empty slot's key is 0 too: id 0 must still be counted, so the table never fills up."""
+    index = SpanIndex(max_ids=1, capacity=2)
+    index.insert(np.array([0], dtype=np.uint64), np.array([4], dtype=np.int32))
+    assert len(index) == 1
+    assert index.insert(np.array([7], dtype=np.uint64), np.array([1], dtype=np.int32)) == 1  # full
+    out = np.full(2, -1, dtype=np.int32)
+    index.lookup(np.array([9, 0], dtype=np.uint64), out)  # returns: one slot is still empty
+    assert out.tolist() == [-1, 4]
