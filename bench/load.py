@@ -58,19 +58,10 @@ ATTRIBUTES = [
 ]  # fmt: skip
 
 
-def operation_mix(path: Path = RECORDING) -> list[tuple[str, str, int, float]]:
-    """(service, operation, kind, share of spans) from the recording."""
-    counts: Counter = Counter()
-    for trace in recorded_traces(path):
-        counts.update((svc, op, kind) for svc, op, kind, _ in trace)
-    total = sum(counts.values())
-    return [(svc, op, kind, n / total) for (svc, op, kind), n in counts.most_common()]
-
-
-def synthetic_mix(series: int) -> list[tuple[str, str, int, float]]:
-    """``series`` distinct (service, operation) pairs: ceil(series / 100) services of 100 operations
-    each (the last one gets the remainder), kind 2 (SERVER), equal shares."""
-    return [(f"svc-{i // 100:03d}", f"op-{i % 100:03d}", 2, 1.0 / series) for i in range(series)]
+def synthetic_mix(series: int) -> list[tuple[str, str, int]]:
+    """``series`` distinct (service, operation, kind) triples: ceil(series / 100) services of 100
+    operations each (the last one gets the remainder), kind 2 (SERVER)."""
+    return [(f"svc-{i // 100:03d}", f"op-{i % 100:03d}", 2) for i in range(series)]
 
 
 def recorded_traces(path: Path = RECORDING) -> list[list[tuple[str, str, int, int]]]:
@@ -140,10 +131,14 @@ class SyntheticTraces:
         while len(out) < n:
             base = len(out)
             for j in range(min(int(rng.geometric(1 / 8)), n - base)):
-                svc, op, kind, _ = self.mix[(first + base + j) % len(self.mix)]
+                svc, op, kind = self.mix[(first + base + j) % len(self.mix)]
                 out.append((svc, op, kind, base + int(rng.integers(j)) if j else -1, number))
             number += 1
         return out
+
+
+# What a placeholder in a serialized template stands for (``Template``)
+_TRACE_ID, _SPAN_ID, _START, _END = range(4)
 
 
 class Template:
@@ -169,7 +164,7 @@ class Template:
         # Unique placeholders for every timestamp and id, found again after serializing.
         marks = rng.choice(2**62, size=5 * spans, replace=False).astype("<u8") + (1 << 62)
         req = ExportTraceServiceRequest()
-        placed: list[tuple[bytes, int, bytes]] = []  # (tag + placeholder, kind of field, real bytes)
+        placed: list[tuple[bytes, int, bytes]] = []  # (tag + placeholder, what it stands for, real bytes)
         for svc, idx in by_service.items():
             rs = req.resource_spans.add()
             rs.resource.attributes.add(key="service.name").value.string_value = svc
@@ -182,15 +177,16 @@ class Template:
                 sp = ss.spans.add()
                 sp.trace_id = m[0] + m[1]
                 sp.span_id = m[2]
-                placed += [(b"\x0a\x10" + m[0] + m[1], 0, trace_lo[trace].tobytes()), (b"\x12\x08" + m[2], 1, span_ids[i].tobytes())]
+                placed.append((b"\x0a\x10" + m[0] + m[1], _TRACE_ID, trace_lo[trace].tobytes()))
+                placed.append((b"\x12\x08" + m[2], _SPAN_ID, span_ids[i].tobytes()))
                 if parent >= 0:
                     sp.parent_span_id = m[3]
-                    placed.append((b"\x22\x08" + m[3], 1, span_ids[parent].tobytes()))
+                    placed.append((b"\x22\x08" + m[3], _SPAN_ID, span_ids[parent].tobytes()))
                 sp.name, sp.kind = op, kind
                 sp.start_time_unix_nano = int(marks[5 * i + 4]) - int(durations[i])
                 sp.end_time_unix_nano = int(marks[5 * i + 4])
-                placed += [(b"\x39" + struct.pack("<Q", sp.start_time_unix_nano), 2, b""),
-                           (b"\x41" + m[4], 3, b"")]  # fmt: skip
+                placed.append((b"\x39" + struct.pack("<Q", sp.start_time_unix_nano), _START, b""))
+                placed.append((b"\x41" + m[4], _END, b""))
                 if rng.random() < 0.01:
                     sp.status.code = 2
                 for key, value in ATTRIBUTES:
@@ -200,7 +196,7 @@ class Template:
                     else:
                         a.value.string_value = value
         self.body = bytearray(req.SerializeToString())
-        at: dict[int, list] = {0: [], 1: [], 2: [], 3: []}
+        at: dict[int, list] = {_TRACE_ID: [], _SPAN_ID: [], _START: [], _END: []}
         ids = []
         for needle, what, real in placed:
             pos = self.body.find(needle)
@@ -208,13 +204,13 @@ class Template:
                 raise RuntimeError("a placeholder not found once in the serialized template")
             pos += len(needle) - 8  # the last 8 bytes: a timestamp, a span or parent id, a trace id's second half
             at[what].append(pos)
-            if what == 0:
+            if what == _TRACE_ID:
                 self.body[pos - 8 : pos] = real  # the trace id's first half stays; the second is salted per send
-            elif what == 1:
+            elif what == _SPAN_ID:
                 ids.append(np.frombuffer(real, dtype=np.uint8))
         index = {what: np.array(p, dtype=np.int64)[:, None] + np.arange(8) for what, p in at.items()}
-        self.trace_index, self.id_index = index[0], index[1]
-        self.start_index, self.end_index = index[2], index[3]
+        self.trace_index, self.id_index = index[_TRACE_ID], index[_SPAN_ID]
+        self.start_index, self.end_index = index[_START], index[_END]
         self.ids = np.stack(ids)
         # placed follows rows grouped by service: the timestamps' rows in that order
         order = [i for idx in by_service.values() for i in idx]

@@ -164,8 +164,8 @@ class LinkJoiner:
         callee = me[with_parent]
         cross = np.flatnonzero((caller >= 0) & (caller != callee))
         if cross.size:
-            rows = with_parent[cross]
-            window = batch.end_ns[keep][rows] // self.window_ns * self.window_ns
+            rows = keep[with_parent[cross]]  # rows of the batch
+            window = batch.end_ns[rows] // self.window_ns * self.window_ns
             a, b = caller[cross], callee[cross]
             order = np.lexsort((window, b, a))
             a, b, window, rows = a[order], b[order], window[order], rows[order]
@@ -173,9 +173,9 @@ class LinkJoiner:
             change = (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (window[1:] != window[:-1])
             first = np.flatnonzero(np.concatenate(([True], change)))
             calls = np.diff(np.append(first, len(rows)))
-            errors = np.add.reduceat(batch.status[keep][rows] == 2, first)
-            dur_sum = np.add.reduceat(batch.duration_ns[keep][rows] / 1e9, first)
-            max_end = np.maximum.reduceat(batch.end_ns[keep][rows], first)
+            errors = np.add.reduceat(batch.status[rows] == 2, first)
+            dur_sum = np.add.reduceat(batch.duration_ns[rows] / 1e9, first)
+            max_end = np.maximum.reduceat(batch.end_ns[rows], first)
             for k, at in enumerate(first.tolist()):
                 e = edges[(self.names[a[at]], self.names[b[at]], int(window[at]))]
                 e[0] += int(calls[k])
@@ -184,10 +184,10 @@ class LinkJoiner:
                 e[3] = max(e[3], int(max_end[k]))
         lost = np.flatnonzero(caller < 0)
         if lost.size:
-            rows = with_parent[lost]
-            err = (batch.status[keep][rows] == 2).tolist()
-            dur = (batch.duration_ns[keep][rows] / 1e9).tolist()
-            end = batch.end_ns[keep][rows].tolist()
+            rows = keep[with_parent[lost]]
+            err = (batch.status[rows] == 2).tolist()
+            dur = (batch.duration_ns[rows] / 1e9).tolist()
+            end = batch.end_ns[rows].tolist()
             for parent_id, code, error, d, e in zip(pids[lost].tolist(), callee[lost].tolist(), err, dur, end):
                 children = waiting.get(parent_id)
                 if children is None:
