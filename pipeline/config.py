@@ -52,9 +52,11 @@ class OtlpConfig:
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 30.0
     shutdown_grace_s: float = 5.0
+    max_future_s: float = 300.0
 
     def __post_init__(self) -> None:
         _host_port("otlp.grpc_listen", self.grpc_listen)
+        _positive("otlp.max_future_s", self.max_future_s)
         for key in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s"):
             _positive(f"otlp.{key}", getattr(self, key))
         _positive("otlp.max_connection_age_s", self.max_connection_age_s, zero_ok=True)
@@ -73,9 +75,11 @@ class OtlpConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = "127.0.0.1:9464"
+    ready_stall_s: float = 60.0
 
     def __post_init__(self) -> None:
         _host_port("http.listen", self.listen)
+        _positive("http.ready_stall_s", self.ready_stall_s)
 
 
 FSYNC_POLICIES = ("always", "interval", "never")
@@ -128,10 +132,16 @@ class WindowsConfig:
 @dataclass(frozen=True)
 class PrometheusConfig:
     stale_after_s: float = 600.0
+    service_stale_after_s: float = 3600.0
     buckets: tuple[float, ...] = DEFAULT_BUCKETS
 
     def __post_init__(self) -> None:
         _positive("prometheus.stale_after_s", self.stale_after_s)
+        if self.service_stale_after_s < self.stale_after_s:
+            raise ConfigError(
+                f"prometheus.service_stale_after_s: must be >= prometheus.stale_after_s ({self.stale_after_s:g}), "
+                f"got {self.service_stale_after_s:g}"
+            )
         b = list(self.buckets)
         if not b or b != sorted(set(b)) or b[0] <= 0:
             raise ConfigError(
@@ -154,11 +164,13 @@ class LokiConfig:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
     max_streams: int = 1000
+    stream_idle_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"loki.url: must start with http:// or https://, got {self.url!r}")
         _positive("loki.max_streams", self.max_streams)
+        _positive("loki.stream_idle_s", self.stream_idle_s)
         _positive("loki.breaker_failures", self.breaker_failures)
         _positive("loki.breaker_cooldown_s", self.breaker_cooldown_s)
         for key in ("batch_max_bytes", "batch_max_wait_ms", "max_line_bytes", "queue_max_batches",
@@ -284,10 +296,12 @@ class ServiceGraphConfig:
 @dataclass(frozen=True)
 class KedaConfig:
     listen: str = ""  # empty: the KEDA external scaler is off
+    max_streams: int = 1000
 
     def __post_init__(self) -> None:
         if self.listen:
             _host_port("keda.listen", self.listen)
+        _positive("keda.max_streams", self.max_streams)
 
 
 @dataclass(frozen=True)
@@ -360,6 +374,7 @@ class TenantConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_rss_bytes: int = 0
+    max_tenants: int = 10000
     tenant_metadata_key: str = "x-scope-orgid"
     default_tier: str = ""
     tiers: tuple[TierConfig, ...] = ()
@@ -367,6 +382,7 @@ class LimitsConfig:
 
     def __post_init__(self) -> None:
         _positive("limits.max_rss_bytes", self.max_rss_bytes, zero_ok=True)
+        _positive("limits.max_tenants", self.max_tenants)
         names = {t.name for t in self.tiers}
         for ref in [self.default_tier] * bool(self.default_tier) + [t.tier for t in self.tenants]:
             if ref not in names:

@@ -27,12 +27,18 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "processed_spans": ("Spans that went through the windows", ()),
     "processed_logs": ("Log records that went through the pipeline", ()),
     "late_spans": ("Spans whose window had already closed (counted, not merged)", ()),
+    "late_logs": ("Log records whose window had already closed (counted in no window; still shipped to Loki)", ()),
+    "late_edges": ("Sampled service-graph calls whose window had already closed (counted, not merged)", ()),
+    "expired_keys": ("(service, operation, kind) keys retired after prometheus.stale_after_s without spans", ()),
+    "expired_services": ("Services forgotten after prometheus.service_stale_after_s without any data", ()),
     "overflow_spans": ("Spans folded into a service's overflow series (cardinality limit)", ()),
     "windows_closed": ("Event-time windows closed", ()),
     "sink_errors": ("Sink request failures, by sink and reason", ("sink", "reason")),
     "sink_sent": ("Items delivered by sinks", ("sink",)),
     "sink_overflow_lines": ("Lines sent under an overflow label set (stream limit reached)", ("sink",)),
     "dropped": ("Items dropped, by reason (every drop is counted here)", ("reason",)),
+    "thread_errors": ("Unexpected exceptions caught in a background thread, which carried on", ("thread",)),
+    "spool_failures": ("Spool fsync, rotate or write failures (appends refused until the spool is sound)", ("op",)),
 }
 GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "spool_bytes": ("Bytes in spool segments on disk", ()),
