@@ -23,6 +23,15 @@ normal, so an incident does not become the new normal.
   ``bench/anomaly_eval.py`` compares the choices; see README for why ``band``
   is the default.
 - A key is "learning" for its first ``warmup_windows`` windows: scored, not judged.
+- Keys come and go: a key without spans for ``stale_after_s`` of event time while its
+  service goes on sending is retired: a pending or firing alert on it resolves with
+  ``reason: "expired"``, its detector, rule states and downstream baselines are dropped
+  and a ``KeyExpired`` record tells the sinks to drop its series. A whole service that
+  falls silent is an outage, not churn: windows in which it sent nothing at all
+  (``ServiceWindow.silent_run``) are not judged per key (nothing expires, no alert per
+  operation); the service key judges the silence itself (``service_rate``: the service's
+  spans and log records per second, learned from every window, and during a silent run
+  of ``n`` windows the chance of seeing nothing: z = expected * sqrt(n) / sigma).
 - Alerts: pending on the first anomalous window, firing after
   ``pending_windows`` in a row, resolved after ``resolve_windows`` normal ones.
   Static rules from config go through the same lifecycle.
@@ -34,19 +43,27 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
+from statistics import NormalDist
+from dataclasses import dataclass
 
 from river import anomaly as river_anomaly
 from river import preprocessing, stats
 
 from pipeline.config import AnomalyConfig, RuleConfig
-from pipeline.model import KIND_CLIENT, SPAN_KINDS, ServiceWindow, WindowResult
+from pipeline.model import KIND_CLIENT, SPAN_KINDS, KeyExpired, ServiceWindow, WindowResult
 
 KEY_FEATURES = ("latency_p50", "latency_p95", "latency_p99", "error_rate", "call_rate")
-SERVICE_FEATURES = ("error_log_rate",)
-UP, BOTH = "up", "both"
-DIRECTION = {"latency_p50": UP, "latency_p95": UP, "latency_p99": UP, "error_rate": UP, "call_rate": BOTH, "error_log_rate": UP}
+SERVICE_FEATURES = ("service_rate", "error_log_rate")
+UP, BOTH, DOWN = "up", "both", "down"
+DIRECTION = {"latency_p50": UP, "latency_p95": UP, "latency_p99": UP, "error_rate": UP, "call_rate": BOTH,
+             "error_log_rate": UP, "service_rate": DOWN}  # fmt: skip
+# Alerts on these say how much traffic came, which is what scaling answers: they never hold a
+# scale-down (a drop in traffic is when one is wanted). Silence does: no data is not "no load".
+TRAFFIC_FEATURES = ("call_rate",)
+RATE_FEATURES = ("call_rate", "error_log_rate", "service_rate")  # judged whatever the number of calls
 STATE_VALUE = {"ok": 0, "pending": 1, "firing": 2}
+_NORMAL = NormalDist()
+MAX_SILENCE_LEARNED = 200  # empty windows learned after a silence (with fading 0.05, more change nothing)
 SERVICE_KEY = ("", -1)  # (operation, kind) of the service-level key
 
 
@@ -94,6 +111,7 @@ class AlertEvent:
     source: str  # "detector" or "rule:<name>"
     trace_ids: tuple[str, ...] = ()
     ranking: tuple[dict, ...] = ()  # with firing: operations contributing most
+    reason: str = ""  # with resolved: "expired" (key or service retired), "rule_removed"; else ''
 
     def to_json(self) -> dict:
         doc = {
@@ -114,6 +132,8 @@ class AlertEvent:
             doc["span_kind"] = _kind_name(self.span_kind)
         if self.ranking:
             doc["ranking"] = list(self.ranking)
+        if self.reason:
+            doc["reason"] = self.reason
         return doc
 
 
@@ -138,6 +158,20 @@ class FeatureBaseline:
         sigma = max(math.sqrt(max(self.var.get(), 0.0)), noise, 1e-12)
         return expected, expected - k * sigma, expected + k * sigma
 
+    def refade(self, fading_factor: float) -> None:
+        """Take another fading factor, keeping the learned mean and variance (river's objects hold
+        theirs inside: new ones are fed two values whose weighted mean and variance are those)."""
+        if self.mean.fading_factor == fading_factor:
+            return
+        mean, var, f = self.mean.get(), max(self.var.get(), 0.0), fading_factor
+        self.mean, self.var = stats.EWMean(f), stats.EWVar(f)
+        if self.n:
+            first, second = (mean, mean) if f >= 1 else (
+                mean - math.sqrt(var * f / (1 - f)), mean + math.sqrt(var * (1 - f) / f))
+            for x in (first, second):
+                self.mean.update(x)
+                self.var.update(x)
+
     def learn(self, x: float, k: float, noise: float, warm: bool) -> None:
         if warm:  # after warm-up, values are clipped to the band: one outlier moves it little
             _, lo, hi = self.band(k, noise)
@@ -155,6 +189,11 @@ class AlertLifecycle:
         self.state = "ok"
         self.anomalous_run = 0
         self.normal_run = 0
+        self.feature = ""  # what it went pending or fired on
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("feature", "")
 
     def observe(self, anomalous: bool) -> str | None:
         """Feed one window; returns the event state on a change (pending, firing, resolved)."""
@@ -194,7 +233,7 @@ def _features(r: WindowResult, length_s: float) -> dict[str, float]:
 
 def _noise(feature: str, expected: float, calls: int, length_s: float) -> float:
     """Sampling noise of a feature in one window (a floor for sigma)."""
-    if feature == "call_rate" or feature == "error_log_rate":
+    if feature in RATE_FEATURES:
         return math.sqrt(max(expected * length_s, 1.0)) / length_s
     if feature == "error_rate":
         p = min(max(expected, 0.01), 0.5)
@@ -203,27 +242,42 @@ def _noise(feature: str, expected: float, calls: int, length_s: float) -> float:
 
 
 class KeyDetector:
-    """Baselines, multivariate model and alert lifecycle of one key."""
+    """Baselines, multivariate model and alert lifecycle of one key.
+
+    The configuration is not part of its state (``__getstate__`` leaves it out): after a
+    restart ``bind`` gives it the configuration in force."""
 
     def __init__(self, cfg: AnomalyConfig, features: tuple[str, ...]) -> None:
-        self.cfg = cfg
         self.features = features
         self.baselines = {f: FeatureBaseline(cfg.fading_factor) for f in features}
-        # HalfSpaceTrees cost ~10 ms and ~100 KB per key to build: only when the decision uses them.
-        self.hst = (
-            preprocessing.MinMaxScaler()
-            | river_anomaly.HalfSpaceTrees(n_trees=10, height=6, window_size=cfg.hst_window, seed=cfg.seed)
-            if cfg.detector != "band"
-            else None
-        )
+        self.hst = None
         self.windows = 0
         self.lifecycle = AlertLifecycle(cfg.pending_windows, cfg.resolve_windows)
+        self.bind(cfg)
+
+    def bind(self, cfg: AnomalyConfig) -> None:
+        self.cfg = cfg
+        for b in self.baselines.values():
+            b.refade(cfg.fading_factor)
+        self.lifecycle.m, self.lifecycle.r = cfg.pending_windows, cfg.resolve_windows
+        # HalfSpaceTrees cost ~10 ms and ~100 KB per key to build: only when the decision uses them.
+        if cfg.detector == "band":
+            self.hst = None
+        elif self.hst is None:
+            self.hst = preprocessing.MinMaxScaler() | river_anomaly.HalfSpaceTrees(
+                n_trees=10, height=6, window_size=cfg.hst_window, seed=cfg.seed
+            )
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "cfg"}
 
     @property
     def learning(self) -> bool:
         return self.windows < self.cfg.warmup_windows
 
-    def judge(self, values: dict[str, float], calls: int, length_s: float) -> tuple[list[Judgement], float, bool]:
+    def judge(
+        self, values: dict[str, float], calls: int, length_s: float, silent_run: int = 0
+    ) -> tuple[list[Judgement], float, bool]:
         """Score a window (before learning from it): judgements, HST score, anomalous?"""
         k = self.cfg.band_k
         judgements = []
@@ -236,8 +290,13 @@ class KeyDetector:
                 continue
             expected, lo, hi = b.band(k, _noise(f, b.mean.get(), calls, length_s))
             sigma = (hi - expected) / k
+            judged = not self.learning and (enough or f in RATE_FEATURES)
+            if f == "service_rate" and silent_run > 0:
+                sigma = _silence_sigma(expected, math.sqrt(max(b.var.get(), 0.0)), silent_run, length_s)
+                lo = expected - k * sigma
+            elif f == "service_rate":
+                judged = False  # judged on silence only
             z = (x - expected) / sigma
-            judged = not self.learning and (enough or f in ("call_rate", "error_log_rate"))
             judgements.append(Judgement(f, x, expected, lo, hi, z if judged else 0.0, judged))
         hst_score = self.hst.score_one(values) if (self.hst is not None and self.windows) else math.nan
         band_hit = any(_beyond(j, k) for j in judgements)
@@ -250,34 +309,58 @@ class KeyDetector:
         }[self.cfg.detector]
         return judgements, hst_score, decision
 
-    def learn(self, values: dict[str, float], calls: int, length_s: float) -> None:
+    def learn(self, values: dict[str, float], calls: int, length_s: float, skip: tuple[str, ...] = ()) -> None:
         enough = calls >= self.cfg.min_calls
         for f in self.features:
-            if enough or f in ("call_rate", "error_log_rate"):
+            if (enough or f in RATE_FEATURES) and f not in skip:
                 b = self.baselines[f]
                 b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
         if self.hst is not None:
             self.hst.learn_one(values)
         self.windows += 1
 
+    def learn_feature(self, f: str, x: float, calls: int, length_s: float) -> None:
+        """Learn one value of one feature (what a window skipped, learned later)."""
+        b = self.baselines[f]
+        b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
+
+
+def _silence_sigma(expected: float, sigma: float, n: int, length_s: float) -> float:
+    """The spread that makes "nothing at all for ``n`` windows" as unlikely as it is, for a
+    service whose rate has learned mean ``expected`` and spread ``sigma`` per window: the
+    smaller of two z-scores, so both must find the silence unlikely. As sums of n windows
+    (sigma * sqrt(n) around n * expected: bursty traffic is quiet for a while as a matter of
+    course), and as Poisson counts (``exp(-expected * L * n)``: a sparse service's rare
+    spans make long silences unlikely too, which a normal approximation underrates)."""
+    if expected <= 0:
+        return 1.0  # nothing was expected: silence is normal
+    z_sums = expected * math.sqrt(n) / max(sigma, 1e-12)
+    mu = min(expected * length_s * n, 700.0)  # expected spans in the silent run (exp(-700) ~ 1e-304)
+    z_counts = -_NORMAL.inv_cdf(max(math.exp(-mu), 1e-300)) if mu > 0.01 else 0.0
+    return expected / max(min(z_sums, z_counts), 1e-9)
+
+
+def _strength(j: Judgement) -> float:
+    """How far a judgement is beyond its band's centre in the direction its feature alarms."""
+    d = DIRECTION[j.feature]
+    return j.z if d == UP else -j.z if d == DOWN else abs(j.z)
+
 
 def _beyond(j: Judgement, k: float) -> bool:
-    if not j.judged:
-        return False
-    return j.z > k if DIRECTION[j.feature] == UP else abs(j.z) > k
+    return j.judged and _strength(j) > k
 
 
 def _score(judgements, k: float) -> float:
     best = 0.0
     for j in judgements:
         if j.judged:
-            best = max(best, (j.z if DIRECTION[j.feature] == UP else abs(j.z)) / k)
+            best = max(best, _strength(j) / k)
     return best
 
 
 def _worst(judgements, k: float) -> Judgement:
     scored = [j for j in judgements if j.judged] or list(judgements)
-    return max(scored, key=lambda j: (j.z if DIRECTION[j.feature] == UP else abs(j.z)))
+    return max(scored, key=_strength)
 
 
 @dataclass
@@ -285,59 +368,163 @@ class _RuleState:
     lifecycle: AlertLifecycle
 
 
-@dataclass
 class ServiceAnomaly:
-    """All detectors and rules of one service. Feed it each closed ``ServiceWindow``."""
+    """All detectors and rules of one service. Feed it each closed ``ServiceWindow``.
 
-    cfg: AnomalyConfig
-    service: str
-    length_s: float
-    keys: dict[tuple[str, int], KeyDetector] = field(default_factory=dict)
-    rules: dict[tuple[str, str, int], _RuleState] = field(default_factory=dict)
-    downstream: dict[str, dict[str, FeatureBaseline]] = field(default_factory=dict)
+    Holds state only: the configuration (``cfg``) is given at construction and, after a
+    restart from a snapshot, by ``bind``; it is not pickled."""
+
+    def __init__(self, cfg: AnomalyConfig, service: str, length_s: float, stale_after_s: float = 600.0) -> None:
+        self.service = service
+        self.keys: dict[tuple[str, int], KeyDetector] = {}
+        self.rules: dict[tuple[str, str, int], _RuleState] = {}
+        self.downstream: dict[str, dict[str, FeatureBaseline]] = {}
+        self.last_seen: dict[tuple[str, int], int] = {}  # key -> start of its newest window with spans
+        self.silence = 0  # empty windows in the current silent run, not learned yet
+        self.downstream_seen: dict[str, int] = {}  # callee -> start of its newest window with calls
+        self.bind(cfg, length_s, stale_after_s)
+
+    def bind(self, cfg: AnomalyConfig, length_s: float, stale_after_s: float) -> None:
+        self.cfg, self.length_s, self.stale_ns = cfg, length_s, int(stale_after_s * 1e9)
+        for det in self.keys.values():
+            det.bind(cfg)
+        rules = {r.name: r for r in cfg.rules}
+        for (name, _, _), state in self.rules.items():
+            if name in rules:  # a removed rule's states resolve at the next window (_prune_rules)
+                state.lifecycle.m = max(1, math.ceil(rules[name].for_s / length_s))
+                state.lifecycle.r = cfg.resolve_windows
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "cfg"}
+
+    def __setstate__(self, state: dict) -> None:
+        state.pop("cfg", None)  # snapshots of earlier versions carried it
+        self.__dict__.update(state)
+        self.__dict__.setdefault("last_seen", {})
+        self.__dict__.setdefault("downstream_seen", {})
+        self.__dict__.setdefault("silence", 0)
+        self.__dict__.setdefault("stale_ns", 600 * 10**9)
+        service_key = self.keys.get(SERVICE_KEY)
+        if service_key is not None and "service_rate" not in service_key.baselines:
+            service_key.features = SERVICE_FEATURES
+            service_key.baselines = {"service_rate": FeatureBaseline(0.05), **service_key.baselines}
 
     def firing(self) -> bool:
         return any(d.lifecycle.state == "firing" for d in self.keys.values()) or any(
             r.lifecycle.state == "firing" for r in self.rules.values()
         )
 
-    def on_window(self, sw: ServiceWindow) -> tuple[list[AnomalyUpdate], list[AlertEvent]]:
-        updates: list[AnomalyUpdate] = []
-        events: list[AlertEvent] = []
+    def holds_scale_down(self) -> bool:
+        """An alert fires on something other than how much traffic came (latency, errors, error
+        logs, silence): a scale-down now could make the incident worse or act on missing data."""
+        lifecycles = [d.lifecycle for d in self.keys.values()] + [r.lifecycle for r in self.rules.values()]
+        return any(lc.state == "firing" and lc.feature not in TRAFFIC_FEATURES for lc in lifecycles)
+
+    def on_window(self, sw: ServiceWindow) -> tuple[list, list[AlertEvent]]:
+        """Judge one closed window: (updates, alert events). Updates are ``AnomalyUpdate`` per key
+        judged and ``KeyExpired`` per key retired."""
+        updates: list = []
+        events: list[AlertEvent] = self._prune_rules(sw.window_start)
         k = self.cfg.band_k
-        seen = set()
+        t = sw.window_start
         scored: list[tuple[float, WindowResult, Judgement]] = []
-        for r in sw.results:
-            key = (r.operation, r.span_kind)
-            seen.add(key)
-            values = _features(r, self.length_s)
-            upd, ev = self._judge_key(key, values, r.count, sw.window_start, r)
-            updates.append(upd)
-            events.extend(ev)
-            scored.append((upd.score, r, _worst(upd.judgements, k)))
-            events.extend(self._rules(key, values, sw.window_start, r))
-        # Known keys without traffic in this window: their call rate is 0.
-        for key in sorted(set(self.keys) - seen - {SERVICE_KEY}):
-            values = {"latency_p50": math.nan, "latency_p95": math.nan, "latency_p99": math.nan,
-                      "error_rate": 0.0, "call_rate": 0.0}  # fmt: skip
-            upd, ev = self._judge_key(key, values, 0, sw.window_start, None)
-            updates.append(upd)
-            events.extend(ev)
-        logs = {"error_log_rate": sw.error_logs / self.length_s}
-        upd, ev = self._judge_key(SERVICE_KEY, logs, sw.logs, sw.window_start, None)
+        if sw.silent_run:
+            self.silence = sw.silent_run
+        elif self.silence:
+            self._learn_silence()
+        if not sw.silent_run:  # a silent service is judged as a whole, below
+            seen = set()
+            for r in sw.results:
+                key = (r.operation, r.span_kind)
+                seen.add(key)
+                self.last_seen[key] = t
+                values = _features(r, self.length_s)
+                upd, ev = self._judge_key(key, values, r.count, t, r)
+                updates.append(upd)
+                events.extend(ev)
+                scored.append((upd.score, r, _worst(upd.judgements, k)))
+                events.extend(self._rules(key, values, t, r))
+            for key in sorted(set(self.keys) - seen - {SERVICE_KEY}):
+                if self.last_seen.setdefault(key, t) <= t - self.stale_ns:
+                    events.extend(self._retire(key, t, "expired"))
+                    updates.append(KeyExpired(self.service, key[0], key[1], t))
+                    continue
+                # A known key without traffic in this window: its call rate is 0.
+                values = {"latency_p50": math.nan, "latency_p95": math.nan, "latency_p99": math.nan,
+                          "error_rate": 0.0, "call_rate": 0.0}  # fmt: skip
+                upd, ev = self._judge_key(key, values, 0, t, None)
+                updates.append(upd)
+                events.extend(ev)
+        service = {"service_rate": (sw.calls + sw.logs) / self.length_s, "error_log_rate": sw.error_logs / self.length_s}
+        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run)
         updates.append(upd)
         events.extend(ev)
-        events.extend(self._rules(SERVICE_KEY, logs, sw.window_start, None))
+        events.extend(self._rules(SERVICE_KEY, service, t, None))
         ranking = _ranking(scored) + self._downstream(sw)
         events = [_with_ranking(e, ranking) if e.state == "firing" else e for e in events]
         return updates, events
+
+    def _learn_silence(self) -> None:
+        """A silence that ended without an alert was normal for this service: its empty windows
+        now count in its rate (one that alerted was an outage, not the normal)."""
+        n, self.silence = self.silence, 0
+        det = self.keys.get(SERVICE_KEY)
+        if det is None or det.lifecycle.state != "ok" or det.lifecycle.anomalous_run:
+            return
+        for _ in range(min(n, MAX_SILENCE_LEARNED)):
+            det.learn_feature("service_rate", 0.0, 0, self.length_s)
+
+    def expire_all(self, time: int) -> list[AlertEvent]:
+        """The service is forgotten: every pending or firing alert resolves (reason "expired")."""
+        events = []
+        for key in sorted(self.keys):
+            events.extend(self._retire(key, time, "expired"))
+        for sk in sorted(self.rules):
+            events.extend(self._retire_rule(sk, time, "expired"))
+        return events
+
+    def _retire(self, key: tuple[str, int], time: int, reason: str) -> list[AlertEvent]:
+        """Drop a key's detector and rule states; an open alert on it resolves, saying why."""
+        det = self.keys.pop(key)
+        self.last_seen.pop(key, None)
+        events = []
+        if det.lifecycle.state != "ok":
+            events.append(self._resolved(key, det.lifecycle.feature, "detector", time, reason))
+        for sk in sorted(sk for sk in self.rules if sk[1:] == key):
+            events.extend(self._retire_rule(sk, time, reason))
+        return events
+
+    def _retire_rule(self, sk: tuple[str, str, int], time: int, reason: str) -> list[AlertEvent]:
+        state = self.rules.pop(sk)
+        if state.lifecycle.state == "ok":
+            return []
+        return [self._resolved(sk[1:], state.lifecycle.feature, f"rule:{sk[0]}", time, reason)]
+
+    def _resolved(self, key: tuple[str, int], feature: str, source: str, time: int, reason: str) -> AlertEvent:
+        return AlertEvent(
+            service=self.service, operation=key[0], span_kind=key[1], state="resolved", time=time,
+            feature=feature or "call_rate", observed=math.nan, expected=math.nan, lower=math.nan, upper=math.nan,
+            score=0.0, source=source, reason=reason,
+        )  # fmt: skip
+
+    def _prune_rules(self, time: int) -> list[AlertEvent]:
+        """States of rules no longer configured (removed before a restart) are dropped."""
+        names = {r.name for r in self.cfg.rules}
+        events = []
+        for sk in sorted(sk for sk in self.rules if sk[0] not in names):
+            events.extend(self._retire_rule(sk, time, "rule_removed"))
+        return events
 
     def _downstream(self, sw: ServiceWindow, top: int = 5) -> tuple[dict, ...]:
         """Services this one called (from joined traces), by how far their latency and errors
         as seen on these calls are above their own baselines."""
         k = self.cfg.band_k
         ranked = []
+        for callee in [c for c, t in self.downstream_seen.items() if t <= sw.window_start - self.stale_ns]:
+            del self.downstream_seen[callee]  # a callee not called for stale_after_s: forgotten
+            self.downstream.pop(callee, None)
         for dep in sw.dependencies:
+            self.downstream_seen[dep.callee] = sw.window_start
             base = self.downstream.setdefault(
                 dep.callee, {f: FeatureBaseline(self.cfg.fading_factor) for f in ("latency", "error_rate")}
             )
@@ -364,7 +551,7 @@ class ServiceAnomaly:
             for score, dep, feature in ranked[:top]
         )
 
-    def _judge_key(self, key, values, calls, time, r: WindowResult | None):
+    def _judge_key(self, key, values, calls, time, r: WindowResult | None, silent_run: int = 0):
         det = self.keys.get(key)
         if det is None:
             feats = SERVICE_FEATURES if key == SERVICE_KEY else KEY_FEATURES
@@ -373,17 +560,23 @@ class ServiceAnomaly:
             values = {f: (v if not math.isnan(v) else det.baselines[f].mean.get()) for f, v in values.items()}
             judgements, hst, anomalous = det.judge(values, 0, self.length_s)
         else:
-            judgements, hst, anomalous = det.judge(values, calls, self.length_s)
+            judgements, hst, anomalous = det.judge(values, calls, self.length_s, silent_run)
         learning = det.learning
         change = det.lifecycle.observe(anomalous)
+        if change in ("pending", "firing"):
+            det.lifecycle.feature = _worst(judgements, self.cfg.band_k).feature
         if not anomalous:  # never learn from a window judged anomalous
-            det.learn(values, calls, self.length_s)
+            # A silence is learned once it is over (``_learn_silence``): judged against the rate
+            # from before it, not against a baseline that fades toward zero as it goes on.
+            det.learn(values, calls, self.length_s, ("service_rate",) if silent_run else ())
         score = _score(judgements, self.cfg.band_k)
         upd = AnomalyUpdate(self.service, key[0], key[1], time, score, hst, learning, det.lifecycle.state,
                             tuple(judgements))  # fmt: skip
         events = []
         if change:
             worst = _worst(judgements, self.cfg.band_k)
+            if change == "resolved":  # says how the feature it fired on is now
+                worst = next((j for j in judgements if j.feature == det.lifecycle.feature), worst)
             events.append(
                 AlertEvent(
                     service=self.service, operation=key[0], span_kind=key[1], state=change, time=time,
@@ -408,6 +601,7 @@ class ServiceAnomaly:
             if state is None:
                 windows = max(1, math.ceil(rule.for_s / self.length_s))
                 state = self.rules[sk] = _RuleState(AlertLifecycle(windows, self.cfg.resolve_windows))
+                state.lifecycle.feature = rule.feature
             change = state.lifecycle.observe(violated)
             if change:
                 events.append(

@@ -129,15 +129,19 @@ class Daemon:
         self.receiver = OtlpReceiver(
             cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, recorder=self.recorder,
             auth=BearerAuth.from_config(cfg.auth), memory=MemoryGuard(cfg.limits.max_rss_bytes),
-            tenants=TenantLimiter(cfg.limits), tls=cfg.tls, reuse_port=processes > 1,
+            tenants=TenantLimiter(cfg.limits), tls=cfg.tls, reuse_port=processes > 1, clock=clock,
         )  # fmt: skip
         host, port = _host_port(cfg.http.listen)
         self.http = MetricsHttpServer(host, port, self.series.render, self.ready)
         self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None
         # Scaling signals of every service and the KEDA server live on process 0.
         first = process_id == 0
-        self.signals = ScalingSignals()
-        self.keda = KedaScaler(cfg.keda.listen, self.signals.lookup) if cfg.keda.listen and first else None
+        self.signals = ScalingSignals(stale_after_s=cfg.prometheus.service_stale_after_s)
+        self.keda = (
+            KedaScaler(cfg.keda.listen, self.signals.lookup, max_streams=cfg.keda.max_streams)
+            if cfg.keda.listen and first
+            else None
+        )
         outputs = Outputs(result_sinks=[MetricsSink(self.series)], scaling_sinks=[SignalsSink(self.signals, first)])
         if cfg.output.emit_jsonl:
             outputs.file_sinks.append(JsonlSink(cfg.output.emit_jsonl, owner=first))
@@ -148,16 +152,17 @@ class Daemon:
             outputs.result_sinks.append(RemoteWriteSink(self.remote_write))
         rec = cfg.recovery
         self.recovery = None
-        committed = None
+        self.committed: CommittedSnapshots | None = None
         if rec.enabled:
             db = data_dir / "recovery"
             init_recovery(db)
             self.recovery = BytewaxRecovery(db, backup_interval=timedelta(seconds=rec.backup_interval_s))
-            committed = CommittedSnapshots(db).spool_segment
-        source = SpoolSource(
-            spools, stop=self.stop_event, committed=committed,
+            self.committed = CommittedSnapshots(db, metrics=self.metrics)
+        self.source = SpoolSource(
+            spools, stop=self.stop_event, committed=self.committed.spool_segment if self.committed else None,
             keep_for=timedelta(seconds=rec.backup_interval_s),
         )  # fmt: skip
+        source = self.source
         self.flow = build_flow(
             cfg, source, outputs, self.metrics, clock=clock, close_at_eof=not rec.enabled,
             dead_letter_dir=str(data_dir / "deadletter"),
@@ -172,6 +177,9 @@ class Daemon:
             return False, "shutting down"
         if self.spool.over_budget():
             return False, "spool over its byte budget"
+        unread, still_s = self.source.progress()
+        if unread and still_s > self.cfg.http.ready_stall_s:
+            return False, f"dataflow stalled: nothing read for {still_s:.0f} s with {unread} bytes waiting in the spool"
         return True, "ready"
 
     def run(self) -> None:
@@ -209,6 +217,8 @@ class Daemon:
                 self.recorder.close()
             if self.keda is not None:
                 self.keda.stop()
+            if self.committed is not None:
+                self.committed.close()
             self.http.stop()
             log.info("telepipe stopped")
 

@@ -11,6 +11,7 @@ Both wire forms fill the same column builders, so validation is written once.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import operator
 from collections import Counter
 from dataclasses import dataclass
@@ -42,6 +43,31 @@ class Decoded:
     received: int
     rejected: int
     message: str  # why items were rejected, or warnings about kept ones ('' when neither)
+    future: int = 0  # of ``rejected``: items ending too far ahead of the receiver's clock
+
+
+def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:
+    """Stamp the batch with its acceptance time and reject the items that end more than
+    ``max_future_ns`` after ``now_ns`` (the receiver's clock): one client with a wrong clock must
+    not move event time for everybody. Old items are kept (see README, Operations)."""
+    batch = decoded.batch
+    if batch is None:
+        return decoded
+    times = batch.end_ns if isinstance(batch, SpanBatch) else batch.time_ns
+    ahead = times > now_ns + max_future_ns
+    future = int(np.count_nonzero(ahead))
+    if not future:
+        return dataclasses.replace(decoded, batch=dataclasses.replace(batch, received_ns=now_ns))
+    what = "spans" if isinstance(batch, SpanBatch) else "log records"
+    why = f"{future} {what} ending more than {max_future_ns / 1e9:g} s after the receiver's clock"
+    kept = batch.select(~ahead) if future < len(batch) else None
+    return Decoded(
+        batch=None if kept is None else dataclasses.replace(kept, received_ns=now_ns),
+        received=decoded.received,
+        rejected=decoded.rejected + future,
+        message="; ".join(m for m in (decoded.message, why) if m),
+        future=future,
+    )
 
 
 @dataclass(frozen=True)

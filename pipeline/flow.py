@@ -16,7 +16,13 @@ Stateful logic lives in plain classes (``pipeline/windows.py``); the bytewax
 steps here only wrap them. No step reads the wall clock: the idle timer uses
 the injected ``clock``, and replay turns idle closing off so that output depends
 on the recording alone. Steps that touch input data run each item through
-``DeadLetters``: a poison record is set aside, not crash-looped on.
+``DeadLetters``: a poison record is set aside, not crash-looped on, and a step
+that changes state is never retried (pipeline/deadletter.py).
+
+State restored from a recovery snapshot gets the configuration in force
+(``ServiceState.bind``): snapshots hold state, never configuration. A service
+forgotten after ``prometheus.service_stale_after_s`` of silence has its state
+dropped (``StatefulLogic.DISCARD``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -35,7 +41,7 @@ from bytewax.outputs import Sink
 
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
-from pipeline.model import LateSpans, LogBatch, SpanBatch, WindowResult
+from pipeline.model import LateSpans, LogBatch, ServiceExpired, SpanBatch, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.anomaly import AlertEvent
 from pipeline.scaling import ScalingEvent, ScalingUpdate
@@ -73,31 +79,41 @@ class _ServiceStep(StatefulLogic[object, object, bytes]):
     ) -> None:  # fmt: skip
         self.cfg, self.spec, self.clock, self.idle, self.close_at_eof = cfg, spec, clock, idle, close_at_eof
         self.dead = dead
+        # A source partition silent for this service for the idle timeout stops holding its
+        # watermark back (live only: replay closes by the input alone).
+        self.partition_idle = cfg.windows.idle_timeout_s if idle else None
         self.state: ServiceState | None = None
-        if resume is not None:  # restored after a restart: the idle timers start over
+        if resume is not None:  # restored after a restart: today's config, and the idle timers start over
             self.state = pickle.loads(resume)
+            self.state.bind(cfg, spec, self.partition_idle, dead)
             self.state.windows.resumed(clock())
+
+    def _done(self, out: list | None) -> tuple[list, bool]:
+        expired = self.state is not None and self.state.expired
+        return out or [], StatefulLogic.DISCARD if expired else StatefulLogic.RETAIN
 
     def on_item(self, value):
         if self.state is None:
-            # A source partition silent for this service for the idle timeout stops holding its
-            # watermark back (live only: replay closes by the input alone).
-            partition_idle = self.cfg.windows.idle_timeout_s if self.idle else None
-            self.state = ServiceState(self.cfg, self.spec, value.service, partition_idle)
-        out = self.dead.run("service_state", self.state.on_item, value, self.clock())
-        return out or [], StatefulLogic.RETAIN
+            self.state = ServiceState(self.cfg, self.spec, value.service, self.partition_idle)
+            self.state.bind(self.cfg, self.spec, self.partition_idle, self.dead)
+        # Merging changes state: a failure is set aside at once, never retried (analysis
+        # failures are caught per window inside).
+        return self._done(self.dead.run("merge", self.state.on_item, value, self.clock(), tries=1))
 
     def on_notify(self):
-        return self.state.on_idle(self.clock()), StatefulLogic.RETAIN
+        return self._done(self.state.on_idle(self.clock()))
 
     def on_eof(self):
         if not self.close_at_eof:  # the daemon stops with recovery on: open windows live on in the snapshot
             return [], StatefulLogic.RETAIN
-        return self.state.close_all(), StatefulLogic.RETAIN
+        return self._done(self.state.close_all())
 
     def notify_at(self) -> datetime | None:
         deadline = self.state.idle_deadline() if (self.idle and self.state) else None
-        return None if deadline is None else datetime.fromtimestamp(deadline, timezone.utc)
+        if deadline is None:
+            return None
+        # the deadline is on the injected clock; bytewax wakes us on the system clock
+        return datetime.now(timezone.utc) + timedelta(seconds=deadline - self.clock())
 
     def snapshot(self) -> bytes:
         # bytewax snapshots every touched key at every epoch end; a pickle is both the
@@ -157,7 +173,7 @@ def build_flow(
 
     if outputs.scaling_sinks:
         # Every service's scaling signal, to the one process that serves KEDA.
-        updates = op.filter("scaling_updates", results, lambda x: isinstance(x, ScalingUpdate))
+        updates = op.filter("scaling_updates", results, lambda x: isinstance(x, ScalingUpdate | ServiceExpired))
         to_keda = op.key_on("key_for_scaling", updates, lambda _: "scaling")
         for i, sink in enumerate(outputs.scaling_sinks):
             op.output(f"scaling_out_{i}", to_keda, sink)

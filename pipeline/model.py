@@ -72,6 +72,9 @@ class SpanBatch:
     trace_id: np.ndarray
     span_id: np.ndarray
     parent_span_id: np.ndarray
+    # When the receiver accepted the request (unix ns, its clock; 0: unknown, as in OTLP/JSON
+    # recordings). Stored with the batch, so replaying a native recording sees the same value.
+    received_ns: int = 0
     # Set by the source, not stored: (partition, step number) of the read step this
     # batch came in. Watermarks advance only between steps (see pipeline/windows.py).
     step: tuple[int, int] = (0, 0)
@@ -80,9 +83,10 @@ class SpanBatch:
         return int(self.end_ns.shape[0])
 
     def to_bytes(self) -> bytes:
-        head = orjson.dumps(
-            {"s": self.services, "o": self.operations, "i": self.instances}
-        )
+        head = {"s": self.services, "o": self.operations, "i": self.instances}
+        if self.received_ns:
+            head["r"] = self.received_ns
+        head = orjson.dumps(head)
         parts = [_HEADER.pack(_MAGIC_SPANS, len(head), len(self)), head]
         for name, _dtype in _SPAN_COLUMNS:
             parts.append(getattr(self, name).tobytes())
@@ -108,10 +112,15 @@ class SpanBatch:
             services=tuple(head["s"]),
             operations=tuple(head["o"]),
             instances=tuple(head["i"]),
+            received_ns=int(head.get("r", 0)),
             **cols,
         )
         batch.check()
         return batch
+
+    def select(self, keep: np.ndarray) -> SpanBatch:
+        """The spans where ``keep`` (a boolean mask) is true; string tables kept as they are."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[keep] for name, _ in _SPAN_COLUMNS})
 
     def check(self) -> None:
         """Raise ValueError unless every index points into its string table."""
@@ -147,11 +156,20 @@ class SpanBatch:
             services=tuple(tables["services"]),
             operations=tuple(tables["operations"]),
             instances=tuple(tables["instances"]),
+            received_ns=max(b.received_ns for b in batches),
             **{name: np.concatenate(parts) for name, parts in cols.items()},
         )
 
     def last_end_ns(self) -> int:
         return int(self.end_ns.max()) if len(self) else 0
+
+
+def progress_ns(event_ns: int, received_ns: int) -> int:
+    """How far a batch whose newest event time is ``event_ns`` moves event time (watermarks, the
+    service graph's generations): never past the moment it was accepted. A client whose clock
+    runs ahead (by less than ``otlp.max_future_s``: more is rejected at the door) then keeps its
+    own windows open until real time reaches them, instead of making everyone else's spans late."""
+    return min(event_ns, received_ns) if received_ns else event_ns
 
 
 class Steps:
@@ -184,10 +202,19 @@ class LogBatch:
     service: list[str]
     instance: list[str]
     attributes: list[dict[str, str]] = field(default_factory=list)
+    received_ns: int = 0  # like SpanBatch.received_ns
     step: tuple[int, int] = (0, 0)  # set by the source, like SpanBatch.step
 
     def __len__(self) -> int:
         return int(self.time_ns.shape[0])
+
+    def select(self, keep: np.ndarray) -> LogBatch:
+        """The records where ``keep`` (a boolean mask) is true."""
+        rows = np.flatnonzero(keep).tolist()
+        lists = {name: [getattr(self, name)[i] for i in rows] for name in _LOG_LISTS}
+        if self.attributes:
+            lists["attributes"] = [self.attributes[i] for i in rows]
+        return dataclasses.replace(self, time_ns=self.time_ns[keep], severity=self.severity[keep], **lists)
 
     def to_bytes(self) -> bytes:
         head = orjson.dumps(
@@ -199,6 +226,7 @@ class LogBatch:
                 "s": self.service,
                 "i": self.instance,
                 "a": self.attributes,
+                **({"r": self.received_ns} if self.received_ns else {}),
             }
         )
         return b"".join(
@@ -232,7 +260,11 @@ class LogBatch:
             service=head["s"],
             instance=head["i"],
             attributes=head["a"],
+            received_ns=int(head.get("r", 0)),
         )
+
+
+_LOG_LISTS = ("severity_text", "body", "trace_id", "span_id", "service", "instance")
 
 
 def coalesce(batches: list[SpanBatch | LogBatch], max_spans: int = 8192) -> list[SpanBatch | LogBatch]:
@@ -339,6 +371,12 @@ class ServiceWindow:
     server_errors: int
     server_p95: float  # seconds, over all SERVER spans (NaN when none)
     dependencies: tuple[Dependency, ...] = ()  # services this one called (sampled traces)
+    silent_run: int = 0  # windows in a row, this one included, in which the service sent nothing
+
+    @property
+    def calls(self) -> int:
+        """Spans of every operation of the service in this window."""
+        return sum(r.count for r in self.results)
 
 
 @dataclass(frozen=True)
@@ -349,3 +387,40 @@ class LateSpans:
     operation: str
     span_kind: int
     count: int
+
+
+@dataclass(frozen=True)
+class LateLogs:
+    """Log records of a service for a window that had already closed: counted in no window
+    (they still go to Loki: the records themselves are not dropped)."""
+
+    service: str
+    count: int
+
+
+@dataclass(frozen=True)
+class LateEdges:
+    """Sampled calls from a service for a window that had already closed (counted, not merged)."""
+
+    service: str
+    count: int
+
+
+@dataclass(frozen=True)
+class KeyExpired:
+    """A (service, operation, kind) key without spans for ``prometheus.stale_after_s`` while its
+    service kept sending: no longer judged; sinks drop its series."""
+
+    service: str
+    operation: str
+    span_kind: int
+    time: int  # unix ns: start of the window that retired it
+
+
+@dataclass(frozen=True)
+class ServiceExpired:
+    """A service that sent nothing for ``prometheus.service_stale_after_s``: its state is gone;
+    sinks drop its series and scaling signal."""
+
+    service: str
+    time: int  # unix ns: start of the window that retired it

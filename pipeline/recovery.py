@@ -15,7 +15,11 @@ copy holds (POSIX releases a process's locks on a file when *any* of its
 descriptors to it closes). Under load that corrupted bytewax's WAL index and
 the daemon died with SIGBUS inside SQLite (found by ``bench/live.py memory``).
 Another process reading the files is ordinary SQLite concurrency. This file
-therefore imports only the standard library: it runs as a script.
+therefore imports only the standard library when it runs as a script.
+
+The child process is started from a background thread (``CommittedSnapshots``),
+never from the dataflow thread that asks: a slow disk or a stuck child must not
+stall the flow; the flow reads the newest answer the thread has.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pickle
 import sqlite3
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 READ_STEP_ID = "telepipe.read"
@@ -71,26 +75,29 @@ def committed_segments(db_dir: Path, step_id: str = READ_STEP_ID) -> dict[str, i
 
 
 class CommittedSnapshots:
-    """The committed spool segment per source partition, refreshed at most every ``refresh_s``."""
+    """The committed spool segment per source partition, read every ``refresh_s`` by a
+    background thread (started on first use; ``close`` stops it)."""
 
-    def __init__(self, db_dir: str | Path, step_id: str = READ_STEP_ID, refresh_s: float = 2.0) -> None:
+    def __init__(self, db_dir: str | Path, step_id: str = READ_STEP_ID, refresh_s: float = 2.0, metrics=None) -> None:
         self.db_dir = Path(db_dir)
         self.step_id = step_id
         self.refresh_s = refresh_s
+        self.metrics = metrics
         self._segments: dict[str, int] = {}
-        self._read_at = -float("inf")
+        self._lock = threading.Lock()
         self._failing = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _refresh(self) -> None:
-        if time.monotonic() - self._read_at < self.refresh_s:
-            return
-        self._read_at = time.monotonic()
         try:
             res = subprocess.run(
                 [sys.executable, "-I", __file__, str(self.db_dir), self.step_id],
                 capture_output=True, timeout=30, check=True,
             )  # fmt: skip
-            self._segments = {k: int(v) for k, v in json.loads(res.stdout).items()}
+            segments = {k: int(v) for k, v in json.loads(res.stdout).items()}
+            with self._lock:
+                self._segments = segments
             self._failing = False
         except (subprocess.SubprocessError, OSError, ValueError) as exc:
             # Keep what was known: deleting less is always safe, but a spool that is never cut
@@ -99,10 +106,23 @@ class CommittedSnapshots:
                 log.warning("cannot read committed snapshots in %s (spool segments kept): %s", self.db_dir, exc)
             self._failing = True
 
+    def _run(self) -> None:
+        from pipeline.selfmetrics import SelfMetrics  # here: the script side imports the standard library only
+        from pipeline.threads import loop_forever
+
+        loop_forever("recovery-reader", self.metrics or SelfMetrics(), self._refresh, self._stop, self.refresh_s)
+
     def spool_segment(self, part: str) -> int | None:
-        """The spool segment the committed snapshot resumes from (None: nothing committed yet)."""
-        self._refresh()
-        return self._segments.get(part)
+        """The spool segment the committed snapshot resumes from (None: nothing known committed yet).
+        Never waits: the answer is the background reader's newest."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="recovery-reader", daemon=True)
+            self._thread.start()
+        with self._lock:
+            return self._segments.get(part)
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,16 @@ For each closed service window (see ``../shared/PROTOCOLS.md``, HPA section):
 - predictive: the call rate is forecast ``forecast_horizon_s`` ahead with
   river's Holt (trend) model, and Holt-Winters (seasonal, ``season_s``) once two
   seasons of history exist;
-- guards: no scale-down while an alert fires on the service; a latency-driven
-  scale-up is dropped when the service's calls to a dependency (CLIENT spans)
-  fail at ``downstream_error_rate`` or more, since more replicas would not help.
+- guards: no scale-down while an alert on latency, errors, error logs or silence
+  fires on the service (alerts on call rates do not hold it: a drop in traffic is
+  when a scale-down is wanted); a window in which the service sent nothing at all
+  changes nothing (no data is not "no load", as the HPA treats missing metrics),
+  and the forecast does not learn from it; a latency-driven scale-up is dropped when
+  the service's calls to a dependency (CLIENT spans) fail at
+  ``downstream_error_rate`` or more, since more replicas would not help.
+
+The configuration is not part of the state: ``bind`` applies the one in force
+(after a restart from a snapshot, too).
 
 All times are window times (event time), so replays give the same signals.
 """
@@ -132,31 +139,45 @@ class ServiceScaler:
     """HPA-style desired replicas for one service. Picklable, no clock: window times only."""
 
     def __init__(self, cfg: ScalingConfig, service: str, length_s: float) -> None:
-        self.cfg = cfg
         self.service = service
-        self.length_s = length_s
-        self.targets = Targets.for_service(cfg, service)
-        season = int(round(cfg.season_s / length_s)) if cfg.season_s else 0
-        self.forecaster = RateForecaster(season)
-        self.horizon = int(math.ceil(cfg.forecast_horizon_s / length_s)) if cfg.forecast_horizon_s else 0
+        self.forecaster: RateForecaster | None = None
+        self.bind(cfg, length_s)
         self.desired: int | None = None
         self.recommendations: deque[tuple[float, int]] = deque()  # (t, recommendation)
         self.applied: deque[tuple[float, int]] = deque()  # (t, desired)
         self.initial: int | None = None  # replicas observed before the first decision
 
+    def bind(self, cfg: ScalingConfig, length_s: float) -> None:
+        """Apply a configuration (targets, limits, policies). The forecaster keeps what it learned
+        unless its season (in windows) changed, which it cannot take over."""
+        self.cfg = cfg
+        self.length_s = length_s
+        self.targets = Targets.for_service(cfg, self.service)
+        season = int(round(cfg.season_s / length_s)) if cfg.season_s else 0
+        if self.forecaster is None or self.forecaster.season != season:
+            self.forecaster = RateForecaster(season)
+        self.horizon = int(math.ceil(cfg.forecast_horizon_s / length_s)) if cfg.forecast_horizon_s else 0
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("cfg", "targets")}
+
     def on_window(self, sw: ServiceWindow, alert_firing: bool) -> tuple[ScalingUpdate, ScalingEvent | None]:
+        """``alert_firing``: an alert that holds scale-down fires on the service."""
         t = sw.window_end / 1e9
         tg = self.targets
         observed = len(sw.instances) or tg.replicas
         rate = sw.server_calls / self.length_s
         forecast = self.forecaster.forecast(self.horizon)
-        self.forecaster.learn(rate)
+        if not sw.silent_run:
+            self.forecaster.learn(rate)
         current = self.desired if self.desired is not None else observed
         if self.initial is None:
             self.initial = observed
 
         candidates: list[tuple[int, str, str]] = []
-        if sw.server_calls or not math.isnan(forecast):
+        if sw.silent_run:
+            candidates.append((current, "no data from the service in this window: unchanged", "no_data"))
+        elif sw.server_calls or not math.isnan(forecast):
             sizing = max(rate, forecast) if not math.isnan(forecast) else rate
             ratio = (sizing / observed) / tg.rps_per_replica
             desired = observed if abs(ratio - 1) <= self.cfg.tolerance else _ceil(observed * ratio)
@@ -167,7 +188,7 @@ class ServiceScaler:
                  code)
             )  # fmt: skip
         failing = _failing_dependencies(sw, self.cfg.downstream_error_rate)
-        if tg.p95_s and sw.server_calls and not math.isnan(sw.server_p95):
+        if tg.p95_s and sw.server_calls and not math.isnan(sw.server_p95) and not sw.silent_run:
             ratio = sw.server_p95 / tg.p95_s
             desired = observed if abs(ratio - 1) <= self.cfg.tolerance else _ceil(observed * ratio)
             why = f"p95 {sw.server_p95:.3f} s on {observed} replicas, target {tg.p95_s:g} s"
@@ -217,6 +238,12 @@ class ServiceScaler:
             desired = current
             reason += "; scale-down held while an alert fires"
             code = "scale_down_held_alert"
+        if not tg.min_replicas <= desired <= tg.max_replicas:
+            # the limits win over stabilization and holds, as in the HPA (limits lowered or
+            # raised across a restart take effect at once)
+            desired = min(max(desired, tg.min_replicas), tg.max_replicas)
+            reason += f"; limited to {tg.min_replicas}..{tg.max_replicas} replicas"
+            code = "replica_limits"
         self.applied.append((t, desired))
         changed = desired != self.desired
         self.desired = desired

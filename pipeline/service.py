@@ -1,31 +1,98 @@
 """Everything telepipe keeps per service: its windows, detectors and scaler.
 
 One ``ServiceState`` per service is the state of the dataflow's keyed step.
-Each closed ``ServiceWindow`` goes, in window order, through anomaly detection
-(per operation and for the service) and then scaling (which holds scale-down
-while an alert fires). The output of one input item is a flat list, in a fixed
-order: per-operation window results, late-span counts, anomaly updates, alert
-events, the scaling update and scaling event.
+Each input item is first *merged* into the service's windows (plain arithmetic
+on arrays, which is not expected to fail); each window that closes then goes, in
+window order, through *analysis*: anomaly detection (per operation and for the
+service), then scaling (which holds scale-down while an alert that should hold it
+fires). The output of one input item is a flat list, in a fixed order: per
+window its results, then its anomaly updates and alert events, then the scaling
+update and event; late counts where they happen.
+
+Failures: a window's results are emitted whatever happens to its analysis. If
+anomaly detection or scaling raises on a window, that window's analysis is set
+aside as a dead letter (with its traceback) and the next window is analyzed as
+usual; nothing that changes state is ever tried twice, so a half-done step is
+never applied again.
+
+Configuration is not state: a snapshot holds what was learned and what is open,
+and ``bind`` applies the configuration in force after a restart (windows of
+another shape are closed as they are; see ``ServiceWindows.bind``).
+
+A service that sent nothing for ``prometheus.service_stale_after_s`` (counted in
+empty windows, see ``ServiceWindows``) is forgotten: its open alerts resolve
+(reason "expired"), a ``ServiceExpired`` record tells the sinks, and the keyed
+step drops the state (``expired``). If it comes back later, it starts afresh.
 """
 
 from __future__ import annotations
 
+import math
+
 from pipeline.anomaly import ServiceAnomaly
 from pipeline.config import Config
-from pipeline.model import ServiceWindow
+from pipeline.deadletter import DeadLetters
+from pipeline.model import ServiceExpired, ServiceWindow
 from pipeline.scaling import ServiceScaler
 from pipeline.windows import ServiceWindows, WindowSpec
+
+# Version of the pickled state (recovery snapshots). 2: configuration left out, silence and
+# expiry. Older snapshots (no version) are read and converted; newer ones are refused.
+STATE_VERSION = 2
+
+
+class SnapshotTooNew(RuntimeError):
+    """A recovery snapshot written by a newer telepipe than this one."""
+
+
+def silent_limit(cfg: Config, spec: WindowSpec) -> int:
+    """Empty windows in a row after which a service is forgotten."""
+    return max(1, math.ceil(cfg.prometheus.service_stale_after_s * 1e9 / spec.length_ns))
 
 
 class ServiceState:
     def __init__(self, cfg: Config, spec: WindowSpec, service: str, partition_idle_s: float | None = None) -> None:
+        self.service = service
         length_s = spec.length_ns / 1e9
         self.windows = ServiceWindows(
             service, spec, cfg.windows.max_operations_per_service, int(cfg.prometheus.stale_after_s * 1e9),
-            partition_idle_s,
+            partition_idle_s, silent_limit(cfg, spec),
         )  # fmt: skip
-        self.anomaly = ServiceAnomaly(cfg.anomaly, service, length_s)
+        self.cfg = cfg
+        self.anomaly = ServiceAnomaly(cfg.anomaly, service, length_s, cfg.prometheus.stale_after_s)
         self.scaler = ServiceScaler(cfg.scaling, service, length_s)
+        self.pending: list = []  # closed by ``bind``, analyzed with the next call
+        self.expired = False
+        self.dead: DeadLetters | None = None
+
+    def bind(self, cfg: Config, spec: WindowSpec, partition_idle_s: float | None, dead: DeadLetters | None) -> None:
+        """Apply the configuration in force and where to set failed analyses aside."""
+        self.cfg, self.dead = cfg, dead
+        length_s = spec.length_ns / 1e9
+        self.pending.extend(self.windows.bind(
+            spec, cfg.windows.max_operations_per_service, int(cfg.prometheus.stale_after_s * 1e9),
+            partition_idle_s, silent_limit(cfg, spec),
+        ))  # fmt: skip
+        self.anomaly.bind(cfg.anomaly, length_s, cfg.prometheus.stale_after_s)
+        self.scaler.bind(cfg.scaling, length_s)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("dead", "cfg")}
+        state["version"] = STATE_VERSION
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        version = state.pop("version", 1)
+        if version > STATE_VERSION:
+            raise SnapshotTooNew(
+                f"a recovery snapshot of service {state.get('service', '?')!r} has format {version}; this telepipe "
+                f"reads formats up to {STATE_VERSION}: run the newer version, or move recovery.* data aside"
+            )
+        self.__dict__.update(state)
+        self.__dict__.setdefault("service", self.windows.service)
+        self.__dict__.setdefault("pending", [])
+        self.__dict__.setdefault("expired", False)
+        self.dead = None
 
     def on_item(self, item, now: float) -> list:
         return self._analyze(self.windows.on_item(item, now))
@@ -40,17 +107,48 @@ class ServiceState:
         return self.windows.idle_deadline()
 
     def _analyze(self, closed: list) -> list:
+        if self.pending:
+            closed, self.pending = self.pending + closed, []
         out = []
         for item in closed:
             if not isinstance(item, ServiceWindow):
-                out.append(item)  # LateSpans
+                out.append(item)  # late counts
                 continue
+            if self.expired:  # traffic came back after the service was forgotten: it starts afresh
+                self._start_afresh()
             out.extend(item.results)
-            updates, alerts = self.anomaly.on_window(item)
+            out.extend(self._analysis(item))
+        return out
+
+    def _analysis(self, sw: ServiceWindow) -> list:
+        out: list = []
+        try:
+            updates, alerts = self.anomaly.on_window(sw)
             out.extend(updates)
             out.extend(alerts)
-            update, event = self.scaler.on_window(item, self.anomaly.firing())
+        except Exception as exc:  # the window's results are out already; its analysis is set aside
+            self._set_aside("anomaly", sw, exc)
+        try:
+            update, event = self.scaler.on_window(sw, self.anomaly.holds_scale_down())
             out.append(update)
             if event is not None:
                 out.append(event)
+        except Exception as exc:
+            self._set_aside("scaling", sw, exc)
+        if sw.silent_run >= self.windows.silent_limit:
+            self.expired = True
+            out.extend(self.anomaly.expire_all(sw.window_start))
+            out.append(ServiceExpired(self.service, sw.window_start))
         return out
+
+    def _start_afresh(self) -> None:
+        length_s = self.windows.spec.length_ns / 1e9
+        cfg = self.cfg
+        self.anomaly = ServiceAnomaly(cfg.anomaly, self.service, length_s, cfg.prometheus.stale_after_s)
+        self.scaler = ServiceScaler(cfg.scaling, self.service, length_s)
+        self.expired = False
+
+    def _set_aside(self, step: str, sw: ServiceWindow, exc: Exception) -> None:
+        if self.dead is None:
+            raise exc
+        self.dead.set_aside(step, sw, exc)

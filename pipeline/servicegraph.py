@@ -27,7 +27,7 @@ import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from pipeline.deadletter import DeadLetters
-from pipeline.model import SpanBatch
+from pipeline.model import SpanBatch, progress_ns
 from pipeline.span_index import SpanIndex
 
 log = logging.getLogger("telepipe.servicegraph")
@@ -126,7 +126,9 @@ class LinkJoiner:
         pid_arr = np.frombuffer(batch.parent_span_id.tobytes(), dtype="<u8")[keep]
         service_code = np.array([self._code(s) for s in batch.services], dtype=np.int32)
         me = service_code[batch.service_idx[keep]]
-        self.high = max(self.high, int(batch.end_ns.max()))
+        # generations follow event time, but no further than the batch's acceptance time (a
+        # client's clock running ahead must not expire every stored span)
+        self.high = max(self.high, progress_ns(int(batch.end_ns.max()), batch.received_ns))
         gen = self.high // GENERATION_NS
         if not self.generations or self.generations[-1][0] < gen:
             self.generations.append((gen, SpanIndex(MAX_SPANS)))
@@ -198,7 +200,7 @@ class LinkJoiner:
                 self._wait(children, self.names[code], error, d, e)
         self._expire(gen)
         return [
-            EdgePartial(caller, callee, w, e[3], batch.step, e[0], e[1], e[2])
+            EdgePartial(caller, callee, w, progress_ns(e[3], batch.received_ns), batch.step, e[0], e[1], e[2])
             for (caller, callee, w), e in sorted(edges.items())
         ]
 
@@ -252,7 +254,8 @@ class _JoinedPartition(StatefulSourcePartition):
                 if self.dead is None:
                     out.extend(self.joiner.process(item))
                 else:
-                    out.extend(self.dead.run("servicegraph", self.joiner.process, item) or [])
+                    # the join changes state: a failure is set aside at once, never retried
+                    out.extend(self.dead.run("servicegraph", self.joiner.process, item, tries=1) or [])
         unjoined, unstored = self.joiner.unjoined - before[0], self.joiner.unstored - before[1]
         if (unjoined or unstored) and self.dead is not None:
             # counted per batch, logged at most once a minute (this can go on for a while)

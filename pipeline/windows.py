@@ -45,11 +45,14 @@ from pipeline.model import (
     KIND_SERVER,
     Dependency,
     OVERFLOW_OPERATION,
+    LateEdges,
+    LateLogs,
     LateSpans,
     LogBatch,
     ServiceWindow,
     SpanBatch,
     WindowResult,
+    progress_ns,
 )
 from pipeline.servicegraph import EdgePartial
 from pipeline.sketch import LogMapping, LogSketch
@@ -67,6 +70,10 @@ class WindowSpec:
     mapping: LogMapping
     bounds: np.ndarray  # explicit histogram bounds, seconds
     exemplars: int = 5  # trace ids kept per window: slowest spans, error spans
+
+    def shape(self) -> tuple:
+        """What open windows are made of: state built with another shape cannot take new data."""
+        return (self.length_ns, self.mapping.relative_accuracy, tuple(self.bounds.tolist()), self.exemplars)
 
     @staticmethod
     def from_config(cfg: WindowsConfig, buckets: tuple[float, ...]) -> WindowSpec:
@@ -195,7 +202,7 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
             Partial(
                 service=services[part_svc[i]],
                 window_start=part_win[i] * spec.length_ns,
-                max_end_ns=max(row_end_l[a:b]),
+                max_end_ns=progress_ns(max(row_end_l[a:b]), batch.received_ns),
                 step=batch.step,
                 operations=[operations[k >> 3] for k in row_ok[a:b]],
                 kinds=[k & 7 for k in row_ok[a:b]],
@@ -255,7 +262,7 @@ def preaggregate_logs(batch: LogBatch, spec: WindowSpec, step: tuple[int, int]) 
         LogPartial(
             service=names[int(g) // span],
             window_start=(int(g) % span + wmin) * spec.length_ns,
-            max_time_ns=int(newest[i]),
+            max_time_ns=progress_ns(int(newest[i]), batch.received_ns),
             step=step,
             records=int(records[i]),
             errors=int(errors[i]),
@@ -277,12 +284,13 @@ class CardinalityLimiter:
         self.last_seen: dict[str, int] = {}
         self.watermark = 0
 
-    def admit(self, operations: list[str], ends_ns: list[int]) -> list[str]:
+    def admit(self, operations: list[str], ends_ns: list[int], now_ns: int | None = None) -> list[str]:
         """The operations of a partial's rows as they are counted: each one, or the overflow
-        operation when it does not fit. ``ends_ns``: each row's newest span end. Within a
-        batch, operations are admitted window by window, in the order of the operation
-        table (deterministic: the input decides)."""
-        self.watermark = max(self.watermark, max(ends_ns, default=0))
+        operation when it does not fit. ``ends_ns``: each row's newest span end; ``now_ns``:
+        how far the partial moves event time (``Partial.max_end_ns``). Within a batch,
+        operations are admitted window by window, in the order of the operation table
+        (deterministic: the input decides)."""
+        self.watermark = max(self.watermark, max(ends_ns, default=0) if now_ns is None else now_ns)
         last_seen = self.last_seen
         out = []
         for op, end in zip(operations, ends_ns):
@@ -463,11 +471,20 @@ class ServiceWindows:
     Keyed by service so that every operation's window ``W`` closes at the same
     moment: what comes after (anomaly detection, scaling) sees the whole service
     for ``W`` at once, in an order that depends on the input alone. Picklable.
+
+    A known service's windows are contiguous: a window in which it sent nothing
+    closes *empty* (``ServiceWindow.silent_run`` counts such windows in a row), so
+    what comes after sees its silence. Empty windows fill a gap when the next window
+    with data closes (replay and live alike: the input decides; a window nothing was
+    merged into stays open to late data until then, as before), and, live, keep
+    closing on the injected clock while the service stays silent, one per window
+    length after its idle timeout. At most ``silent_limit`` come in a row: by then
+    the service is forgotten (``pipeline/service.py``).
     """
 
     def __init__(
         self, service: str, spec: WindowSpec, max_operations: int, expire_ns: int,
-        partition_idle_s: float | None = None,
+        partition_idle_s: float | None = None, silent_limit: int = 0,
     ) -> None:  # fmt: skip
         self.service = service
         self.spec = spec
@@ -480,10 +497,32 @@ class ServiceWindows:
         self.partitions: dict[int, list] = {}
         self.closed_until = -math.inf  # end of the latest closed window (ns)
         self.last_activity = 0.0  # injected clock, seconds
-        self.late_logs = 0
+        self.newest_ns = -math.inf  # newest event time any item moved (``progress_ns``)
+        self.silent_limit = silent_limit  # empty windows in a row at most (0: none)
+        self.silent_run = 0  # empty windows closed since the last one with data
+
+    def bind(
+        self, spec: WindowSpec, max_operations: int, expire_ns: int, partition_idle_s: float | None,
+        silent_limit: int,
+    ) -> list[ServiceWindow]:  # fmt: skip
+        """Apply the configuration in force (after a restart from a snapshot). Windows built with
+        another shape (length, sketch accuracy, histogram buckets) are closed as they are and
+        returned; later data goes to windows of the new shape."""
+        closed = []
+        if spec.shape() != self.spec.shape():
+            closed = self.close_all()
+            if spec.length_ns != self.spec.length_ns and math.isfinite(self.closed_until):
+                # windows of the new length start on its own boundaries: the one that holds the
+                # change opens again (its earlier spans were counted in the closed window)
+                self.closed_until = self.closed_until // spec.length_ns * spec.length_ns
+        self.spec = spec
+        self.limiter.limit, self.limiter.expire_ns = max_operations, expire_ns
+        self.partition_idle_s = partition_idle_s
+        self.silent_limit = silent_limit
+        return closed
 
     def on_item(self, item: Partial | LogPartial | EdgePartial, now: float) -> list:
-        """Merge one item; returns what closed: ``LateSpans`` and ``ServiceWindow`` objects."""
+        """Merge one item; returns what closed: late counts and ``ServiceWindow`` objects."""
         self.last_activity = now
         partition, step = item.step
         st = self.partitions.get(partition)
@@ -496,8 +535,8 @@ class ServiceWindows:
         out: list = []
         late = item.window_start < self.closed_until
         if isinstance(item, Partial):
-            st[2] = max(st[2], item.max_end_ns)
-            operations = self.limiter.admit(item.operations, item.row_end_ns)
+            moved = item.max_end_ns
+            operations = self.limiter.admit(item.operations, item.row_end_ns, moved)
             if late:
                 counts = item.status_counts.sum(axis=1).tolist()
                 out.extend(LateSpans(self.service, op, k, n) for op, k, n in zip(operations, item.kinds, counts))
@@ -506,20 +545,24 @@ class ServiceWindows:
                 slot.ops.merge(item, operations)
                 slot.instances.update(item.instances)
         elif isinstance(item, LogPartial):
-            st[2] = max(st[2], item.max_time_ns)
+            moved = item.max_time_ns
             if late:
-                self.late_logs += item.records
+                out.append(LateLogs(self.service, item.records))
             else:
                 slot = self._slot(item.window_start)
                 slot.logs += item.records
                 slot.error_logs += item.errors
         else:  # EdgePartial
-            st[2] = max(st[2], item.max_end_ns)
-            if not late:
+            moved = item.max_end_ns
+            if late:
+                out.append(LateEdges(self.service, item.calls))
+            else:
                 c = self._slot(item.window_start).calls_to.setdefault(item.callee, [0, 0, 0.0])
                 c[0] += item.calls
                 c[1] += item.errors
                 c[2] += item.duration_sum
+        st[2] = max(st[2], moved)
+        self.newest_ns = max(self.newest_ns, moved)
         horizon = self.watermark - self.spec.lateness_ns
         ready = sorted(s for s in self.open if s + self.spec.length_ns <= horizon)
         out.extend(self._close(ready))
@@ -527,6 +570,10 @@ class ServiceWindows:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("newest_ns", self.watermark)  # snapshots of earlier versions
+        self.__dict__.setdefault("silent_limit", 0)
+        self.__dict__.setdefault("silent_run", 0)
+        self.__dict__.pop("late_logs", None)
         for slot in self.open.values():
             if isinstance(slot.ops, dict):  # a recovery snapshot from before the columnar windows
                 slot.ops = _ops_from_windows(slot.ops, self.spec.bounds.size + 1, self.spec.exemplars)
@@ -555,27 +602,65 @@ class ServiceWindows:
         return slot
 
     def idle_deadline(self) -> float | None:
-        """Clock time at which open windows close for lack of traffic (None if none open)."""
-        if not self.open:
+        """Clock time of the next idle close: open windows after ``idle_timeout_s`` without
+        traffic, then one empty window per window length of silence (None: nothing to close)."""
+        idle = self.spec.idle_timeout_s
+        if self.open:
+            return self.last_activity + idle
+        if not self.silent_limit or self.silent_run >= self.silent_limit or not math.isfinite(self.closed_until):
             return None
-        return self.last_activity + self.spec.idle_timeout_s
+        # Event time is taken to run on with the clock from the newest time seen; the next empty
+        # window closes when that passes its end plus the lateness and the idle timeout (data
+        # that was merely slow then still finds its window open).
+        due_ns = self._next_boundary() + self.spec.length_ns + self.spec.lateness_ns - self.newest_ns
+        return self.last_activity + idle + max(0.0, due_ns / 1e9)
 
     def on_idle(self, now: float) -> list[ServiceWindow]:
-        deadline = self.idle_deadline()
-        if deadline is None or now < deadline:
-            return []
-        return self.close_all()
+        closed: list[ServiceWindow] = []
+        while (deadline := self.idle_deadline()) is not None and now >= deadline:
+            if self.open:
+                closed.extend(self.close_all())
+            else:
+                start = self._next_boundary()
+                closed.extend(self._empty_until(start + self.spec.length_ns))
+        return closed
 
     def close_all(self) -> list[ServiceWindow]:
         return self._close(sorted(self.open))
+
+    def _next_boundary(self) -> int:
+        """Start of the first window not closed yet."""
+        length = self.spec.length_ns
+        return -(-int(self.closed_until) // length) * length
+
+    def _empty_until(self, start: int) -> list[ServiceWindow]:
+        """Empty windows from the first one not closed up to ``start`` (at most up to the silent
+        limit; a longer gap is skipped: the service was forgotten by then)."""
+        if not self.silent_limit or not math.isfinite(self.closed_until):
+            return []
+        length = self.spec.length_ns
+        out = []
+        at = self._next_boundary()
+        while at < start and self.silent_run < self.silent_limit:
+            self.silent_run += 1
+            out.append(ServiceWindow(
+                service=self.service, window_start=at, window_end=at + length, results=(), instances=(), logs=0,
+                error_logs=0, server_calls=0, server_errors=0, server_p95=math.nan, silent_run=self.silent_run,
+            ))  # fmt: skip
+            at += length
+        self.closed_until = max(self.closed_until, start)
+        return out
 
     def _close(self, starts: list[int]) -> list[ServiceWindow]:
         closed = []
         length = self.spec.length_ns
         for start in starts:
+            closed.extend(self._empty_until(start))
             slot = self.open.pop(start)
             self.closed_until = max(self.closed_until, start + length)
             results, server = _results(self.service, start, length, slot.ops, self.spec.mapping)
+            quiet = not results and not slot.logs and not slot.calls_to
+            self.silent_run = self.silent_run + 1 if quiet else 0
             closed.append(
                 ServiceWindow(
                     service=self.service,
@@ -591,6 +676,7 @@ class ServiceWindows:
                     dependencies=tuple(
                         Dependency(callee, c[0], c[1], c[2] / c[0]) for callee, c in sorted(slot.calls_to.items())
                     ),
+                    silent_run=self.silent_run,
                 )
             )
         return closed

@@ -1,9 +1,12 @@
 """``--emit-jsonl FILE``: every window result (and later every event) as one JSON line.
 
 A single output partition, so one worker writes the file. Its resume state is
-the file length: on recovery the file is cut back to the last snapshot and the
-re-emitted results (same event times, same values) follow, so the file holds
-each result exactly once.
+the file's path and length: on recovery the file is cut back to the last
+snapshot and the re-emitted results (same event times, same values) follow, so
+the file holds each result exactly once. Resumed onto another path, or onto a
+file that is missing or shorter than the snapshot says (moved, rotated, cut by
+hand), the file starts clean with a warning: it is never padded, and never cut
+to a length that belongs to another file.
 
 With ``ordered=True`` (replay) lines are held and written at the end in a
 canonical order (event time, kind, then the line itself): the set of lines
@@ -14,6 +17,7 @@ byte-identical at any speed and on any number of workers.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import orjson
@@ -24,6 +28,7 @@ from pipeline.model import WindowResult
 from pipeline.scaling import ScalingEvent
 
 PARTITION = "jsonl"
+log = logging.getLogger("telepipe")
 
 
 WRITTEN = (WindowResult, AlertEvent, ScalingEvent)
@@ -43,15 +48,37 @@ def sort_key(line: bytes) -> tuple:
     return (doc.get("window_start", doc.get("time")), _RANK[doc["type"]], line)
 
 
-class _JsonlPartition(StatefulSinkPartition[object, int]):
-    def __init__(self, path: str, resume_state: int | None, ordered: bool) -> None:
+def _resume_length(path: str, resume_state) -> int | None:
+    """Where to go on writing ``path`` (None: start a new file). Earlier versions' state is the
+    length alone."""
+    if resume_state is None:
+        return None
+    old_path, length = resume_state if isinstance(resume_state, tuple) else (path, resume_state)
+    if os.path.abspath(old_path) != os.path.abspath(path):
+        log.warning("--emit-jsonl: %s is a new path (the snapshot wrote %s): starting it clean", path, old_path)
+        return None
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        log.warning("--emit-jsonl: %s is missing: starting it clean (lines before the restart are gone)", path)
+        return None
+    if size < length:
+        log.warning("--emit-jsonl: %s holds %d bytes, fewer than the %d written before the restart: starting it "
+                    "clean", path, size, length)  # fmt: skip
+        return None
+    return length
+
+
+class _JsonlPartition(StatefulSinkPartition[object, tuple[str, int]]):
+    def __init__(self, path: str, resume_state, ordered: bool) -> None:
+        self.path = path
         self.ordered = ordered
         self.held: list = []
-        mode = "r+b" if resume_state is not None and os.path.exists(path) else "wb"
-        self.f = open(path, mode)
-        if resume_state is not None:
-            self.f.truncate(resume_state)
-            self.f.seek(resume_state)
+        length = _resume_length(path, resume_state)
+        self.f = open(path, "wb" if length is None else "r+b")
+        if length is not None:  # cut back to the snapshot: re-emitted lines follow once
+            self.f.truncate(length)
+            self.f.seek(length)
 
     def write_batch(self, items: list[object]) -> None:
         if self.ordered:
@@ -62,9 +89,9 @@ class _JsonlPartition(StatefulSinkPartition[object, int]):
             self.f.write(b"".join(lines))
             self.f.flush()
 
-    def snapshot(self) -> int:
+    def snapshot(self) -> tuple[str, int]:
         self.f.flush()
-        return self.f.tell()
+        return (self.path, self.f.tell())
 
     def close(self) -> None:
         if self.held:
@@ -74,7 +101,7 @@ class _JsonlPartition(StatefulSinkPartition[object, int]):
         self.f.close()
 
 
-class JsonlSink(FixedPartitionedSink[object, int]):
+class JsonlSink(FixedPartitionedSink[object, tuple[str, int]]):
     """Items must be keyed (any key): all go to the one partition."""
 
     def __init__(self, path: str, owner: bool = True, ordered: bool = False) -> None:
@@ -88,5 +115,5 @@ class JsonlSink(FixedPartitionedSink[object, int]):
     def part_fn(self, item_key: str) -> int:
         return 0
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _JsonlPartition:
+    def build_part(self, step_id: str, for_part: str, resume_state) -> _JsonlPartition:
         return _JsonlPartition(self.path, resume_state, self.ordered)

@@ -5,6 +5,12 @@ Shaped like Vector's loki sink, one straight pipeline:
 -> send in order with ``RetryPolicy``. Labels stay few and low-cardinality
 (``service``, ``level``); trace and span ids go into structured metadata.
 Every line that is not delivered is counted through ``metrics.dropped``.
+
+It runs for months, so nothing grows without bound and nothing unexpected stops it:
+the label sets counted toward ``max_streams`` are forgotten after ``stream_idle_s``
+unused (services come and go); an unexpected exception in the sender thread costs
+the request it hit, and one in the dataflow's ``write_batch`` the item it hit
+(``loki_internal_error``), never the thread or the dataflow.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import random
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import orjson
@@ -26,6 +33,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pipeline.config import ConfigError, LokiConfig
 from pipeline.model import LogBatch
 from pipeline.selfmetrics import SelfMetrics
+from pipeline.threads import PAUSE_AFTER_ERROR_S, survive
 from sinks.delivery import MAX_ERROR_BODY_BYTES, CircuitBreaker, Delivery, RetryPolicy
 
 log = logging.getLogger("telepipe")
@@ -35,6 +43,10 @@ MAX_LABEL_VALUE_BYTES = 2048  # Loki's default validation limit
 CLOSE_GRACE_S = 1.0  # close() waits this long for the sender after a timed-out flush
 UNKNOWN_SERVICE = "unknown_service"  # OTel's name for a missing service.name
 _STREAM_OVERHEAD = 64  # JSON bytes around one stream's labels and values
+STREAM_SWEEP_INTERVAL_S = 1.0  # idle label sets are looked for at most this often (and when the limit is hit)
+OVERFLOW_SERVICE = "__overflow__"
+SENDER_THREAD = "loki-sender"
+_FAILED = object()  # survive()'s answer when the sender's wait for a request raised
 
 # OTLP severity number 1..24, four per level.
 _LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
@@ -175,6 +187,7 @@ class LokiClient:
 
     ``push`` never blocks on the network. At most ``cfg.queue_max_batches``
     sealed requests wait; beyond that the oldest is dropped (``loki_queue_full``).
+    At most ``cfg.max_streams`` label sets are in use (see ``_stream_key``).
     """
 
     def __init__(
@@ -208,7 +221,9 @@ class LokiClient:
             CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s, clock),
         )
         self._cond = threading.Condition()
-        self._streams: set[tuple] = set()  # label sets seen, for the stream limit
+        # Label sets in use, for the stream limit: label set -> last used (clock), least recently used first.
+        self._streams: OrderedDict[tuple, float] = OrderedDict()
+        self._next_stream_sweep = 0.0
         self._pending: deque[_Request] = deque()
         self._inflight: _Request | None = None
         self._seq = 0
@@ -235,10 +250,13 @@ class LokiClient:
             if self._closed:
                 self.metrics.dropped("loki_closed", lines, detail="push after close")
                 return
-            for stream in streams:
+            # Every line is serialized before any is added: a line that cannot be serialized makes
+            # the push raise having added nothing, so the caller can count it dropped or push the
+            # items one by one without sending a line twice.
+            sizes = [[len(orjson.dumps(value)) + 1 for value in stream["values"]] for stream in streams]
+            for stream, value_sizes in zip(streams, sizes, strict=True):
                 key = self._stream_key(stream["stream"], len(stream["values"]))
-                for value in stream["values"]:
-                    size = len(orjson.dumps(value)) + 1
+                for value, size in zip(stream["values"], value_sizes, strict=True):
                     if self._open_lines and self._open_bytes + size > self.cfg.batch_max_bytes:
                         self._seal()
                     if key not in self._open:
@@ -251,18 +269,32 @@ class LokiClient:
             self._cond.notify_all()
 
     def _stream_key(self, labels: dict, lines: int) -> tuple:
-        """Label set of a stream; past ``max_streams`` distinct sets, new ones share an overflow
-        stream (service "__overflow__"), counted in ``sink_overflow_lines``."""
+        """Label set of a stream; while ``max_streams`` label sets are in use, a new one goes to
+        an overflow stream (service "__overflow__"), counted in ``sink_overflow_lines``.
+
+        A label set not used for ``stream_idle_s`` (by the injected clock) stops counting,
+        so services that come and go over months do not fill the limit for good. Overflow
+        label sets count too, as they are streams in Loki as well.
+        """
+        now = self._clock()
         key = tuple(sorted(labels.items()))
-        if key in self._streams:
-            return key
-        if len(self._streams) < self.cfg.max_streams:
-            self._streams.add(key)
-            return key
-        self.metrics.inc("sink_overflow_lines", lines, "loki")  # kept; only their labels change
-        overflow = tuple(sorted({**labels, "service": "__overflow__"}.items()))
-        self._streams.add(overflow)
-        return overflow
+        new = key not in self._streams
+        if now >= self._next_stream_sweep or (new and len(self._streams) >= self.cfg.max_streams):
+            self._forget_idle_streams(now)
+        if new and len(self._streams) >= self.cfg.max_streams:
+            self.metrics.inc("sink_overflow_lines", lines, "loki")  # kept; only their labels change
+            key = tuple(sorted({**labels, "service": OVERFLOW_SERVICE}.items()))
+        self._streams[key] = now
+        self._streams.move_to_end(key)
+        return key
+
+    def _forget_idle_streams(self, now: float) -> None:
+        """Forget label sets unused for ``stream_idle_s``; they are the oldest, so this stops at
+        the first one still in use (cheap enough to run whenever the limit is hit)."""
+        self._next_stream_sweep = now + STREAM_SWEEP_INTERVAL_S
+        horizon = now - self.cfg.stream_idle_s
+        while self._streams and self._streams[next(iter(self._streams))] <= horizon:
+            self._streams.popitem(last=False)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything pushed so far is sent or dropped; False on timeout."""
@@ -301,12 +333,23 @@ class LokiClient:
         self._open_at = 0.0
 
     def _seal(self) -> None:
-        """Turn the request being built into a pending one, dropping the oldest if full."""
+        """Turn the request being built into a pending one, dropping the oldest if full.
+
+        Never raises: a request that cannot be built is dropped (``loki_internal_error``).
+        It is taken out of the open slot first, so it cannot fail every later seal too.
+        """
         if not self._open_lines:
             return
-        self._seq += 1
-        self._pending.append(_Request(self._seq, _merge_sorted(self._open), self._open_lines))
+        groups, lines = self._open, self._open_lines
         self._reset_open()
+        try:
+            streams = _merge_sorted(groups)
+        except Exception as exc:  # the dataflow, flush() and the sender all seal: none may die of it
+            log.exception("loki: could not build a request (dropped, carrying on)")
+            self.metrics.dropped("loki_internal_error", lines, detail=f"building a request: {exc!r}")
+            return
+        self._seq += 1
+        self._pending.append(_Request(self._seq, streams, lines))
         while len(self._pending) > self.cfg.queue_max_batches:
             old = self._pending.popleft()
             waiting = f"{len(self._pending)} requests waiting"
@@ -340,19 +383,36 @@ class LokiClient:
     # -- sender thread
 
     def _run(self) -> None:
+        """Send requests in order until closed.
+
+        Nothing in an iteration can end the thread (a dead sender would leave every later
+        line to be dropped as queue-full): an unexpected exception is logged with its
+        traceback and counted in ``thread_errors{thread="loki-sender"}``; when it hit a
+        request, that request's lines are dropped as ``loki_internal_error``.
+        """
         while True:
-            with self._cond:
-                req = self._next()
+            req = survive(SENDER_THREAD, self.metrics, self._take, default=_FAILED)
+            if req is _FAILED:
+                if self._stop.is_set():
+                    return  # even the drain at close failed (logged, counted): do not spin
+                self._stop.wait(PAUSE_AFTER_ERROR_S)  # whatever failed must not spin either
+                continue
             if req is None:
                 return
             try:
                 self._deliver(req)
-            except Exception as exc:  # never let the sender die: count and go on
-                log.exception("loki sender")
+            except Exception as exc:  # the thread must live on: count the request, go on with the next
+                log.exception("%s: unexpected error (carrying on)", SENDER_THREAD)
+                self.metrics.inc("thread_errors", 1, SENDER_THREAD)
                 self.metrics.dropped("loki_internal_error", req.lines, detail=repr(exc))
-            with self._cond:
-                self._inflight = None
-                self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._inflight = None
+                    self._cond.notify_all()
+
+    def _take(self) -> _Request | None:
+        with self._cond:
+            return self._next()
 
     def _deliver(self, req: _Request) -> None:
         self._delivery.deliver(encode_push(req.streams), req.lines)
@@ -367,13 +427,29 @@ class _LokiPartition(StatelessSinkPartition[LogBatch]):
         self.client = sink._acquire()
 
     def write_batch(self, items: list) -> None:
+        """Push the items. This runs in the dataflow, which an exception would stop: an item
+        that cannot be pushed (a bug, a malformed batch) is dropped alone, as
+        ``loki_internal_error``, and the others still go."""
         events = []
         for item in items:
             if isinstance(item, LogBatch):
-                self.client.push(item)
+                self._push(self.client.push, item, len(item))
             else:
                 events.append(item)
-        self.client.push_events(events)
+        if not events:
+            return
+        try:
+            self.client.push_events(events)
+        except Exception:  # a failed push added nothing: find the bad events one by one
+            for event in events:
+                self._push(self.client.push_events, [event], 1)
+
+    def _push(self, push: Callable[[Any], object], what: object, lines: int) -> None:
+        try:
+            push(what)
+        except Exception as exc:
+            log.exception("loki: could not take %d lines (dropped, the dataflow carries on)", lines)
+            self.client.metrics.dropped("loki_internal_error", lines, detail=repr(exc))
 
     def close(self) -> None:
         self.sink._release()

@@ -34,7 +34,17 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client.utils import floatToGoString
 
 from pipeline.anomaly import STATE_VALUE, AnomalyUpdate
-from pipeline.model import SPAN_KINDS, STATUS_CODES, OVERFLOW_OPERATION, LateSpans, WindowResult
+from pipeline.model import (
+    OVERFLOW_OPERATION,
+    SPAN_KINDS,
+    STATUS_CODES,
+    KeyExpired,
+    LateEdges,
+    LateLogs,
+    LateSpans,
+    ServiceExpired,
+    WindowResult,
+)
 from pipeline.scaling import ScalingUpdate
 from pipeline.selfmetrics import COUNTERS, GAUGES, SelfMetrics
 
@@ -87,6 +97,12 @@ class SeriesState:
                 if isinstance(r, LateSpans):
                     self.metrics.inc("late_spans", r.count)
                     continue
+                if isinstance(r, LateLogs | LateEdges):
+                    self.metrics.inc("late_logs" if isinstance(r, LateLogs) else "late_edges", r.count)
+                    continue
+                if isinstance(r, KeyExpired | ServiceExpired):
+                    self._forget(r)
+                    continue
                 if isinstance(r, AnomalyUpdate):
                     kind = _kind(r.span_kind) if r.span_kind >= 0 else ""
                     self._anomaly[(r.service, r.operation, kind)] = (r, now)
@@ -122,6 +138,20 @@ class SeriesState:
             self.metrics.set_gauge("pipeline_lag_seconds", max(0.0, now - newest_end / 1e9))
             newest = max(newest_end / 1e9, self.metrics.gauge("closed_window_end_seconds"))
             self.metrics.set_gauge("closed_window_end_seconds", newest)
+
+    def _forget(self, r: KeyExpired | ServiceExpired) -> None:
+        """Drop the series of a retired key, or of every key of a forgotten service (lock held)."""
+        if isinstance(r, KeyExpired):
+            self.metrics.inc("expired_keys", 1)
+            key = (r.service, r.operation, _kind(r.span_kind))
+            mine = lambda k: k[:3] == key  # noqa: E731
+        else:
+            self.metrics.inc("expired_services", 1)
+            mine = lambda k: k[0] == r.service  # noqa: E731
+            self._scaling.pop(r.service, None)
+        for table in (self._series, self._latest, self._anomaly):
+            for k in [k for k in table if mine(k)]:
+                del table[k]
 
     def _expire(self, now: float) -> None:
         self._expired_at = now

@@ -15,10 +15,17 @@ series ends (no sample for ``stale_after_s`` of event time) it gets a stale
 marker. The body is the snappy *block* encoding of a hand-encoded
 ``WriteRequest`` protobuf; labels sorted by name, samples of a series in time
 order, requests sent one at a time in order through ``sinks/delivery``.
+
+Nothing unexpected stops it, as it runs for months: an exception in the sender
+thread costs the request it hit, never the thread (which would leave every later
+request to be dropped as queue-full); in the dataflow's ``write_batch`` it costs
+the item it hit, and a series that cannot be encoded costs that series' samples in
+that request. All of these are counted as ``remote_write_internal_error``.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -33,12 +40,18 @@ from pipeline.config import RemoteWriteConfig
 from pipeline.model import SPAN_KINDS, WindowResult
 from pipeline.scaling import ScalingUpdate
 from pipeline.selfmetrics import SelfMetrics
+from pipeline.threads import PAUSE_AFTER_ERROR_S, survive
 from sinks.delivery import CircuitBreaker, Delivery, RetryPolicy
+
+log = logging.getLogger("telepipe")
 
 STALE_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
 QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"), ("1", "max"))
 
 Labels = tuple[tuple[str, str], ...]  # sorted by name, __name__ included
+
+THREAD = "remote-write"  # the sender thread's name, and its thread_errors label
+_FAILED = object()  # survive()'s answer when the sender's wait for a request raised
 
 
 # --- encoding (pure) ------------------------------------------------------------------
@@ -57,18 +70,25 @@ def _field(num: int, payload: bytes) -> bytes:
     return _varint(num << 3 | 2) + _varint(len(payload)) + payload
 
 
+def encode_series(labels: Labels, samples: list[tuple[int, float]]) -> bytes:
+    """One series -> a WriteRequest's ``timeseries`` field (samples in time order)."""
+    ts = bytearray()
+    for name, value in labels:
+        ts += _field(1, _field(1, name.encode()) + _field(2, value.encode()))
+    for t, v in sorted(samples, key=lambda s: s[0]):
+        # Sample{double value = 1; int64 timestamp = 2;}
+        ts += _field(2, b"\x09" + struct.pack("<d", v) + b"\x10" + _varint(t & 0xFFFFFFFFFFFFFFFF))
+    return _field(1, bytes(ts))
+
+
+def compress(fields: list[bytes]) -> bytes:
+    """Encoded series -> the snappy-compressed WriteRequest body."""
+    return bytes(cramjam.snappy.compress_raw(b"".join(fields)))
+
+
 def encode_write_request(series: list[tuple[Labels, list[tuple[int, float]]]]) -> bytes:
     """[(labels, [(timestamp ms, value)])] -> snappy-compressed WriteRequest."""
-    out = bytearray()
-    for labels, samples in series:
-        ts = bytearray()
-        for name, value in labels:
-            ts += _field(1, _field(1, name.encode()) + _field(2, value.encode()))
-        for t, v in sorted(samples, key=lambda s: s[0]):
-            # Sample{double value = 1; int64 timestamp = 2;}
-            ts += _field(2, b"\x09" + struct.pack("<d", v) + b"\x10" + _varint(t & 0xFFFFFFFFFFFFFFFF))
-        out += _field(1, bytes(ts))
-    return bytes(cramjam.snappy.compress_raw(bytes(out)))
+    return compress([encode_series(labels, samples) for labels, samples in series])
 
 
 def labels_of(name: str, **labels: str) -> Labels:
@@ -138,7 +158,21 @@ class RemoteWriteClient:
         self._thread.start()
 
     def push(self, items: list) -> None:
-        samples = [s for item in items for s in samples_of(item)]
+        """Add the items' samples to the request being built (sealed by count here, by age in the sender).
+
+        This runs in the dataflow: an item whose samples cannot be made (a bug upstream)
+        is dropped alone, counted as one ``remote_write_internal_error``, and the
+        others still go.
+        """
+        samples: list[tuple[Labels, int, float]] = []
+        for item in items:
+            try:
+                # int() and float() here, so that a bad value costs its own item, not the request it would join.
+                samples += [(labels, int(t), float(v)) for labels, t, v in samples_of(item)]
+            except Exception as exc:
+                log.exception("%s: could not make samples of a %s (dropped)", THREAD, type(item).__name__)
+                detail = f"a {type(item).__name__} whose samples could not be made: {exc!r}"
+                self.metrics.dropped("remote_write_internal_error", 1, detail=detail)
         if not samples:
             return
         with self._cond:
@@ -163,11 +197,34 @@ class RemoteWriteClient:
             self._add(labels, self._last.pop(labels) + 1, STALE_NAN)
 
     def _seal(self) -> None:
+        """Turn the open samples into a pending request, dropping the oldest if full.
+
+        Never raises (the dataflow, flush() and the sender all seal). The open samples
+        are taken out first, and a series that cannot be encoded is dropped alone
+        (``remote_write_internal_error``), so one bad series fails neither the rest of
+        its request nor every later seal.
+        """
         if not self._open_samples:
             return
-        body = encode_write_request(list(self._open.items()))
-        self._pending.append((body, self._open_samples))
+        series, n = self._open, self._open_samples
         self._open, self._open_samples = {}, 0
+        fields: list[bytes] = []
+        failed: list[tuple[Labels, int, Exception]] = []
+        for labels, samples in series.items():
+            try:
+                fields.append(encode_series(labels, samples))
+            except Exception as exc:
+                if not failed:  # one traceback per request is enough
+                    log.exception("%s: could not encode series %s (dropped)", THREAD, labels)
+                failed.append((labels, len(samples), exc))
+        if failed:
+            lost = sum(k for _, k, _ in failed)
+            n -= lost
+            detail = f"{len(failed)} series not encoded, first {dict(failed[0][0])}: {failed[0][2]!r}"
+            self.metrics.dropped("remote_write_internal_error", lost, detail=detail)
+        if not fields:
+            return
+        self._pending.append((compress(fields), n))
         while len(self._pending) > self.cfg.queue_max_batches:
             _, n = self._pending.popleft()
             self.metrics.dropped("remote_write_queue_full", n, detail=f"{len(self._pending)} requests waiting")
@@ -188,27 +245,51 @@ class RemoteWriteClient:
         return done
 
     def _run(self) -> None:
+        """Send requests in order until closed and drained.
+
+        Nothing in an iteration can end the thread: an unexpected exception is logged
+        with its traceback and counted in ``thread_errors{thread="remote-write"}``;
+        when it hit a request, that request's samples are dropped as
+        ``remote_write_internal_error`` and the next one is sent.
+        """
         while True:
-            with self._cond:
-                while not self._pending and not self._stop.is_set():
-                    if self._open_samples:
-                        wait = self._open_at + self.cfg.batch_max_wait_ms / 1000 - self._clock()
-                        if wait <= 0:
-                            self._seal()
-                            continue
-                        self._cond.wait(wait)
-                    else:
-                        self._cond.wait()
-                if self._stop.is_set() and not self._pending:
-                    return
-                body, n = self._pending.popleft()
-                self._busy = True
+            taken = survive(THREAD, self.metrics, self._take, default=_FAILED)
+            if taken is _FAILED:
+                if self._stop.is_set():
+                    return  # closing, and taking the next request fails (logged, counted): do not spin
+                self._stop.wait(PAUSE_AFTER_ERROR_S)  # whatever failed must not spin either
+                continue
+            if taken is None:
+                return
+            body, n = taken
             try:
                 self._delivery.deliver(body, n)
+            except Exception as exc:  # the thread must live on: count the request, go on with the next
+                log.exception("%s: unexpected error (carrying on)", THREAD)
+                self.metrics.inc("thread_errors", 1, THREAD)
+                self.metrics.dropped("remote_write_internal_error", n, detail=repr(exc))
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _take(self) -> tuple[bytes, int] | None:
+        """The next request (body, samples), waiting for one and sealing by age; None once closed and drained."""
+        with self._cond:
+            while not self._pending and not self._stop.is_set():
+                if self._open_samples:
+                    wait = self._open_at + self.cfg.batch_max_wait_ms / 1000 - self._clock()
+                    if wait <= 0:
+                        self._seal()
+                        continue
+                    self._cond.wait(wait)
+                else:
+                    self._cond.wait()
+            if self._stop.is_set() and not self._pending:
+                return None
+            taken = self._pending.popleft()
+            self._busy = True
+            return taken
 
 
 class _Partition(StatelessSinkPartition):
@@ -216,7 +297,14 @@ class _Partition(StatelessSinkPartition):
         self.client = client
 
     def write_batch(self, items: list) -> None:
-        self.client.push(items)
+        """Runs in the dataflow, which an exception would stop. ``push`` already drops a bad
+        item alone; anything else unexpected costs this batch's items (counted as
+        ``remote_write_internal_error``), and the dataflow carries on."""
+        try:
+            self.client.push(items)
+        except Exception as exc:
+            log.exception("%s: could not take %d items (dropped, the dataflow carries on)", THREAD, len(items))
+            self.client.metrics.dropped("remote_write_internal_error", len(items), detail=repr(exc))
 
 
 class RemoteWriteSink(DynamicSink):

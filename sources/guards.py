@@ -1,6 +1,7 @@
 """What the receiver checks before it accepts a request: token, memory, tenant rate.
 
-Each guard is small and takes its clock, so tests drive time.
+Each guard is small and takes its clock, so tests drive time. The tenant limiter's
+table is keyed by a name the client chooses, so it is kept bounded (see ``TenantLimiter``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import psutil
 
 from pipeline.config import AuthConfig, LimitsConfig
+
+SWEEP_INTERVAL_S = 1.0  # refilled tenant buckets are looked for at most this often (a scan of the table)
 
 
 class BearerAuth:
@@ -76,6 +79,13 @@ class TokenBucket:
         self.rate, self.burst = rate, max(burst, rate)
         self.tokens, self.t = self.burst, now
 
+    def full(self, now: float) -> bool:
+        """True once it has refilled: from ``now`` on it answers exactly as a new bucket would.
+
+        Same arithmetic as ``take``, so ``take`` would compute exactly ``burst`` tokens too.
+        """
+        return self.tokens + (now - self.t) * self.rate >= self.burst
+
     def take(self, n: float, now: float) -> float:
         """Take ``n`` tokens; returns 0 on success, else seconds until they would be there."""
         self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
@@ -92,15 +102,32 @@ class TokenBucket:
 
 
 class TenantLimiter:
-    """Token bucket per tenant (by a gRPC metadata key), with tiers from config."""
+    """Token bucket per tenant (by a gRPC metadata key), with tiers from config.
+
+    Tenant names come from the client, which can mint any number of them, so the
+    table of buckets stays bounded:
+
+    - A bucket that has refilled is dropped. A full bucket is exactly what a new
+      one would be, so this changes no answer: a tenant that comes back gets its
+      full burst either way. ``wait_for`` sweeps at most every ``SWEEP_INTERVAL_S``
+      (of the injected clock), under the lock; a sweep scans the whole table.
+    - At most ``cfg.max_tenants`` buckets exist at once. A new tenant beyond that
+      shares one overflow bucket of its tier with every other such tenant of that
+      tier, until a sweep has dropped refilled buckets and made room. Overflow is
+      per tier, so tenants minting names (all on the default tier) never eat into
+      the rate of listed tenants on other tiers.
+    """
 
     def __init__(self, cfg: LimitsConfig, clock=time.monotonic) -> None:
         self.key = cfg.tenant_metadata_key
         self.tiers = {t.name: t for t in cfg.tiers}
         self.tenant_tier = {t.name: t.tier for t in cfg.tenants}
         self.default = cfg.default_tier
+        self.max_tenants = cfg.max_tenants
         self.clock = clock
-        self.buckets: dict[str, TokenBucket] = {}
+        self.buckets: dict[str, TokenBucket] = {}  # at most max_tenants
+        self.overflow: dict[str, TokenBucket] = {}  # tier name -> bucket shared by tenants beyond max_tenants
+        self.next_sweep = 0.0
         self.lock = threading.Lock()
 
     @property
@@ -118,7 +145,22 @@ class TenantLimiter:
             return 0.0
         with self.lock:
             now = self.clock()
+            if now >= self.next_sweep:
+                self._sweep(now)
             bucket = self.buckets.get(tenant)
             if bucket is None:
-                bucket = self.buckets[tenant] = TokenBucket(tier.spans_per_s, tier.burst, now)
+                if len(self.buckets) < self.max_tenants:
+                    bucket = self.buckets[tenant] = TokenBucket(tier.spans_per_s, tier.burst, now)
+                else:
+                    bucket = self.overflow.get(tier.name)
+                    if bucket is None:
+                        bucket = self.overflow[tier.name] = TokenBucket(tier.spans_per_s, tier.burst, now)
             return bucket.take(spans, now)
+
+    def _sweep(self, now: float) -> None:
+        """Drop every bucket that has refilled (called with the lock held)."""
+        self.next_sweep = now + SWEEP_INTERVAL_S
+        # New dicts rather than deletes: a dict's table never shrinks, so after a burst
+        # of tenants the memory would stay.
+        self.buckets = {name: b for name, b in self.buckets.items() if not b.full(now)}
+        self.overflow = {name: b for name, b in self.overflow.items() if not b.full(now)}

@@ -4,7 +4,10 @@ grpcio hands us raw request bytes (no deserializer), so every answer is ours:
 
 - malformed protobuf -> INVALID_ARGUMENT (grpcio's own deserializer would say INTERNAL);
 - some spans/log records invalid -> OK with ``partial_success`` (count and reason),
-  the valid rest is processed;
+  the valid rest is processed; items ending more than ``otlp.max_future_s`` after the
+  receiver's clock are rejected the same way (``rejected{reason="future_timestamp"}``),
+  and every accepted batch is stamped with its acceptance time, so no client's clock can
+  move event time past the receiver's (``pipeline/model.progress_ns``);
 - empty request -> OK without ``partial_success``;
 - over ``max_message_bytes`` after decompression -> RESOURCE_EXHAUSTED (grpcio enforces
   it before inflating further); gzip is accepted;
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -32,7 +37,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from pipeline.config import OtlpConfig, TlsConfig
-from pipeline.decode import DecodeLimits, Decoded, MalformedRequest, decode_logs, decode_traces
+from pipeline.decode import DecodeLimits, Decoded, MalformedRequest, accept_times, decode_logs, decode_traces
 from pipeline.selfmetrics import SelfMetrics
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
 from sources.spool import Spool, SpoolFull
@@ -93,8 +98,10 @@ class OtlpReceiver:
         tenants: TenantLimiter | None = None,
         tls: TlsConfig | None = None,
         reuse_port: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock
         self.spool = spool
         self.recorder = recorder
         self.auth = auth
@@ -160,6 +167,7 @@ class OtlpReceiver:
         except MalformedRequest as exc:
             self.metrics.inc("requests", 1, signal, "INVALID_ARGUMENT")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        decoded = accept_times(decoded, int(self.clock() * 1e9), int(self.cfg.max_future_s * 1e9))
         if self.tenants is not None:
             tenant = self.tenants.tenant(metadata)
             wait = self.tenants.wait_for(tenant, decoded.received)
@@ -183,8 +191,10 @@ class OtlpReceiver:
                 except SpoolFull:
                     self.metrics.dropped("recording_full", len(decoded.batch))
             self.metrics.inc(f"accepted_{signal}", len(decoded.batch))
-        if decoded.rejected:
-            self.metrics.inc(f"rejected_{signal}", decoded.rejected, "invalid")
+        if decoded.rejected - decoded.future:
+            self.metrics.inc(f"rejected_{signal}", decoded.rejected - decoded.future, "invalid")
+        if decoded.future:
+            self.metrics.inc(f"rejected_{signal}", decoded.future, "future_timestamp")
         self.metrics.inc("requests", 1, signal, "OK")
         return self._response(signal, decoded)
 

@@ -15,6 +15,35 @@ named by a 16-digit sequence number and rotate at ``segment_bytes``. When the
 bytes on disk exceed ``budget_bytes``, ``append`` raises ``SpoolFull`` and the
 receiver answers UNAVAILABLE with RetryInfo (backpressure, not drops).
 
+Failures never leave a half-written or unacknowledged record within what
+readers read (see below), and never ack what the policy cannot promise. Each is counted as
+``spool_failures{op}``, logged, and refused with ``SpoolFull`` (so the client
+retries) instead of escaping as an OSError:
+
+- ``write`` (disk full, I/O error): the segment is cut back to its last whole,
+  acknowledged record and stays the active one.
+- ``fsync`` in ``always`` mode: the same cut; then the segment is abandoned (no
+  more appends to it): Linux may have dropped the failed pages and reports the
+  error only once, so a later fsync of that file proves nothing. The next
+  append starts a new segment (an abandoned segment left empty is deleted).
+- ``fsync`` in ``interval`` mode (the background thread, or the old segment's
+  sync at rotation): the acknowledged tail's durability is unknown, so appends
+  are refused ("spool fsync failing; retry later") until the thread has started
+  a new segment and an fsync of it succeeded. The thread survives the failure
+  and tries again every interval. What was acknowledged stays readable.
+- ``rotate`` (the new segment cannot be opened: EMFILE, ENOSPC, EACCES): the new
+  segment is opened before the current one is touched, so the current one stays
+  active and intact; the append that needed the new segment is refused and the
+  next append tries again (rather than letting the segment grow past
+  ``segment_bytes``: a stuck rotation shows as refusals, not as one huge file).
+
+The writer's offset always equals the end of the last acknowledged record, and
+readers of the active segment stop there (``committed``); readers of a sealed
+segment stop at ``size_of``. If even cutting a segment back fails, it is
+abandoned like after an fsync failure, its extra tail beyond ``size_of`` is never
+read while the daemon runs, and the start-up check below treats it as a torn
+tail (or, if it is a whole record, reads it once more: at-least-once).
+
 At start-up every segment is checked; a torn or corrupt tail is truncated at
 the last good record and the loss is counted. A new segment is started on each
 start, so old segments are never appended to.
@@ -31,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.selfmetrics import SelfMetrics
+from pipeline.threads import loop_forever
 
 log = logging.getLogger("telepipe.spool")
 
@@ -137,7 +167,9 @@ class Spool:
         self._file = open(self.dir / segment_name(self._seq), "ab", buffering=0)
         self._offset = 0
         self._sizes[self._seq] = 0
-        self._dirty = False
+        self._dirty = False  # interval mode: written since the last fsync
+        self._abandoned = False  # the active segment takes no more appends (see _abandon)
+        self._sync_failing = False  # interval mode: the last fsync failed; appends are refused
         self._closed = False
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
@@ -168,25 +200,36 @@ class Spool:
 
     # -- writing
     def append(self, payload: bytes) -> tuple[int, int]:
-        """Append one record; returns (segment, offset after it). Raises SpoolFull."""
+        """Append one record; returns (segment, offset after it). Raises SpoolFull, never OSError."""
         record = encode_record(payload)
         with self._lock:
             if self._closed:
                 raise SpoolFull("spool is closed")
+            if self._sync_failing:
+                raise SpoolFull("spool fsync failing; retry later")
             if self.total_bytes() + len(record) > self.budget_bytes:
                 raise SpoolFull(f"spool over its budget of {self.budget_bytes} bytes")
-            if self._offset and self._offset + len(record) > self.segment_bytes:
+            if self._abandoned or (self._offset and self._offset + len(record) > self.segment_bytes):
                 self._rotate()
             try:
                 self._write(record)
             except OSError as exc:
                 # Disk full or an I/O error: cut the segment back to the last whole record, so
                 # the next append follows a good one, and refuse this one (the client retries).
-                self._truncate_to(self._offset)
-                raise SpoolFull(f"spool append failed: {exc.strerror or exc}") from exc
+                self._failed("write", exc)
+                self._cut_back()
+                raise SpoolFull(f"spool write failed: {_reason(exc)}; retry later") from exc
             if self.fsync == "always":
-                os.fdatasync(self._file.fileno())
-            else:
+                try:
+                    os.fdatasync(self._file.fileno())
+                except OSError as exc:
+                    # The record is not durable, so it is not acknowledged: cut it off. Earlier
+                    # records were synced by their own appends and stay.
+                    self._failed("fsync", exc)
+                    self._cut_back()
+                    self._abandon()
+                    raise SpoolFull(f"spool fsync failed: {_reason(exc)}; retry later") from exc
+            elif self.fsync == "interval":
                 self._dirty = True
             self._offset += len(record)
             self._sizes[self._seq] = self._offset
@@ -199,28 +242,96 @@ class Spool:
             written = self._file.write(view)
             view = view[written:]
 
-    def _truncate_to(self, offset: int) -> None:
+    def _failed(self, op: str, exc: OSError, seq: int | None = None) -> None:
+        self.metrics.inc("spool_failures", 1, op)
+        log.error("spool %s: %s failed on segment %d: %s", self.dir, op, self._seq if seq is None else seq, exc)
+
+    def _cut_back(self) -> None:
+        """Truncate the active segment to the end of its last acknowledged record."""
         try:
-            self._file.truncate(offset)
-            self._file.seek(offset)
+            self._file.truncate(self._offset)
+            self._file.seek(self._offset)
         except OSError:
-            log.exception("spool: cannot cut %s back to %d bytes", self._file.name, offset)
+            # The file now has bytes past ``_offset`` and, opened for append, would write after
+            # them: misframed for readers. Readers stop at ``_offset``; no more appends to it.
+            log.exception("spool: cannot cut %s back to %d bytes", self._file.name, self._offset)
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Append no more to the active segment: the next append (or, in interval mode, the
+        fsync thread) starts a new one. After a failed fsync the kernel may have dropped the
+        segment's dirty pages and reports that only once, so its later fsyncs prove nothing."""
+        self._abandoned = True
 
     def _rotate(self) -> None:
-        if self.fsync != "never":
-            os.fdatasync(self._file.fileno())
-        self._file.close()
-        self._seq += 1
-        self._file = open(self.dir / segment_name(self._seq), "ab", buffering=0)
-        self._offset = 0
-        self._sizes[self._seq] = 0
+        """Make a new segment the active one. Raises SpoolFull (counted) when that fails.
+
+        The new segment is opened before the current one is touched: if that fails, the
+        current one stays active and intact, and the next append tries again.
+        """
+        seq = self._seq + 1
+        try:
+            new = open(self.dir / segment_name(seq), "ab", buffering=0)
+        except OSError as exc:
+            self._failed("rotate", exc, seq)
+            raise SpoolFull(f"spool rotate failed: cannot start segment {seq}: {_reason(exc)}; retry later") from exc
+        old, old_seq = self._file, self._seq
+        sync_error: OSError | None = None
+        if self._dirty:  # interval mode: seal the old segment durable
+            try:
+                os.fdatasync(old.fileno())
+            except OSError as exc:
+                sync_error = exc
+        try:
+            old.close()
+        except OSError as exc:  # the data is written (and synced, if the policy asks): nothing lost
+            log.warning("spool: closing segment %d failed: %s", old_seq, exc)
+        if self._sizes.get(old_seq) == 0:  # an abandoned empty segment: do not pile them up
+            try:
+                self.path_of(old_seq).unlink()
+                del self._sizes[old_seq]
+            except OSError:
+                pass  # kept as an empty sealed segment; removed at the next start
+        self._file, self._seq, self._offset = new, seq, 0
+        self._sizes[seq] = 0
+        self._abandoned = False
+        self._dirty = False
+        if sync_error is not None:
+            # Records acknowledged in the old segment may not be on disk: stop promising
+            # durability until an fsync works again (the fsync thread tries the new segment).
+            self._failed("fsync", sync_error, old_seq)
+            self._sync_failing = True
+            raise SpoolFull(f"spool fsync failed: {_reason(sync_error)}; retry later") from sync_error
 
     def _sync_loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            with self._lock:
-                if self._dirty and not self._closed:
-                    os.fdatasync(self._file.fileno())
-                    self._dirty = False
+        loop_forever("spool-fsync", self.metrics, self._sync_once, self._stop, interval)
+
+    def _sync_once(self) -> None:
+        """One tick of the interval fsync; its failures are counted and retried next tick."""
+        with self._lock:
+            if self._closed or not (self._dirty or self._sync_failing or self._abandoned):
+                return
+            if self._abandoned:
+                try:
+                    self._rotate()  # counted as op="rotate" when it fails
+                except SpoolFull:
+                    return
+            try:
+                os.fdatasync(self._file.fileno())
+            except OSError as exc:
+                # Another fsync of this file would report success (the error is reported once)
+                # without bringing the lost pages back: not dirty any more, but abandoned.
+                self._failed("fsync", exc)
+                self._dirty = False
+                if not self._sync_failing:
+                    log.error("spool %s: refusing appends until an fsync succeeds on a new segment", self.dir)
+                self._sync_failing = True
+                self._abandon()
+                return
+            self._dirty = False
+            if self._sync_failing:
+                self._sync_failing = False
+                log.warning("spool %s: fsync works again on segment %d; accepting appends", self.dir, self._seq)
 
     # -- what readers see
     def committed(self) -> tuple[int, int]:
@@ -265,6 +376,16 @@ class Spool:
             if self._closed:
                 return
             self._closed = True
-            if self.fsync != "never":
-                os.fdatasync(self._file.fileno())
-            self._file.close()
+            if self._dirty:
+                try:
+                    os.fdatasync(self._file.fileno())
+                except OSError as exc:
+                    self._failed("fsync", exc)
+            try:
+                self._file.close()
+            except OSError as exc:
+                log.warning("spool: closing segment %d failed: %s", self._seq, exc)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)

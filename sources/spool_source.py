@@ -18,6 +18,7 @@ that snapshot, so every record it may re-read is still on disk.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -64,6 +65,16 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         self._file = None
         self._file_seq = -1
         self._idle = False
+        self.read_at = time.monotonic()  # when the read position last moved (readiness: a stuck flow)
+
+    def unread_bytes(self) -> int:
+        """Acknowledged bytes after the read position (any thread may ask)."""
+        seq, offset = self.seq, self.offset
+        total = 0
+        for s in self.spool.segments():
+            if s >= seq:
+                total += self.spool.size_of(s) - (offset if s == seq else 0)
+        return max(total, 0)
 
     def _open(self):
         if self._file_seq != self.seq:
@@ -112,6 +123,8 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
                 return self.next_batch()
             return self._nothing(active_seq, active_off)
         res = read_records(self._open(), self.offset, limit, MAX_RECORDS_PER_BATCH, MAX_BYTES_PER_BATCH)
+        if res.offset != self.offset:
+            self.read_at = time.monotonic()
         self.offset = res.offset
         unread = limit - self.offset + sum(self.spool.size_of(s) for s in segments if s > self.seq)
         self.spool.metrics.set_gauge("spool_unread_bytes", unread)
@@ -176,6 +189,18 @@ class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, i
         self.now = now
         self.committed = committed
         self.keep_for = keep_for
+        self.parts: dict[str, _SpoolPartition] = {}  # built in this process, for ``progress``
+        self.created_at = time.monotonic()
+
+    def progress(self) -> tuple[int, float]:
+        """(acknowledged bytes not read yet, seconds since the read position last moved) over
+        this process's shards, for ``/readyz``. Before the flow built its partitions, everything
+        in the spool counts as unread and the time runs from the source's creation."""
+        parts = list(self.parts.values())
+        if not parts:
+            return sum(sp.total_bytes() for sp in self.spools.values()), time.monotonic() - self.created_at
+        unread = sum(p.unread_bytes() for p in parts)
+        return unread, time.monotonic() - max(p.read_at for p in parts)
 
     def list_parts(self) -> list[str]:
         return list(self.spools)
@@ -183,6 +208,7 @@ class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, i
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int, int] | None):
         index = _partition_index(for_part, sorted(self.spools))
         committed = None if self.committed is None else (lambda: self.committed(for_part))
-        return _SpoolPartition(
+        part = self.parts[for_part] = _SpoolPartition(
             self.spools[for_part], resume_state, index, self.stop, self.now, committed, self.keep_for
         )
+        return part

@@ -115,12 +115,136 @@ def test_static_rule_goes_through_the_lifecycle():
 
 
 def test_detector_state_survives_pickling():
-    det = ServiceAnomaly(AnomalyConfig(detector="band_or_hst"), "svc", 10.0)
+    cfg = AnomalyConfig(detector="band_or_hst")
+    det = ServiceAnomaly(cfg, "svc", 10.0)
     rng = np.random.default_rng(1)
     run(det, [normal_results(rng, i) for i in range(30)])
-    clone = pickle.loads(pickle.dumps(det))
+    blob = pickle.dumps(det)
+    assert b"AnomalyConfig" not in blob  # state only: the config in force is bound after a restart
+    clone = pickle.loads(blob)
+    clone.bind(cfg, 10.0, 600.0)
     rs = normal_results(rng, 31)
     a = det.on_window(service_window(31, rs))
     b = clone.on_window(service_window(31, rs))
     assert a == b
     assert not math.isnan(a[0][0].hst_score)
+
+
+def _silent(i, run):
+    from pipeline.model import ServiceWindow
+
+    return ServiceWindow(service="svc", window_start=i * 10**10, window_end=(i + 1) * 10**10, results=(),
+                         instances=(), logs=0, error_logs=0, server_calls=0, server_errors=0,
+                         server_p95=float("nan"), silent_run=run)  # fmt: skip
+
+
+def test_an_operation_gone_for_good_resolves_as_expired_and_is_forgotten():
+    from pipeline.model import KeyExpired
+
+    det = ServiceAnomaly(AnomalyConfig(), "svc", 10.0, stale_after_s=600.0)
+    rng = np.random.default_rng(5)
+    run(det, [normal_results(rng, i) for i in range(100)])
+    # "GET /a" is renamed by a deploy: from window 100 on it never comes again
+    events, updates = [], []
+    for i in range(100, 200):
+        rs = normal_results(rng, i)
+        rs[0] = result("GET /a2", count=rs[0].count, p95=rs[0].p95)
+        u, e = det.on_window(service_window(i, rs))
+        updates.extend(u)
+        events.extend(e)
+    about_a = [e for e in events if e.operation == "GET /a"]
+    assert [e.state for e in about_a][:2] == ["pending", "firing"]  # its traffic dropped: an alert, at first
+    assert det.holds_scale_down() is False  # an alert on call rate never holds a scale-down
+    resolved = about_a[-1]
+    assert (resolved.state, resolved.reason, resolved.to_json()["reason"]) == ("resolved", "expired", "expired")
+    assert resolved.time == 159 * 10**10  # 600 s after the start of its last window with spans (99)
+    expired = [u for u in updates if isinstance(u, KeyExpired)]
+    assert expired == [KeyExpired("svc", "GET /a", 2, 159 * 10**10)]
+    assert ("GET /a", 2) not in det.keys and not [k for k in det.rules if k[1] == "GET /a"]
+    after = [u for u in updates if not isinstance(u, KeyExpired) and u.time > resolved.time]
+    assert not [u for u in after if u.operation == "GET /a"]  # no longer judged
+
+
+def test_a_silent_service_alerts_on_the_service_and_keeps_its_keys():
+    det = ServiceAnomaly(AnomalyConfig(), "svc", 10.0, stale_after_s=60.0)
+    rng = np.random.default_rng(6)
+    run(det, [normal_results(rng, i) for i in range(100)])
+    events = []
+    for k in range(1, 30):  # 290 s of nothing at all: longer than stale_after_s
+        _, e = det.on_window(_silent(100 + k, k))
+        events.extend(e)
+    assert [(e.state, e.operation, e.feature) for e in events] == [("pending", "", "service_rate"),
+                                                                   ("firing", "", "service_rate")]  # fmt: skip
+    assert events[1].time == 102 * 10**10 and events[1].observed == 0.0
+    assert det.holds_scale_down() is True  # no data is not "no load"
+    assert {("GET /a", 2), ("GET /b", 2), ("call db", 3)} <= set(det.keys)  # an outage is not churn
+    back = []
+    for i in range(130, 140):
+        back.extend(det.on_window(service_window(i, normal_results(rng, i)))[1])
+    assert [(e.state, e.feature) for e in back] == [("resolved", "service_rate")]
+    assert det.expire_all(140 * 10**10) == []  # nothing open any more
+
+
+def test_a_rarely_busy_service_is_not_silent_until_its_silence_is_unlikely():
+    """One span every ~10 windows: a few empty windows in a row are its normal."""
+    det = ServiceAnomaly(AnomalyConfig(), "svc", 10.0)
+    rng = np.random.default_rng(7)
+    events, run_len = [], 0
+    for i in range(2000):
+        if rng.random() < 0.1:
+            run_len = 0
+            events.extend(det.on_window(service_window(i, [result(count=int(rng.integers(1, 4)))]))[1])
+        else:
+            run_len += 1
+            events.extend(det.on_window(_silent(i, run_len))[1])
+    assert not [e for e in events if e.state == "firing" and e.feature == "service_rate"]
+    firing = []
+    for k in range(1, 400):  # then it stops for good: ~100 empty windows in a row have p = 0.9**100
+        firing.extend((k, e) for e in det.on_window(_silent(2000 + k, run_len + k))[1] if e.state == "firing")
+    assert firing and firing[0][1].feature == "service_rate" and 100 < firing[0][0] < 300
+
+
+def test_expire_all_resolves_everything_open_with_a_reason():
+    rule = RuleConfig(name="errors", feature="error_rate", above=0.05, for_s=10)
+    det = ServiceAnomaly(AnomalyConfig(rules=(rule,)), "svc", 10.0)
+    rng = np.random.default_rng(8)
+    run(det, [normal_results(rng, i) for i in range(30)])
+    rs = normal_results(rng, 30)
+    rs[0] = result("GET /a", count=200, errors=50)
+    det.on_window(service_window(30, rs))
+    events = det.expire_all(40 * 10**10)
+    assert {(e.source, e.operation, e.reason) for e in events} >= {("rule:errors", "GET /a", "expired")}
+    assert all(e.state == "resolved" for e in events)
+
+
+def test_bind_applies_the_config_in_force():
+    rule = RuleConfig(name="errors", feature="error_rate", above=0.05, for_s=10)
+    det = ServiceAnomaly(AnomalyConfig(rules=(rule,)), "svc", 10.0)
+    rng = np.random.default_rng(9)
+    run(det, [normal_results(rng, i) for i in range(30)])
+    rs = normal_results(rng, 30)
+    rs[0] = result("GET /a", count=200, errors=50)
+    _, ev = det.on_window(service_window(30, rs))
+    assert [e.state for e in ev if e.source == "rule:errors"] == ["firing"]
+    mean = det.keys[("GET /a", 2)].baselines["latency_p95"].mean.get()
+    back = pickle.loads(pickle.dumps(det))
+    back.bind(AnomalyConfig(rules=(), fading_factor=0.2, band_k=6.0), 10.0, 600.0)  # the rule was removed
+    _, ev = back.on_window(service_window(31, normal_results(rng, 31)))
+    assert [(e.state, e.reason) for e in ev if e.source == "rule:errors"] == [("resolved", "rule_removed")]
+    b = back.keys[("GET /a", 2)].baselines["latency_p95"]
+    assert b.mean.fading_factor == 0.2 and abs(b.mean.get() - mean) < 0.05  # learned state kept
+    assert back.cfg.band_k == 6.0 and not back.rules
+
+
+def test_downstream_baselines_of_a_callee_no_longer_called_are_forgotten():
+    import dataclasses
+
+    from pipeline.model import Dependency
+
+    det = ServiceAnomaly(AnomalyConfig(), "svc", 10.0, stale_after_s=60.0)
+    rng = np.random.default_rng(10)
+    for i in range(20):  # a new callee every window (one per deployment, say)
+        sw = dataclasses.replace(service_window(i, normal_results(rng, i)),
+                                 dependencies=(Dependency(f"db-{i}", 10, 0, 0.01), Dependency("cache", 10, 0, 0.001)))
+        det.on_window(sw)
+    assert len(det.downstream) <= 8 and "cache" in det.downstream  # ~60 s of callees, not all 21

@@ -152,7 +152,10 @@ def test_spool_segments_are_deleted_once_a_committed_snapshot_passed_them(daemon
         time.sleep(0.2)
     remaining = sorted(int(p.stem) for p in spool.glob("*.seg"))
     assert len(remaining) <= 3, remaining
-    seg = committed.spool_segment("shard-000")
+    deadline = time.monotonic() + 10
+    while (seg := committed.spool_segment("shard-000")) is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # read by a background thread
+    committed.close()
     assert seg is not None and seg >= remaining[0]  # nothing the committed snapshot needs is gone
 
 

@@ -88,6 +88,69 @@ def test_token_bucket_large_requests_pass_alone():
     assert b.take(1, 0.0) == pytest.approx(0.1)
 
 
+def test_tenant_buckets_stay_bounded_with_many_distinct_tenants():
+    limits = LimitsConfig(tiers=(TierConfig("std", spans_per_s=100.0, burst=100.0),), default_tier="std")
+    now = [0.0]
+    limiter = TenantLimiter(limits, clock=lambda: now[0])
+    most = 0
+    for i in range(100_000):  # a client minting a new tenant name every 10 ms for 1000 s
+        assert limiter.wait_for(f"tenant-{i}", 10) == 0.0  # a new tenant always gets its burst
+        most = max(most, len(limiter.buckets))
+        now[0] += 0.01
+    # A bucket refills in 0.1 s and is dropped by the next sweep (at most 1 s later).
+    assert most <= 150 and len(limiter.buckets) <= 150 and not limiter.overflow
+
+
+def test_a_dropped_tenant_comes_back_to_a_full_burst():
+    limits = LimitsConfig(tiers=(TierConfig("std", spans_per_s=10.0, burst=20.0),), default_tier="std")
+    now = [0.0]
+    limiter = TenantLimiter(limits, clock=lambda: now[0])
+    assert limiter.wait_for("a", 15) == 0.0
+    assert limiter.wait_for("a", 10) == pytest.approx(0.5)
+    now[0] = 1.0  # 5 + 10 tokens: not full yet, kept
+    assert limiter.wait_for("b", 1) == 0.0
+    assert "a" in limiter.buckets
+    now[0] = 2.5  # full again since t=1.5: dropped by this sweep
+    assert limiter.wait_for("b", 1) == 0.0
+    assert "a" not in limiter.buckets
+    assert limiter.wait_for("a", 20) == 0.0  # the whole burst, as the kept bucket would have answered
+    assert limiter.wait_for("a", 1) == pytest.approx(0.1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(1, 30), st.sampled_from([0.0, 0.05, 0.4, 1.0, 3.0]))))
+def test_dropping_refilled_buckets_changes_no_answer(requests):
+    """Every answer equals that of a limiter that keeps each tenant's bucket forever."""
+    limits = LimitsConfig(tiers=(TierConfig("std", spans_per_s=10.0, burst=20.0),), default_tier="std")
+    now = [0.0]
+    limiter = TenantLimiter(limits, clock=lambda: now[0])
+    kept: dict[str, TokenBucket] = {}
+    for tenant, spans, dt in requests:
+        now[0] += dt
+        expected = kept.setdefault(tenant, TokenBucket(10.0, 20.0, now[0])).take(spans, now[0])
+        assert limiter.wait_for(tenant, spans) == expected
+
+
+def test_tenants_beyond_max_tenants_share_their_tiers_overflow_bucket():
+    limits = LimitsConfig(
+        max_tenants=3, default_tier="std", tenants=(TenantConfig("vip", "big"),),
+        tiers=(TierConfig("std", spans_per_s=10.0, burst=10.0), TierConfig("big", spans_per_s=100.0, burst=100.0)),
+    )  # fmt: skip
+    now = [0.0]
+    limiter = TenantLimiter(limits, clock=lambda: now[0])
+    for tenant in ("a", "b", "c"):
+        assert limiter.wait_for(tenant, 5) == 0.0
+    assert limiter.wait_for("d", 6) == 0.0  # no room: the std overflow bucket
+    assert limiter.wait_for("e", 6) == pytest.approx(0.2)  # the same bucket: 4 tokens left
+    assert limiter.wait_for("vip", 100) == 0.0  # its own tier's overflow bucket, untouched by d and e
+    assert sorted(limiter.buckets) == ["a", "b", "c"] and sorted(limiter.overflow) == ["big", "std"]
+    now[0] = 0.5  # within the sweep interval: nothing dropped yet
+    assert limiter.wait_for("a", 1) == 0.0
+    now[0] = 1.5  # every bucket has refilled by now: the sweep drops them all and makes room
+    assert limiter.wait_for("d", 10) == 0.0  # d's own bucket now, a full one
+    assert limiter.buckets.keys() == {"d"} and not limiter.overflow
+
+
 def test_memory_over_limit_is_unavailable_with_retryinfo(tmp_path):
     rss = [100]
     rx, spool, _, addr = start(tmp_path, memory=MemoryGuard(1000, rss=lambda: rss[0], clock=lambda: 0.0))

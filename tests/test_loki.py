@@ -171,12 +171,14 @@ def server():
     assert srv.violations == []
 
 
-def make_client(server: LokiServer, metrics: SelfMetrics, sleeps: list | None = None, **cfg) -> LokiClient:
+def make_client(
+    server: LokiServer, metrics: SelfMetrics, sleeps: list | None = None, clock=time.monotonic, **cfg
+) -> LokiClient:
     cfg.setdefault("retry_min_ms", 10)
     cfg.setdefault("retry_max_ms", 100)
     cfg.setdefault("batch_max_wait_ms", 10_000)  # tests flush explicitly unless they test age
     sleep = None if sleeps is None else sleeps.append
-    return LokiClient(LokiConfig(url=server.url, **cfg), metrics, sleep=sleep, rng=random.Random(7))
+    return LokiClient(LokiConfig(url=server.url, **cfg), metrics, sleep=sleep, clock=clock, rng=random.Random(7))
 
 
 # --- encoder ------------------------------------------------------------------------
@@ -455,3 +457,92 @@ def test_stream_limit_sends_further_label_sets_to_the_overflow_stream(server):
     assert labels == {"a", "b", "__overflow__"}
     assert sorted(server.lines()) == ["from a", "from b", "from c", "from d"]
     assert metrics.counter("sink_overflow_lines", "loki") == 2
+
+
+def test_idle_label_sets_stop_counting_toward_the_stream_limit(server):
+    metrics, now = SelfMetrics(), [0.0]
+    client = make_client(server, metrics, clock=lambda: now[0], max_streams=3, stream_idle_s=60.0)
+
+    def push(service: str) -> None:
+        client.push(make_batch([{"t": 1_700_000_000_000_000_000, "service": service, "body": f"{service}@{now[0]:g}"}]))
+
+    for service in ("a", "b", "c"):
+        push(service)
+    now[0] = 10.0
+    push("d")  # the limit is reached: overflow
+    assert client.flush(5)
+    now[0] = 50.0
+    push("a")  # a stays in use
+    now[0] = 100.0  # b, c and the overflow stream unused for over 60 s: they no longer count
+    push("d")
+    push("e")
+    push("f")  # a, d, e in use: overflow again
+    assert client.flush(5)
+    client.close(5)
+    got = {v[1]: st["stream"]["service"] for doc in server.accepted for st in doc["streams"] for v in st["values"]}
+    assert got == {"a@0": "a", "b@0": "b", "c@0": "c", "d@10": "__overflow__",
+                   "a@50": "a", "d@100": "d", "e@100": "e", "f@100": "__overflow__"}  # fmt: skip
+    assert metrics.counter("sink_overflow_lines", "loki") == 2
+    assert list(client._streams) == [(("level", "info"), ("service", s)) for s in ("a", "d", "e", "__overflow__")]
+
+
+def test_sender_survives_an_unexpected_error_and_sends_the_next_requests():
+    lines = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        doc = check_push(request.method, request.url.path, request.headers, request.content)
+        if not lines:
+            lines.append(None)
+            raise RuntimeError("a bug nobody planned for")
+        lines.extend(v[1] for st in doc["streams"] for v in st["values"])
+        return httpx.Response(204)
+
+    metrics = SelfMetrics()
+    client = LokiClient(LokiConfig(url="http://loki:3100"), metrics, transport=httpx.MockTransport(handler))
+    for start in (0, 2, 4):
+        client.push(lines_batch(start, 2))
+        assert client.flush(3)
+    assert client.close(3)
+    assert lines == [None, "line 2", "line 3", "line 4", "line 5"]
+    assert metrics.counter("dropped", "loki_internal_error") == 2
+    assert metrics.counter("thread_errors", "loki-sender") == 1
+    assert metrics.counter("sink_sent", "loki") == 4
+
+
+def test_a_request_that_cannot_be_built_costs_only_itself(server):
+    metrics = SelfMetrics()
+    client = make_client(server, metrics, batch_max_wait_ms=20)  # sealed by age, in the sender thread
+    client.push_streams([{"stream": {"service": "x", "level": "info"}, "values": [["not a time", "bad"]]}], 1)
+    deadline = time.monotonic() + 5
+    while not metrics.counter("dropped", "loki_internal_error") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert metrics.counter("dropped", "loki_internal_error") == 1
+    client.push(lines_batch(0, 2))
+    assert client.flush(5)  # would not return if the sender had died
+    assert client.close(5)
+    assert server.lines() == ["line 0", "line 1"]
+
+
+class _Event:
+    def __init__(self, kind: str, t: int) -> None:
+        self.kind, self.t = kind, t
+
+    def to_json(self) -> dict:
+        if self.kind == "broken":
+            raise ValueError("cannot render this event")
+        return {"type": self.kind, "time": self.t, "service": "checkout"}
+
+
+def test_write_batch_drops_an_item_that_cannot_be_encoded_and_carries_on(server):
+    metrics = SelfMetrics()
+    client = make_client(server, metrics)
+    partition = LokiSink(client).build("loki", 0, 1)
+    bad = make_batch([{"t": 1, "body": "ok"}, {"t": 2, "body": None}, {"t": 3, "body": "ok"}])  # None: not a str
+    partition.write_batch([lines_batch(0, 2), bad, _Event("alert", 5), _Event("broken", 6), lines_batch(2, 2)])
+    partition.write_batch([lines_batch(4, 1), _Event("scaling", 7)])
+    partition.close()  # the last partition: closes (flushes) the client
+    assert not client._thread.is_alive()
+    events = [json.dumps(_Event(k, t).to_json(), separators=(",", ":")) for k, t in (("alert", 5), ("scaling", 7))]
+    assert sorted(server.lines()) == sorted([f"line {i}" for i in range(5)] + events)
+    assert metrics.counter("dropped", "loki_internal_error") == 3 + 1  # the bad batch's lines, the broken event
+    assert metrics.counter("sink_sent", "loki") == 7

@@ -88,9 +88,36 @@ def test_forecast_sizes_for_the_rising_trend():
 
 
 def test_scaler_state_survives_pickling():
-    s = ServiceScaler(cfg(forecast_horizon_s=60.0), "svc", 10.0)
+    config = cfg(forecast_horizon_s=60.0)
+    s = ServiceScaler(config, "svc", 10.0)
     for i in range(20):
         s.on_window(window(i, rate=100 + 10 * i, replicas=3), alert_firing=False)
-    clone = pickle.loads(pickle.dumps(s))
+    blob = pickle.dumps(s)
+    assert b"ScalingConfig" not in blob  # state only: the config in force is bound after a restart
+    clone = pickle.loads(blob)
+    clone.bind(config, 10.0)
     w = window(21, rate=400, replicas=3)
     assert s.on_window(w, False) == clone.on_window(w, False)
+
+
+def test_a_window_without_any_data_changes_nothing_and_is_not_forecast_from():
+    import dataclasses
+
+    s = ServiceScaler(cfg(forecast_horizon_s=60.0, scale_down_stabilization_s=0.0), "svc", 10.0)
+    for i in range(10):
+        s.on_window(window(i, rate=400, replicas=4), alert_firing=False)
+    learned = s.forecaster.n
+    silent = dataclasses.replace(service_window(10, []), results=(), instances=(), server_calls=0, silent_run=1)
+    upd, ev = s.on_window(silent, alert_firing=False)
+    assert (upd.desired, upd.reason_code, ev) == (4, "no_data", None)  # no data is not "no load"
+    assert s.forecaster.n == learned
+
+
+def test_config_in_force_after_bind():
+    s = ServiceScaler(cfg(max_replicas=100, scale_up_pods=100), "svc", 10.0)
+    upd, _ = s.on_window(window(0, rate=8000, replicas=1), alert_firing=False)
+    assert upd.desired == 80
+    back = pickle.loads(pickle.dumps(s))
+    back.bind(cfg(max_replicas=3, services=(ServiceScalingConfig(name="svc", target_rps_per_replica=50.0),)), 10.0)
+    upd, _ = back.on_window(window(1, rate=8000, replicas=1), alert_firing=False)
+    assert upd.desired == 3 and back.targets.rps_per_replica == 50.0

@@ -276,3 +276,82 @@ def test_open_windows_hold_folded_aggregates_not_the_batches():
     assert sum(r.size for r, _, _ in ops.sketch) <= 65_536 + 200  # ... and pending ones stay under the fold size
     (w,) = sw.close_all()
     assert sum(r.count for r in w.results) == 600 * 200
+
+
+def test_a_clock_ahead_moves_event_time_no_further_than_the_acceptance_time():
+    """A span from a client whose clock runs ahead (accepted: within otlp.max_future_s) must not make
+    the service's other spans late: event time moves at most to when its batch was accepted."""
+    import dataclasses
+
+    sp = spec(length_s=10, allowed_lateness_s=5)
+    sw = service_windows(sp)
+    now = 1000 * S
+    ahead = dataclasses.replace(batch([(0, 0, 2, 0, now + 200 * S, 1)], step=1), received_ns=now)
+    out = [x for p in preaggregate(ahead, sp) for x in sw.on_item(p, 0.0)]
+    for k in range(2, 40):  # the service's own spans, ending now, one batch a step
+        b = dataclasses.replace(batch([(0, 0, 2, 0, now + k * S // 10, 1)], step=k), received_ns=now + k * S // 10)
+        out += [x for p in preaggregate(b, sp) for x in sw.on_item(p, 0.0)]
+    out += sw.close_all()
+    assert not [x for x in out if isinstance(x, LateSpans)]
+    assert sum(r.count for r in closed_results(out)) == 39
+    # without the acceptance time (an OTLP/JSON recording) the recorded times decide, as before
+    sw = service_windows(sp)
+    for k, end in enumerate([now, now + 200 * S, now + 201 * S]):
+        sw.on_item(preaggregate(batch([(0, 0, 2, 0, end, 1)], step=k), sp)[0], 0.0)
+    late = sw.on_item(preaggregate(batch([(0, 0, 2, 0, now + S, 1)], step=3), sp)[0], 0.0)
+    assert late == [LateSpans("svc", "op", 2, 1)]
+
+
+def test_late_log_records_and_late_calls_are_counted():
+    from pipeline.model import LateEdges, LateLogs
+    from pipeline.servicegraph import EdgePartial
+
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = service_windows(sp)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], 0.0)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 25 * S, 1)], step=2), sp)[0], 0.0)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 26 * S, 1)], step=3), sp)[0], 0.0)  # [0, 10) closed
+    logs = LogBatch(
+        time_ns=np.array([2 * S, 3 * S], np.int64), severity=np.array([9, 17], np.int8), severity_text=["", ""],
+        body=["a", "b"], trace_id=["", ""], span_id=["", ""], service=["svc", "svc"], instance=["", ""],
+    )  # fmt: skip
+    (late_logs,) = [x for p in preaggregate_logs(logs, sp, (0, 4)) for x in sw.on_item(p, 0.0)]
+    edge = EdgePartial("svc", "db", 0, 5 * S, (0, 5), calls=3, errors=1, duration_sum=0.1)
+    assert (late_logs, *sw.on_item(edge, 0.0)) == (LateLogs("svc", 2), LateEdges("svc", 3))
+
+
+def test_a_silent_service_closes_empty_windows_on_gaps_and_on_the_clock():
+    sp = spec(length_s=10, allowed_lateness_s=0, idle_timeout_s=15)
+    sw = ServiceWindows("svc", sp, 100, 600 * S, silent_limit=6)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], now=0.0)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 41 * S, 1)], step=2), sp)[0], now=1.0)
+    out = sw.on_item(preaggregate(batch([(0, 0, 2, 0, 42 * S, 1)], step=3), sp)[0], now=2.0)
+    assert [(w.window_start // S, len(w.results)) for w in out] == [(0, 1)]
+    # live: the open window closes after the idle timeout; the gap before it closes empty, in order
+    assert sw.idle_deadline() == 17.0
+    out = sw.on_idle(17.0)
+    assert [(w.window_start // S, len(w.results), w.silent_run) for w in out] == [(10, 0, 1), (20, 0, 2), (30, 0, 3),
+                                                                                 (40, 1, 0)]  # fmt: skip
+    # then one empty window per window length
+    # event time is taken to run on with the clock from 42 s: [50, 60) is due at 60 s + 15 s idle
+    assert sw.idle_deadline() == 2.0 + 15 + (60 - 42)
+    silent = sw.on_idle(1000.0)  # long after: at most silent_limit empty windows in a row
+    assert [(w.window_start // S, w.silent_run) for w in silent] == [(50 + 10 * i, i + 1) for i in range(6)]
+    assert all(not w.results and w.logs == 0 for w in silent)
+    assert sw.idle_deadline() is None and sw.on_idle(5000.0) == []
+
+
+def test_bind_closes_windows_of_another_shape_and_applies_limits():
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = service_windows(sp, limit=100)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], 0.0)
+    assert sw.bind(spec(length_s=10, allowed_lateness_s=3), 100, 600 * S, None, 0) == []  # same shape: kept open
+    assert sw.open
+    (closed,) = sw.bind(spec(length_s=15, allowed_lateness_s=0), 1, 600 * S, None, 0)
+    assert (closed.window_start, closed.window_end, closed.results[0].count) == (0, 10 * S, 1)
+    b = batch([(0, 0, 2, 0, 16 * S, 1), (0, 1, 2, 0, 17 * S, 1)], operations=("op", "new"), step=2)
+    for p in preaggregate(b, sw.spec):
+        sw.on_item(p, 0.0)
+    (w,) = sw.close_all()
+    assert (w.window_start, w.window_end) == (15 * S, 30 * S)  # the new length, on its own boundaries
+    assert [r.operation for r in w.results] == [OVERFLOW_OPERATION, "op"]  # the new limit of 1
