@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDINGS = ROOT.parent / "shared" / "data" / "recordings"
@@ -37,6 +38,31 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
+
+
+def samples(text: str) -> dict:
+    """A /metrics page as {(sample name, sorted labels): value}."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for (n, lb), v in samples(text).items() if n == name and set(labels.items()) <= set(lb))
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    """The first truthy value of ``predicate()``, polled every 0.2 s; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError("condition not met in time")
 
 
 class DaemonProc:

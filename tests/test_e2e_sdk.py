@@ -21,8 +21,7 @@ from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client.parser import text_string_to_metric_families
-
+from .conftest import samples, wait_for
 from .test_loki import LokiServer
 
 pytestmark = pytest.mark.integration
@@ -31,24 +30,6 @@ CONFIG = """
 [windows]
 idle_timeout_s = 1.0
 """
-
-
-def samples(text):
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError("condition not met in time")
 
 
 def test_sdk_spans_and_logs_end_to_end(daemon_factory):

@@ -192,3 +192,25 @@ def test_http_metrics_chunked_and_gzip():
         assert httpx.get(f"{base}/nope").status_code == 404
     finally:
         server.stop()
+
+
+def test_retired_keys_and_forgotten_services_leave_the_page_and_late_items_are_counted():
+    from pipeline.model import KeyExpired, LateEdges, LateLogs, ServiceExpired
+    from sinks.keda.signals import ScalingSignals
+
+    metrics = SelfMetrics()
+    state = SeriesState(DEFAULT_BUCKETS, metrics, stale_after_s=math.inf, clock=Clock())
+    upd = AnomalyUpdate("svc", "GET /b", 2, 0, 0.1, math.nan, False, "ok", ())
+    scaling = ScalingUpdate("other", 0, 1, 2, "why", "call_rate", 1.0, 1.0)
+    state.update([result("GET /a"), result("GET /b"), upd, result(service="other"), scaling,
+                  LateLogs("svc", 4), LateEdges("svc", 2)])  # fmt: skip
+    state.update([KeyExpired("svc", "GET /b", 2, 10), ServiceExpired("other", 10)])
+    text = page(state)
+    assert 'span_name="GET /b"' not in text and 'span_name="GET /a"' in text
+    assert 'service_name="other"' not in text
+    assert value(text, "telepipe_late_logs_total") == 4 and value(text, "telepipe_late_edges_total") == 2
+    assert value(text, "telepipe_expired_keys_total") == 1 and value(text, "telepipe_expired_services_total") == 1
+    board = ScalingSignals()
+    board.update([scaling])
+    board.update([ServiceExpired("other", 10)])
+    assert board.lookup("other") is None  # KEDA is told NOT_FOUND for a forgotten service
