@@ -116,7 +116,7 @@ def test_a_live_service_that_goes_silent_alerts_then_is_forgotten(daemon_factory
     """Live, silence is judged on the clock: the service's windows go on closing, empty."""
     d = daemon_factory(
         "[windows]\nlength_s = 1.0\nallowed_lateness_s = 0.2\nidle_timeout_s = 1.0\n"
-        "[anomaly]\nwarmup_windows = 5\n[prometheus]\nstale_after_s = 4.0\nservice_stale_after_s = 12.0\n"
+        "[anomaly]\nwarmup_windows = 3\n[prometheus]\nstale_after_s = 3.0\nservice_stale_after_s = 6.0\n"
     )  # fmt: skip
     import grpc
 
@@ -125,7 +125,7 @@ def test_a_live_service_that_goes_silent_alerts_then_is_forgotten(daemon_factory
                                  request_serializer=None, response_deserializer=None)  # fmt: skip
     started = time.monotonic()
     k = 0
-    while time.monotonic() - started < 10:  # 10 s of steady traffic, ~200 spans/s
+    while time.monotonic() - started < 6:  # 6 s of steady traffic, ~200 spans/s
         end = time.time_ns()
         export(trace_request([{"start": end - 10**6, "end": end, "span_id": (k * 100 + i + 1).to_bytes(8, "big")}
                               for i in range(20)], service="cart"), timeout=5)  # fmt: skip
