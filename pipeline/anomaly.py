@@ -31,7 +31,9 @@ normal, so an incident does not become the new normal.
   (``ServiceWindow.silent_run``) are not judged per key (nothing expires, no alert per
   operation); the service key judges the silence itself (``service_rate``: the service's
   spans and log records per second, learned from every window, and during a silent run
-  of ``n`` windows the chance of seeing nothing: z = expected * sqrt(n) / sigma).
+  of ``n`` windows the chance of seeing nothing), once the silence is longer than
+  1.5 times any it came back from lately (its pattern: a batch job, a cron), and once
+  the service has been known for 6 times the warm-up (its first pauses are learned).
 - Alerts: pending on the first anomalous window, firing after
   ``pending_windows`` in a row, resolved after ``resolve_windows`` normal ones.
   Static rules from config go through the same lifecycle.
@@ -63,6 +65,9 @@ TRAFFIC_FEATURES = ("call_rate",)
 RATE_FEATURES = ("call_rate", "error_log_rate", "service_rate")  # judged whatever the number of calls
 STATE_VALUE = {"ok": 0, "pending": 1, "firing": 2}
 _NORMAL = NormalDist()
+QUIET_HALF_LIFE_S = 6 * 3600.0  # how long a silence the service came back from is remembered (halving)
+SILENCE_WARMUP = 6  # silence is judged after this many times anomaly.warmup_windows (12 min by default)
+QUIET_SLACK = 1.5  # a silence is judged once it is this much longer than the longest remembered one
 MAX_SILENCE_LEARNED = 200  # empty windows learned after a silence (with fading 0.05, more change nothing)
 SERVICE_KEY = ("", -1)  # (operation, kind) of the service-level key
 
@@ -381,6 +386,7 @@ class ServiceAnomaly:
         self.downstream: dict[str, dict[str, FeatureBaseline]] = {}
         self.last_seen: dict[tuple[str, int], int] = {}  # key -> start of its newest window with spans
         self.silence = 0  # empty windows in the current silent run, not learned yet
+        self.quiet = 0.0  # the longest silence (windows) it came back from, fading (QUIET_HALF_LIFE_S)
         self.downstream_seen: dict[str, int] = {}  # callee -> start of its newest window with calls
         self.bind(cfg, length_s, stale_after_s)
 
@@ -403,6 +409,7 @@ class ServiceAnomaly:
         self.__dict__.setdefault("last_seen", {})
         self.__dict__.setdefault("downstream_seen", {})
         self.__dict__.setdefault("silence", 0)
+        self.__dict__.setdefault("quiet", 0.0)
         self.__dict__.setdefault("stale_ns", 600 * 10**9)
         service_key = self.keys.get(SERVICE_KEY)
         if service_key is not None and "service_rate" not in service_key.baselines:
@@ -428,10 +435,18 @@ class ServiceAnomaly:
         k = self.cfg.band_k
         t = sw.window_start
         scored: list[tuple[float, WindowResult, Judgement]] = []
+        self.quiet *= 0.5 ** (self.length_s / QUIET_HALF_LIFE_S)
         if sw.silent_run:
             self.silence = sw.silent_run
         elif self.silence:
+            self.quiet = max(self.quiet, self.silence)
             self._learn_silence()
+        # Silences as long as one it came back from lately are its pattern (a batch job, a
+        # cron, traffic that moves between regions), not an outage: judged only beyond that.
+        # And only once it has been known for a while, so the first pauses of its pattern are seen.
+        known = self.keys.get(SERVICE_KEY)
+        seasoned = known is not None and known.windows >= SILENCE_WARMUP * self.cfg.warmup_windows
+        judged_run = sw.silent_run if seasoned and sw.silent_run > QUIET_SLACK * self.quiet + 1 else 0
         if not sw.silent_run:  # a silent service is judged as a whole, below
             seen = set()
             for r in sw.results:
@@ -456,7 +471,7 @@ class ServiceAnomaly:
                 updates.append(upd)
                 events.extend(ev)
         service = {"service_rate": (sw.calls + sw.logs) / self.length_s, "error_log_rate": sw.error_logs / self.length_s}
-        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run)
+        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run)
         updates.append(upd)
         events.extend(ev)
         events.extend(self._rules(SERVICE_KEY, service, t, None))
@@ -551,7 +566,9 @@ class ServiceAnomaly:
             for score, dep, feature in ranked[:top]
         )
 
-    def _judge_key(self, key, values, calls, time, r: WindowResult | None, silent_run: int = 0):
+    def _judge_key(self, key, values, calls, time, r: WindowResult | None, silent_run: int = 0, judged_run: int = 0):
+        """``silent_run``: empty windows in a row up to this one; ``judged_run``: the same when
+        the silence is to be judged, else 0."""
         det = self.keys.get(key)
         if det is None:
             feats = SERVICE_FEATURES if key == SERVICE_KEY else KEY_FEATURES
@@ -560,7 +577,7 @@ class ServiceAnomaly:
             values = {f: (v if not math.isnan(v) else det.baselines[f].mean.get()) for f, v in values.items()}
             judgements, hst, anomalous = det.judge(values, 0, self.length_s)
         else:
-            judgements, hst, anomalous = det.judge(values, calls, self.length_s, silent_run)
+            judgements, hst, anomalous = det.judge(values, calls, self.length_s, judged_run)
         learning = det.learning
         change = det.lifecycle.observe(anomalous)
         if change in ("pending", "firing"):

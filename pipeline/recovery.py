@@ -65,7 +65,7 @@ def committed_segments(db_dir: Path, step_id: str = READ_STEP_ID) -> dict[str, i
             snap = pickle.loads(ser)
             # The service-graph wrapper snapshots (inner state, pickled joiner).
             inner = snap[0] if isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[1], bytes) else snap
-            out[part] = int(inner[0])  # spool source state: (segment, offset, step)
+            out[part] = int(inner[0])  # spool source state: (segment, offset, step[, format version])
         return out
     except sqlite3.Error:
         return {}

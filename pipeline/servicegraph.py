@@ -44,6 +44,7 @@ MAX_SPANS = 1_000_000
 # Service names known by code: beyond this, codes are renumbered to the services still held
 # when a generation expires.
 MAX_NAMES = 4096
+STATE_VERSION = 2  # of the pickled joiner in recovery snapshots (2: versioned; the config bound at start)
 
 
 @dataclass
@@ -80,9 +81,30 @@ class LinkJoiner:
         self.unjoined = 0  # children not kept to wait: MAX_WAITING reached
         self.unstored = 0  # sampled spans not kept as possible parents: MAX_SPANS reached
 
+    def bind(self, sample_one_in: int, ttl_ns: int, window_ns: int) -> None:
+        """Apply the configuration in force (after a restart from a snapshot). Children waiting
+        under windows of another length move to the window of the new length that holds their
+        newest end."""
+        if window_ns != self.window_ns:
+            for _, table in self.waiting:
+                for parent_id, children in table.items():
+                    moved: dict[tuple[str, int], list] = {}
+                    for (callee, _), (calls, errors, dur, end) in children.items():
+                        c = moved.setdefault((callee, end // window_ns * window_ns), [0, 0, 0.0, 0])
+                        c[0], c[1], c[2], c[3] = c[0] + calls, c[1] + errors, c[2] + dur, max(c[3], end)
+                    table[parent_id] = moved
+        self.sample, self.ttl_ns, self.window_ns = sample_one_in, ttl_ns, window_ns
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "version": STATE_VERSION}
+
     def __setstate__(self, state: dict) -> None:
         """Converts snapshots of earlier versions: waiting children as a list of child tuples,
         and span ids in a dict of service names."""
+        version = state.pop("version", 1)
+        if version > STATE_VERSION:
+            raise RuntimeError(f"a service-graph recovery snapshot has format {version}; this telepipe reads formats "
+                               f"up to {STATE_VERSION}: run the newer version, or move recovery data aside")  # fmt: skip
         self.__dict__.update(state)
         self.__dict__.setdefault("unjoined", 0)
         self.__dict__.setdefault("unstored", 0)
@@ -296,4 +318,7 @@ class JoinedSource(FixedPartitionedSource):
     def build_part(self, step_id: str, for_part: str, resume_state):
         inner_state, joiner = resume_state if resume_state is not None else (None, None)
         inner = self.inner.build_part(step_id, for_part, inner_state)
-        return _JoinedPartition(inner, pickle.loads(joiner) if joiner else LinkJoiner(*self.args), self.dead)
+        if joiner:  # restored: state from the snapshot, configuration from today's file
+            joiner = pickle.loads(joiner)
+            joiner.bind(*self.args)
+        return _JoinedPartition(inner, joiner or LinkJoiner(*self.args), self.dead)

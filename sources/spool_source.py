@@ -1,7 +1,7 @@
 """bytewax source over the local spool shards.
 
 One partition per local shard (``list_parts`` lists only this process's
-shards). A partition's state is just ``(segment, offset, step)``:
+shards). A partition's state is just ``(segment, offset, step, format version)``:
 everything else is derived from it, so a resumed partition continues exactly
 after the last record it emitted. ``next_batch`` never blocks: with nothing new it returns
 ``[]`` and asks to be woken a little later.
@@ -32,6 +32,7 @@ POLL_INTERVAL = timedelta(milliseconds=20)
 RETENTION_CHECK = timedelta(seconds=1)
 MAX_RECORDS_PER_BATCH = 64
 MAX_BYTES_PER_BATCH = 8 * 1024 * 1024
+STATE_VERSION = 2  # of the resume state (segment, offset, step, version); 1 had no version
 
 
 def _utcnow() -> datetime:
@@ -60,7 +61,11 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         if resume_state is None:
             self.seq, self.offset, step = (segments[0] if segments else 1), 0, 0
         else:
-            self.seq, self.offset, step = resume_state
+            version = resume_state[3] if len(resume_state) > 3 else 1
+            if version > STATE_VERSION:
+                raise RuntimeError(f"a spool-source recovery snapshot has format {version}; this telepipe reads "
+                                   f"formats up to {STATE_VERSION}")  # fmt: skip
+            self.seq, self.offset, step = resume_state[:3]
         self.steps = Steps(index, step)
         self._file = None
         self._file_seq = -1
@@ -155,8 +160,8 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
     def next_awake(self) -> datetime | None:
         return self.now() + POLL_INTERVAL if self._idle else None
 
-    def snapshot(self) -> tuple[int, int, int]:
-        return (self.seq, self.offset, self.steps.next_seq)
+    def snapshot(self) -> tuple[int, int, int, int]:
+        return (self.seq, self.offset, self.steps.next_seq, STATE_VERSION)
 
     def close(self) -> None:
         if self._file is not None:

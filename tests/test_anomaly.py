@@ -175,7 +175,7 @@ def test_a_silent_service_alerts_on_the_service_and_keeps_its_keys():
         events.extend(e)
     assert [(e.state, e.operation, e.feature) for e in events] == [("pending", "", "service_rate"),
                                                                    ("firing", "", "service_rate")]  # fmt: skip
-    assert events[1].time == 102 * 10**10 and events[1].observed == 0.0
+    assert events[1].time == 103 * 10**10 and events[1].observed == 0.0  # one empty window is not judged
     assert det.holds_scale_down() is True  # no data is not "no load"
     assert {("GET /a", 2), ("GET /b", 2), ("call db", 3)} <= set(det.keys)  # an outage is not churn
     back = []

@@ -116,7 +116,7 @@ def test_a_live_service_that_goes_silent_alerts_then_is_forgotten(daemon_factory
     """Live, silence is judged on the clock: the service's windows go on closing, empty."""
     d = daemon_factory(
         "[windows]\nlength_s = 1.0\nallowed_lateness_s = 0.2\nidle_timeout_s = 1.0\n"
-        "[anomaly]\nwarmup_windows = 3\n[prometheus]\nstale_after_s = 3.0\nservice_stale_after_s = 6.0\n"
+        "[anomaly]\nwarmup_windows = 1\n[prometheus]\nstale_after_s = 3.0\nservice_stale_after_s = 6.0\n"
     )  # fmt: skip
     import grpc
 

@@ -227,3 +227,19 @@ def _with_deps(sw, deps):
     from dataclasses import replace
 
     return replace(sw, dependencies=deps)
+
+
+def test_a_restored_joiner_takes_the_config_in_force_and_carries_a_version():
+    j = LinkJoiner(1, 30 * S, 10 * S)
+    j.process(spans([(1, 1, 200, 300, 7, 0)]))  # a child ending at 7 s waits for parent 300
+    blob = pickle.dumps(j)
+    back = pickle.loads(blob)
+    assert j.__getstate__()["version"] == 2 and "version" not in back.__dict__
+    back.bind(4, 60 * S, 5 * S)
+    assert (back.sample, back.ttl_ns, back.window_ns) == (4, 60 * S, 5 * S)
+    ((_, table),) = back.waiting
+    assert list(table[300]) == [("back", 5 * S)]  # realigned to the new window length
+    state = j.__getstate__()
+    state["version"] = 3
+    with pytest.raises(RuntimeError, match="format 3"):
+        LinkJoiner.__new__(LinkJoiner).__setstate__(state)
