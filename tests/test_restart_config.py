@@ -109,3 +109,32 @@ def test_snapshots_hold_no_config_and_carry_a_version():
     newer["version"] = STATE_VERSION + 1
     with pytest.raises(SnapshotTooNew, match="format .* this telepipe reads formats up to"):
         ServiceState.__new__(ServiceState).__setstate__(newer)
+
+
+def test_a_snapshot_written_before_snapshots_had_versions_is_read_and_runs(tmp_path):
+    """tests/data/service_state_before_versions.pickle: the frontend's ServiceState after four loops of the
+    OnlineBoutique recording, pickled by the version before this format (configuration inside)."""
+    from pathlib import Path
+
+    from bench.amplify import load
+    from pipeline.windows import preaggregate
+
+    from .conftest import ONLINEBOUTIQUE
+
+    blob = (Path(__file__).parent / "data" / "service_state_before_versions.pickle").read_bytes()
+    state = pickle.loads(blob)
+    cfg = dataclasses.replace(Config(), scaling=ScalingConfig(max_replicas=1))
+    spec = WindowSpec.from_config(cfg.windows, cfg.prometheus.buckets)
+    state.bind(cfg, spec, None, None)
+    assert state.anomaly.cfg is cfg.anomaly and state.scaler.targets.max_replicas == 1
+    assert len(state.anomaly.keys) == 12 and state.windows.open
+    later = 10**12  # shift the recording past the snapshot's windows
+    out = []
+    for k, b in enumerate(x for x in load([ONLINEBOUTIQUE]) if isinstance(x, SpanBatch)):
+        b = dataclasses.replace(b, end_ns=b.end_ns + later, step=(0, 10_000 + k))
+        for p in preaggregate(b, spec):
+            if p.service == "frontend":
+                out += state.on_item(p, 0.0)
+    out += state.close_all()
+    assert [x for x in out if isinstance(x, WindowResult)] and [x for x in out if isinstance(x, ScalingUpdate)]
+    assert pickle.loads(pickle.dumps(state)).__getstate__()["version"] == STATE_VERSION
