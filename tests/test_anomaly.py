@@ -204,27 +204,27 @@ def test_a_rarely_busy_service_is_not_silent_until_its_silence_is_unlikely():
     assert firing and firing[0][1].feature == "service_rate" and 100 < firing[0][0] < 300
 
 
-def test_expire_all_resolves_everything_open_with_a_reason():
+def _error_rule_firing(seed):
+    """A detector with the rule "errors" (error rate > 5 %) firing on GET /a at window 30."""
     rule = RuleConfig(name="errors", feature="error_rate", above=0.05, for_s=10)
     det = ServiceAnomaly(AnomalyConfig(rules=(rule,)), "svc", 10.0)
-    rng = np.random.default_rng(8)
+    rng = np.random.default_rng(seed)
     run(det, [normal_results(rng, i) for i in range(30)])
     rs = normal_results(rng, 30)
     rs[0] = result("GET /a", count=200, errors=50)
-    det.on_window(service_window(30, rs))
+    _, events = det.on_window(service_window(30, rs))
+    return det, rng, events
+
+
+def test_expire_all_resolves_everything_open_with_a_reason():
+    det, _, _ = _error_rule_firing(8)
     events = det.expire_all(40 * 10**10)
     assert {(e.source, e.operation, e.reason) for e in events} >= {("rule:errors", "GET /a", "expired")}
     assert all(e.state == "resolved" for e in events)
 
 
 def test_bind_applies_the_config_in_force():
-    rule = RuleConfig(name="errors", feature="error_rate", above=0.05, for_s=10)
-    det = ServiceAnomaly(AnomalyConfig(rules=(rule,)), "svc", 10.0)
-    rng = np.random.default_rng(9)
-    run(det, [normal_results(rng, i) for i in range(30)])
-    rs = normal_results(rng, 30)
-    rs[0] = result("GET /a", count=200, errors=50)
-    _, ev = det.on_window(service_window(30, rs))
+    det, rng, ev = _error_rule_firing(9)
     assert [e.state for e in ev if e.source == "rule:errors"] == ["firing"]
     mean = det.keys[("GET /a", 2)].baselines["latency_p95"].mean.get()
     back = pickle.loads(pickle.dumps(det))
