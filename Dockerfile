@@ -8,6 +8,7 @@ COPY pyproject.toml README.md telepipe.example.toml ./
 COPY pipeline/ pipeline/
 COPY sources/ sources/
 COPY sinks/ sinks/
+COPY telepipe/ telepipe/
 RUN pip install --no-cache-dir . \
     && python -I -m pipeline.compiled \
     && useradd --system --uid 10001 --home-dir /var/lib/telepipe --create-home telepipe

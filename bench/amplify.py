@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.batch_codec import encode
 from pipeline.model import LogBatch, SpanBatch
 from pipeline.selfmetrics import SelfMetrics
 from sources.replay import iter_batches
@@ -63,7 +64,7 @@ def write_native(batches, directory: Path) -> int:
     spool = Spool(directory, budget_bytes=2**62, fsync="never")
     spans = 0
     for b in batches:
-        spool.append(b.to_bytes())
+        spool.append(encode(b))
         if isinstance(b, SpanBatch):
             spans += len(b)
     spool.close()

@@ -38,12 +38,12 @@ import numpy as np
 from bytewax.testing import TestingSink
 
 from bench.amplify import load, write_native
-from pipeline import daemon
-from pipeline.anomaly import AlertEvent, AnomalyUpdate
+from pipeline.batch_codec import concat
 from pipeline.config import AnomalyConfig, Config, ScalingConfig
 from pipeline.flow import Outputs
-from pipeline.model import ServiceWindow, SpanBatch
-from pipeline.scaling import ScalingUpdate, ServiceScaler
+from pipeline.model import AlertEvent, AnomalyUpdate, ServiceWindow, SpanBatch
+from pipeline.scaling import ServiceScaler
+from telepipe import daemon
 
 RECORDINGS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "recordings"
 OUT = Path(__file__).resolve().parent / "out"
@@ -135,7 +135,7 @@ def inject(batches: list[SpanBatch], incidents: list[Incident], seed: int = 7) -
                 b = dataclasses.replace(b, status=np.where(hit, 2, b.status).astype(np.int8))
             elif inc.kind == "surge":
                 extra = _rows(b, mask)
-                b = SpanBatch.concat([b, extra, extra, extra, extra])
+                b = concat([b, extra, extra, extra, extra])
             elif inc.kind == "drop":
                 b = _rows(b, ~mask | (rng.random(len(b)) < 0.2))
         out.append(b)

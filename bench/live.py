@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.live lag [--rate 75000] [--seconds 120] [--lateness 5,1] [--json]
     .venv/bin/python -m bench.live memory [--series 10000] [--minutes 10] [--rate 20000] [--json]
 
-Each run starts ``telepipe run`` (``python -m pipeline.cli run``) on free loopback
+Each run starts ``telepipe run`` (``python -m telepipe.cli run``) on free loopback
 ports with a fresh data dir and drives it with ``bench.load`` (512-span requests
 unless said otherwise, 4 sending threads) in a child process. With one daemon
 process the daemon is pinned to CPU 0 and the load generator to CPU 1 (affinity
@@ -119,7 +119,7 @@ class Daemon:
     def __init__(self, tmp: Path, processes: int = 1, pin: bool = True, config: Path | None = None) -> None:
         self.grpc_port = _port()
         self.http_ports = _http_ports(processes)
-        cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "run", "--data-dir", str(tmp / "data"),
+        cmd = [sys.executable, "-m", "telepipe.cli", "--log-level", "WARNING", "run", "--data-dir", str(tmp / "data"),
                "--otlp-grpc", f"127.0.0.1:{self.grpc_port}", "--http", f"127.0.0.1:{self.http_ports[0]}"]  # fmt: skip
         if config is not None:
             cmd += ["--config", str(config)]

@@ -200,8 +200,8 @@ def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes):
     """A bytewax source doing the receiver's and the spool source's per-request work."""
     from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+    from pipeline.batch_codec import Steps, coalesce, decode, encode
     from pipeline.decode import decode_logs, decode_traces
-    from pipeline.model import Steps, batch_from_bytes, coalesce
     from sources.spool_source import MAX_RECORDS_PER_BATCH
 
     class Partition(StatefulSourcePartition):
@@ -219,7 +219,7 @@ def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes):
             for signal, body, _ in chunk:
                 decoded = decode_traces(body) if signal == "spans" else decode_logs(body)
                 if decoded.batch is not None:  # as spooled by the receiver and read back
-                    batches.append(batch_from_bytes(decoded.batch.to_bytes()))
+                    batches.append(decode(encode(decoded.batch)))
             out = self.steps.stamp(coalesce(batches))
             times.seconds["decode"] += time.perf_counter() - t0
             return out

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.anomaly import KEY_FEATURES, AnomalyUpdate, Judgement
+from pipeline.anomaly import KEY_FEATURES
 from pipeline.config import DEFAULT_BUCKETS
-from pipeline.model import WindowResult
-from pipeline.scaling import ScalingUpdate
+from pipeline.model import AnomalyUpdate, Judgement, ScalingUpdate, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from sinks.prometheus import SeriesState
 

@@ -54,7 +54,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="telepipe-soak-"))
     grpc_port, http_port = _port(), _port()
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "run", "--data-dir", str(tmp / "data"),
+        [sys.executable, "-m", "telepipe.cli", "--log-level", "WARNING", "run", "--data-dir", str(tmp / "data"),
          "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}"],
         cwd=ROOT, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -45,14 +45,23 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from statistics import NormalDist
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from river import anomaly as river_anomaly
 from river import preprocessing, stats
 
 from pipeline.config import AnomalyConfig, RuleConfig
-from pipeline.model import KIND_CLIENT, SPAN_KINDS, KeyExpired, ServiceWindow, WindowResult
+from pipeline.model import (
+    KIND_CLIENT,
+    AlertEvent,
+    AnomalyUpdate,
+    Judgement,
+    KeyExpired,
+    ServiceWindow,
+    WindowResult,
+    kind_name,
+)
 
 KEY_FEATURES = ("latency_p50", "latency_p95", "latency_p99", "error_rate", "call_rate")
 SERVICE_FEATURES = ("service_rate", "error_log_rate")
@@ -70,84 +79,6 @@ SILENCE_WARMUP = 6  # silence is judged after this many times anomaly.warmup_win
 QUIET_SLACK = 1.5  # a silence is judged once it is this much longer than the longest remembered one
 MAX_SILENCE_LEARNED = 200  # empty windows learned after a silence (with fading 0.05, more change nothing)
 SERVICE_KEY = ("", -1)  # (operation, kind) of the service-level key
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """One feature of one window: observed value, band, directional z-score."""
-
-    feature: str
-    observed: float
-    expected: float
-    lower: float
-    upper: float
-    z: float  # signed distance from expected in sigmas; 0 when not judged
-    judged: bool  # False while learning or with too few calls
-
-
-@dataclass(frozen=True)
-class AnomalyUpdate:
-    """Per key and window: what /metrics shows about its anomaly state."""
-
-    service: str
-    operation: str  # "" for the service-level key
-    span_kind: int  # -1 for the service-level key
-    time: int  # window start, unix ns
-    score: float  # max directional |z| / k over judged features (>= 1 means anomalous)
-    hst_score: float
-    learning: bool
-    state: str  # ok, pending, firing
-    judgements: tuple[Judgement, ...]
-
-
-@dataclass(frozen=True)
-class AlertEvent:
-    service: str
-    operation: str
-    span_kind: int
-    state: str  # pending, firing, resolved
-    time: int  # unix ns: start of the window that caused the change
-    feature: str
-    observed: float
-    expected: float
-    lower: float
-    upper: float
-    score: float
-    source: str  # "detector" or "rule:<name>"
-    trace_ids: tuple[str, ...] = ()
-    ranking: tuple[dict, ...] = ()  # with firing: operations contributing most
-    reason: str = ""  # with resolved: "expired" (key or service retired), "rule_removed"; else ''
-
-    def to_json(self) -> dict:
-        doc = {
-            "type": "alert",
-            "state": self.state,
-            "service": self.service,
-            "time": self.time,
-            "feature": self.feature,
-            "observed": _num(self.observed),
-            "expected": _num(self.expected),
-            "band": [_num(self.lower), _num(self.upper)],
-            "score": _num(self.score),
-            "source": self.source,
-            "trace_ids": list(self.trace_ids),
-        }
-        if self.operation:
-            doc["operation"] = self.operation
-            doc["span_kind"] = _kind_name(self.span_kind)
-        if self.ranking:
-            doc["ranking"] = list(self.ranking)
-        if self.reason:
-            doc["reason"] = self.reason
-        return doc
-
-
-def _num(x: float) -> float | None:
-    return None if x is None or math.isnan(x) or math.isinf(x) else round(x, 9)
-
-
-def _kind_name(kind: int) -> str:
-    return SPAN_KINDS[kind] if 0 <= kind < len(SPAN_KINDS) else str(kind)
 
 
 class FeatureBaseline:
@@ -657,7 +588,7 @@ def _ranking(scored: list[tuple[float, WindowResult, Judgement]], top: int = 5) 
     for score, r, j in ranked[:top]:
         entry = {
             "operation": r.operation,
-            "span_kind": _kind_name(r.span_kind),
+            "span_kind": kind_name(r.span_kind),
             "score": round(score, 6),
             "feature": j.feature,
             "calls": r.count,

@@ -20,7 +20,6 @@ import numpy as np
 import orjson
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from pipeline import span_wire

@@ -41,12 +41,20 @@ from bytewax.outputs import Sink
 
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
-from pipeline.model import LateSpans, LogBatch, ServiceExpired, SpanBatch, WindowResult
+from pipeline.model import (
+    AlertEvent,
+    EdgePartial,
+    LateSpans,
+    LogBatch,
+    ScalingEvent,
+    ScalingUpdate,
+    ServiceExpired,
+    SpanBatch,
+    WindowResult,
+)
 from pipeline.selfmetrics import SelfMetrics
-from pipeline.anomaly import AlertEvent
-from pipeline.scaling import ScalingEvent, ScalingUpdate
 from pipeline.service import ServiceState
-from pipeline.servicegraph import EdgePartial, JoinedSource
+from pipeline.servicegraph import JoinedSource
 from pipeline.windows import WindowSpec, preaggregate, preaggregate_logs
 
 Clock = Callable[[], float]  # seconds since the epoch

@@ -2,18 +2,20 @@
 
 One OTLP request becomes one batch. Spans are kept as numpy columns plus small
 string tables, so that every later stage works on arrays, not per-span objects.
-Batches serialize to a compact binary form (``to_bytes``/``from_bytes``) that is
-what the spool stores, so the receiver decodes each request exactly once.
+Their binary form (what the spool stores, so the receiver decodes each request
+exactly once) is in ``pipeline/batch_codec.py``. Every record the stages pass on
+is here too: pre-aggregates, window results, late counts, expiries, anomaly and
+scaling updates and events; plain frozen dataclasses, importing nothing of the
+engine, the analysis or the sinks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import struct
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import orjson
 
 # OTLP span kinds and status codes as they appear on the wire.
 SPAN_KINDS = (
@@ -32,7 +34,7 @@ KIND_CLIENT = 3
 # Operation name that stands for every operation over a service's cardinality limit.
 OVERFLOW_OPERATION = "__overflow__"
 
-_SPAN_COLUMNS = (
+SPAN_COLUMNS = (
     ("service_idx", np.int32),
     ("op_idx", np.int32),
     ("instance_idx", np.int32),
@@ -44,11 +46,6 @@ _SPAN_COLUMNS = (
     ("span_id", "S8"),
     ("parent_span_id", "S8"),
 )
-
-_MAGIC_SPANS = b"TPS1"
-_MAGIC_LOGS = b"TPL1"
-_HEADER = struct.Struct("<4sII")  # magic, header json length, row count
-
 
 @dataclass(frozen=True, eq=False)
 class SpanBatch:
@@ -82,45 +79,9 @@ class SpanBatch:
     def __len__(self) -> int:
         return int(self.end_ns.shape[0])
 
-    def to_bytes(self) -> bytes:
-        head = {"s": self.services, "o": self.operations, "i": self.instances}
-        if self.received_ns:
-            head["r"] = self.received_ns
-        head = orjson.dumps(head)
-        parts = [_HEADER.pack(_MAGIC_SPANS, len(head), len(self)), head]
-        for name, _dtype in _SPAN_COLUMNS:
-            parts.append(getattr(self, name).tobytes())
-        return b"".join(parts)
-
-    @staticmethod
-    def from_bytes(data: bytes | memoryview) -> SpanBatch:
-        magic, hlen, n = _HEADER.unpack_from(data, 0)
-        if magic != _MAGIC_SPANS:
-            raise ValueError("not a span batch")
-        pos = _HEADER.size
-        head = orjson.loads(bytes(data[pos : pos + hlen]))
-        pos += hlen
-        cols = {}
-        for name, dtype in _SPAN_COLUMNS:
-            dt = np.dtype(dtype)
-            size = dt.itemsize * n
-            if pos + size > len(data):
-                raise ValueError("truncated span batch")
-            cols[name] = np.frombuffer(data, dtype=dt, count=n, offset=pos)
-            pos += size
-        batch = SpanBatch(
-            services=tuple(head["s"]),
-            operations=tuple(head["o"]),
-            instances=tuple(head["i"]),
-            received_ns=int(head.get("r", 0)),
-            **cols,
-        )
-        batch.check()
-        return batch
-
     def select(self, keep: np.ndarray) -> SpanBatch:
         """The spans where ``keep`` (a boolean mask) is true; string tables kept as they are."""
-        return dataclasses.replace(self, **{name: getattr(self, name)[keep] for name, _ in _SPAN_COLUMNS})
+        return dataclasses.replace(self, **{name: getattr(self, name)[keep] for name, _ in SPAN_COLUMNS})
 
     def check(self) -> None:
         """Raise ValueError unless every index points into its string table."""
@@ -129,36 +90,6 @@ class SpanBatch:
             idx = getattr(self, col)
             if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(table)):
                 raise ValueError(f"span batch: {col} outside its table of {len(table)}")
-
-    @staticmethod
-    def concat(batches: list[SpanBatch]) -> SpanBatch:
-        """One batch of several (order kept), string tables merged.
-
-        Fewer, larger batches mean less per-batch overhead downstream (the
-        recordings and many SDKs send a few dozen spans per request).
-        """
-        if len(batches) == 1:
-            return batches[0]
-        tables: dict[str, dict[str, int]] = {"services": {}, "operations": {}, "instances": {}}
-        cols: dict[str, list[np.ndarray]] = {name: [] for name, _ in _SPAN_COLUMNS}
-        remap = {"services": "service_idx", "operations": "op_idx", "instances": "instance_idx"}
-        for b in batches:
-            for table, col in remap.items():
-                merged = tables[table]
-                mapping = np.fromiter(
-                    (merged.setdefault(x, len(merged)) for x in getattr(b, table)), np.int32, len(getattr(b, table))
-                )
-                cols[col].append(mapping[getattr(b, col)] if len(b) else getattr(b, col))
-            for name, _ in _SPAN_COLUMNS:
-                if name not in remap.values():
-                    cols[name].append(getattr(b, name))
-        return SpanBatch(
-            services=tuple(tables["services"]),
-            operations=tuple(tables["operations"]),
-            instances=tuple(tables["instances"]),
-            received_ns=max(b.received_ns for b in batches),
-            **{name: np.concatenate(parts) for name, parts in cols.items()},
-        )
 
     def last_end_ns(self) -> int:
         return int(self.end_ns.max()) if len(self) else 0
@@ -170,19 +101,6 @@ def progress_ns(event_ns: int, received_ns: int) -> int:
     runs ahead (by less than ``otlp.max_future_s``: more is rejected at the door) then keeps its
     own windows open until real time reaches them, instead of making everyone else's spans late."""
     return min(event_ns, received_ns) if received_ns else event_ns
-
-
-class Steps:
-    """Numbers the steps of one source partition and stamps them on its span batches."""
-
-    def __init__(self, partition: int, next_seq: int = 0) -> None:
-        self.partition = partition
-        self.next_seq = next_seq
-
-    def stamp(self, step: list[SpanBatch | LogBatch]) -> list[SpanBatch | LogBatch]:
-        mark = (self.partition, self.next_seq)
-        self.next_seq += 1
-        return [dataclasses.replace(b, step=mark) for b in step]
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,91 +134,7 @@ class LogBatch:
             lists["attributes"] = [self.attributes[i] for i in rows]
         return dataclasses.replace(self, time_ns=self.time_ns[keep], severity=self.severity[keep], **lists)
 
-    def to_bytes(self) -> bytes:
-        head = orjson.dumps(
-            {
-                "st": self.severity_text,
-                "b": self.body,
-                "t": self.trace_id,
-                "sp": self.span_id,
-                "s": self.service,
-                "i": self.instance,
-                "a": self.attributes,
-                **({"r": self.received_ns} if self.received_ns else {}),
-            }
-        )
-        return b"".join(
-            (
-                _HEADER.pack(_MAGIC_LOGS, len(head), len(self)),
-                head,
-                self.time_ns.astype(np.int64).tobytes(),
-                self.severity.astype(np.int8).tobytes(),
-            )
-        )
-
-    @staticmethod
-    def from_bytes(data: bytes | memoryview) -> LogBatch:
-        magic, hlen, n = _HEADER.unpack_from(data, 0)
-        if magic != _MAGIC_LOGS:
-            raise ValueError("not a log batch")
-        pos = _HEADER.size
-        head = orjson.loads(bytes(data[pos : pos + hlen]))
-        pos += hlen
-        if pos + 9 * n > len(data):
-            raise ValueError("truncated log batch")
-        time_ns = np.frombuffer(data, dtype=np.int64, count=n, offset=pos)
-        severity = np.frombuffer(data, dtype=np.int8, count=n, offset=pos + 8 * n)
-        return LogBatch(
-            time_ns=time_ns,
-            severity=severity,
-            severity_text=head["st"],
-            body=head["b"],
-            trace_id=head["t"],
-            span_id=head["sp"],
-            service=head["s"],
-            instance=head["i"],
-            attributes=head["a"],
-            received_ns=int(head.get("r", 0)),
-        )
-
-
 _LOG_LISTS = ("severity_text", "body", "trace_id", "span_id", "service", "instance")
-
-
-def coalesce(batches: list[SpanBatch | LogBatch], max_spans: int = 8192) -> list[SpanBatch | LogBatch]:
-    """The span batches of one read step merged (up to ``max_spans`` each, order kept), then its
-    log batches as they came.
-
-    Spans and logs take separate paths and a step is one unit for watermarks, so their order
-    within a step changes nothing downstream; merging across interleaved log requests (the
-    recordings alternate them) made the x16 replay's span batches 3 requests long instead of
-    16, and every downstream step pays per batch (the service graph join: 353 against 130 ns
-    per span)."""
-    out: list[SpanBatch | LogBatch] = []
-    run: list[SpanBatch] = []
-    size = 0
-    for b in batches:
-        if not isinstance(b, SpanBatch):
-            continue
-        if run and size + len(b) > max_spans:
-            out.append(SpanBatch.concat(run))
-            run, size = [], 0
-        run.append(b)
-        size += len(b)
-    if run:
-        out.append(SpanBatch.concat(run))
-    out.extend(b for b in batches if not isinstance(b, SpanBatch))
-    return out
-
-
-def batch_from_bytes(data: bytes | memoryview) -> SpanBatch | LogBatch:
-    """Decode a spooled batch of either kind."""
-    magic = bytes(data[:4])
-    if magic == _MAGIC_SPANS:
-        return SpanBatch.from_bytes(data)
-    if magic == _MAGIC_LOGS:
-        return LogBatch.from_bytes(data)
-    raise ValueError(f"unknown batch type {magic!r}")
 
 
 @dataclass(frozen=True)
@@ -424,3 +258,183 @@ class ServiceExpired:
 
     service: str
     time: int  # unix ns: start of the window that retired it
+
+
+# -- aggregates of one read step (pre-aggregation, the service-graph join) -----------------
+
+
+@dataclass
+class Partial:
+    """Aggregates of one batch's spans of one service in one window: a row per (operation, kind).
+
+    Columnar so that a batch touching thousands of operations is a handful of
+    items and array operations, not an object per operation."""
+
+    service: str
+    window_start: int
+    max_end_ns: int
+    step: tuple[int, int]  # (source partition, step number) it was read in
+    operations: list[str]  # per row
+    kinds: list[int]  # per row
+    row_end_ns: list[int]  # per row: newest span end (the cardinality limiter's last seen)
+    status_counts: np.ndarray  # int64[rows, 3]: unset, ok, error
+    bucket_counts: np.ndarray  # int64[rows, 3, len(bounds) + 1]
+    status_sums: np.ndarray  # float64[rows, 3], seconds
+    zero: np.ndarray  # int64[rows]: spans of zero duration (the sketch's zero bucket)
+    vmin: np.ndarray  # float64[rows], seconds
+    vmax: np.ndarray
+    sk_row: np.ndarray  # sketch buckets: row, bucket index, count (sorted by row, then index)
+    sk_idx: np.ndarray
+    sk_cnt: np.ndarray
+    slow_row: np.ndarray  # exemplars: the slowest spans of each row, slowest first
+    slow_dur: np.ndarray  # float64 seconds
+    slow_trace: np.ndarray  # S16 trace ids
+    err_row: np.ndarray  # trace ids of error spans of each row (the slowest ones first)
+    err_trace: np.ndarray
+    instances: tuple[str, ...] = ()  # distinct service.instance.id values (sorted, none empty)
+
+    @property
+    def count(self) -> int:
+        return int(self.status_counts.sum())
+
+
+@dataclass
+class LogPartial:
+    """Log records of one batch that share a service and a window."""
+
+    service: str
+    window_start: int
+    max_time_ns: int
+    step: tuple[int, int]
+    records: int
+    errors: int  # severity ERROR or worse (number >= 17)
+
+
+@dataclass
+class EdgePartial:
+    """Sampled calls from ``service`` (the caller) to ``callee`` in one window, from one step."""
+
+    service: str
+    callee: str
+    window_start: int
+    max_end_ns: int
+    step: tuple[int, int]
+    calls: int
+    errors: int
+    duration_sum: float  # seconds, of the callee's spans
+
+
+# -- analysis: anomaly updates and alerts, scaling updates and events --------------------------
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One feature of one window: observed value, band, directional z-score."""
+
+    feature: str
+    observed: float
+    expected: float
+    lower: float
+    upper: float
+    z: float  # signed distance from expected in sigmas; 0 when not judged
+    judged: bool  # False while learning or with too few calls
+
+
+@dataclass(frozen=True)
+class AnomalyUpdate:
+    """Per key and window: what /metrics shows about its anomaly state."""
+
+    service: str
+    operation: str  # "" for the service-level key
+    span_kind: int  # -1 for the service-level key
+    time: int  # window start, unix ns
+    score: float  # max directional |z| / k over judged features (>= 1 means anomalous)
+    hst_score: float
+    learning: bool
+    state: str  # ok, pending, firing
+    judgements: tuple[Judgement, ...]
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    service: str
+    operation: str
+    span_kind: int
+    state: str  # pending, firing, resolved
+    time: int  # unix ns: start of the window that caused the change
+    feature: str
+    observed: float
+    expected: float
+    lower: float
+    upper: float
+    score: float
+    source: str  # "detector" or "rule:<name>"
+    trace_ids: tuple[str, ...] = ()
+    ranking: tuple[dict, ...] = ()  # with firing: operations contributing most
+    reason: str = ""  # with resolved: "expired" (key or service retired), "rule_removed"; else ''
+
+    def to_json(self) -> dict:
+        doc = {
+            "type": "alert",
+            "state": self.state,
+            "service": self.service,
+            "time": self.time,
+            "feature": self.feature,
+            "observed": _num(self.observed),
+            "expected": _num(self.expected),
+            "band": [_num(self.lower), _num(self.upper)],
+            "score": _num(self.score),
+            "source": self.source,
+            "trace_ids": list(self.trace_ids),
+        }
+        if self.operation:
+            doc["operation"] = self.operation
+            doc["span_kind"] = kind_name(self.span_kind)
+        if self.ranking:
+            doc["ranking"] = list(self.ranking)
+        if self.reason:
+            doc["reason"] = self.reason
+        return doc
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) or math.isinf(x) else round(x, 9)
+
+
+def kind_name(kind: int) -> str:
+    return SPAN_KINDS[kind] if 0 <= kind < len(SPAN_KINDS) else str(kind)
+
+
+@dataclass(frozen=True)
+class ScalingUpdate:
+    """Per service and window: the gauges."""
+
+    service: str
+    time: int  # window start, unix ns
+    observed: int
+    desired: int
+    reason: str
+    reason_code: str  # low-cardinality: which rule decided (a label on /metrics)
+    call_rate: float
+    forecast_rate: float
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    service: str
+    time: int
+    observed: int
+    desired: int
+    reason: str
+    reason_code: str
+
+    def to_json(self) -> dict:
+        return {
+            "type": "scaling",
+            "service": self.service,
+            "time": self.time,
+            "observed": self.observed,
+            "desired": self.desired,
+            "reason": self.reason,
+            "reason_code": self.reason_code,
+        }

@@ -37,44 +37,9 @@ from dataclasses import dataclass
 from river import time_series
 
 from pipeline.config import ScalingConfig
-from pipeline.model import KIND_CLIENT, ServiceWindow
+from pipeline.model import KIND_CLIENT, ScalingEvent, ScalingUpdate, ServiceWindow
 
 MIN_DEPENDENCY_CALLS = 10
-
-
-@dataclass(frozen=True)
-class ScalingUpdate:
-    """Per service and window: the gauges."""
-
-    service: str
-    time: int  # window start, unix ns
-    observed: int
-    desired: int
-    reason: str
-    reason_code: str  # low-cardinality: which rule decided (a label on /metrics)
-    call_rate: float
-    forecast_rate: float
-
-
-@dataclass(frozen=True)
-class ScalingEvent:
-    service: str
-    time: int
-    observed: int
-    desired: int
-    reason: str
-    reason_code: str
-
-    def to_json(self) -> dict:
-        return {
-            "type": "scaling",
-            "service": self.service,
-            "time": self.time,
-            "observed": self.observed,
-            "desired": self.desired,
-            "reason": self.reason,
-            "reason_code": self.reason_code,
-        }
 
 
 @dataclass(frozen=True)

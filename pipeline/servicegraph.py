@@ -20,14 +20,13 @@ import logging
 import pickle
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from pipeline.deadletter import DeadLetters
-from pipeline.model import SpanBatch, progress_ns
+from pipeline.model import EdgePartial, SpanBatch, progress_ns
 from pipeline.span_index import SpanIndex
 
 log = logging.getLogger("telepipe.servicegraph")
@@ -45,20 +44,6 @@ MAX_SPANS = 1_000_000
 # when a generation expires.
 MAX_NAMES = 4096
 STATE_VERSION = 2  # of the pickled joiner in recovery snapshots (2: versioned; the config bound at start)
-
-
-@dataclass
-class EdgePartial:
-    """Sampled calls from ``service`` (the caller) to ``callee`` in one window, from one step."""
-
-    service: str
-    callee: str
-    window_start: int
-    max_end_ns: int
-    step: tuple[int, int]
-    calls: int
-    errors: int
-    duration_sum: float  # seconds, of the callee's spans
 
 
 class LinkJoiner:

@@ -43,18 +43,20 @@ import numpy as np
 from pipeline.config import WindowsConfig
 from pipeline.model import (
     KIND_SERVER,
-    Dependency,
     OVERFLOW_OPERATION,
+    Dependency,
+    EdgePartial,
     LateEdges,
     LateLogs,
     LateSpans,
     LogBatch,
+    LogPartial,
+    Partial,
     ServiceWindow,
     SpanBatch,
     WindowResult,
     progress_ns,
 )
-from pipeline.servicegraph import EdgePartial
 from pipeline.sketch import LogMapping, LogSketch
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -84,41 +86,6 @@ class WindowSpec:
             mapping=LogMapping(cfg.relative_accuracy),
             bounds=np.asarray(buckets, dtype=np.float64),
         )
-
-
-@dataclass
-class Partial:
-    """Aggregates of one batch's spans of one service in one window: a row per (operation, kind).
-
-    Columnar so that a batch touching thousands of operations is a handful of
-    items and array operations, not an object per operation."""
-
-    service: str
-    window_start: int
-    max_end_ns: int
-    step: tuple[int, int]  # (source partition, step number) it was read in
-    operations: list[str]  # per row
-    kinds: list[int]  # per row
-    row_end_ns: list[int]  # per row: newest span end (the cardinality limiter's last seen)
-    status_counts: np.ndarray  # int64[rows, 3]: unset, ok, error
-    bucket_counts: np.ndarray  # int64[rows, 3, len(bounds) + 1]
-    status_sums: np.ndarray  # float64[rows, 3], seconds
-    zero: np.ndarray  # int64[rows]: spans of zero duration (the sketch's zero bucket)
-    vmin: np.ndarray  # float64[rows], seconds
-    vmax: np.ndarray
-    sk_row: np.ndarray  # sketch buckets: row, bucket index, count (sorted by row, then index)
-    sk_idx: np.ndarray
-    sk_cnt: np.ndarray
-    slow_row: np.ndarray  # exemplars: the slowest spans of each row, slowest first
-    slow_dur: np.ndarray  # float64 seconds
-    slow_trace: np.ndarray  # S16 trace ids
-    err_row: np.ndarray  # trace ids of error spans of each row (the slowest ones first)
-    err_trace: np.ndarray
-    instances: tuple[str, ...] = ()  # distinct service.instance.id values (sorted, none empty)
-
-    @property
-    def count(self) -> int:
-        return int(self.status_counts.sum())
 
 
 def _rank_in_runs(keys: np.ndarray) -> np.ndarray:
@@ -225,18 +192,6 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
             )
         )
     return out
-
-
-@dataclass
-class LogPartial:
-    """Log records of one batch that share a service and a window."""
-
-    service: str
-    window_start: int
-    max_time_ns: int
-    step: tuple[int, int]
-    records: int
-    errors: int  # severity ERROR or worse (number >= 17)
 
 
 SEVERITY_ERROR = 17

@@ -23,9 +23,7 @@ import os
 import orjson
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from pipeline.anomaly import AlertEvent
-from pipeline.model import WindowResult
-from pipeline.scaling import ScalingEvent
+from pipeline.model import AlertEvent, ScalingEvent, WindowResult
 
 PARTITION = "jsonl"
 log = logging.getLogger("telepipe")

@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, LokiConfig
 from pipeline.model import LogBatch
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.threads import PAUSE_AFTER_ERROR_S, survive
-from sinks.delivery import MAX_ERROR_BODY_BYTES, CircuitBreaker, Delivery, RetryPolicy
+from sinks.delivery import CircuitBreaker, Delivery, RetryPolicy
 
 log = logging.getLogger("telepipe")
 

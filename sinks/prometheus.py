@@ -33,19 +33,20 @@ from operator import add, attrgetter
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client.utils import floatToGoString
 
-from pipeline.anomaly import STATE_VALUE, AnomalyUpdate
+from pipeline.anomaly import STATE_VALUE
 from pipeline.model import (
     OVERFLOW_OPERATION,
     SPAN_KINDS,
     STATUS_CODES,
+    AnomalyUpdate,
     KeyExpired,
     LateEdges,
     LateLogs,
     LateSpans,
+    ScalingUpdate,
     ServiceExpired,
     WindowResult,
 )
-from pipeline.scaling import ScalingUpdate
 from pipeline.selfmetrics import COUNTERS, GAUGES, SelfMetrics
 
 log = logging.getLogger("telepipe.prometheus")

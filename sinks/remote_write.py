@@ -37,8 +37,7 @@ import httpx
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from pipeline.config import RemoteWriteConfig
-from pipeline.model import SPAN_KINDS, WindowResult
-from pipeline.scaling import ScalingUpdate
+from pipeline.model import SPAN_KINDS, ScalingUpdate, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.threads import PAUSE_AFTER_ERROR_S, survive
 from sinks.delivery import CircuitBreaker, Delivery, RetryPolicy

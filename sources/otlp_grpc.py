@@ -36,8 +36,9 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from pipeline import batch_codec
 from pipeline.config import OtlpConfig, TlsConfig
-from pipeline.decode import DecodeLimits, Decoded, MalformedRequest, accept_times, decode_logs, decode_traces
+from pipeline.decode import Decoded, DecodeLimits, MalformedRequest, accept_times, decode_logs, decode_traces
 from pipeline.selfmetrics import SelfMetrics
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
 from sources.spool import Spool, SpoolFull
@@ -180,7 +181,7 @@ class OtlpReceiver:
                 )  # fmt: skip
         self.metrics.inc(f"received_{signal}", decoded.received)
         if decoded.batch is not None:
-            payload = decoded.batch.to_bytes()
+            payload = batch_codec.encode(decoded.batch)
             try:
                 self.spool.append(payload)
             except SpoolFull as exc:

@@ -24,8 +24,10 @@ from pathlib import Path
 import zstandard
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from pipeline.batch_codec import Steps, coalesce
+from pipeline.batch_codec import decode as batch_from_bytes
 from pipeline.decode import DecodeLimits, MalformedRequest, decode_json_line
-from pipeline.model import LogBatch, SpanBatch, Steps, batch_from_bytes, coalesce
+from pipeline.model import LogBatch, SpanBatch
 from pipeline.selfmetrics import SelfMetrics
 from sources.spool import list_segments, read_records, segment_name
 

@@ -25,7 +25,9 @@ from datetime import datetime, timedelta, timezone
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from pipeline.model import LogBatch, SpanBatch, Steps, batch_from_bytes, coalesce
+from pipeline.batch_codec import Steps, coalesce
+from pipeline.batch_codec import decode as batch_from_bytes
+from pipeline.model import LogBatch, SpanBatch
 from sources.spool import Spool, read_records
 
 POLL_INTERVAL = timedelta(milliseconds=20)

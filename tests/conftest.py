@@ -75,7 +75,7 @@ class DaemonProc:
         cfg = tmp / "telepipe.toml"
         cfg.write_text(config_text)
         args = [
-            sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg),
+            sys.executable, "-m", "telepipe.cli", "run", "--config", str(cfg),
             "--otlp-grpc", f"127.0.0.1:{self.grpc_port}", "--http", f"127.0.0.1:{self.http_port}",
             "--data-dir", str(self.data_dir), *(extra_args or []),
         ]  # fmt: skip

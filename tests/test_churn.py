@@ -13,14 +13,12 @@ from bytewax.testing import TestingSink
 
 from bench.amplify import load, write_native
 from bench.anomaly_eval import Incident, _rows, inject, looped
-from pipeline import daemon
-from pipeline.anomaly import AlertEvent, AnomalyUpdate
-from pipeline.config import Config, PrometheusConfig, ScalingConfig, ServiceScalingConfig
+from pipeline.config import Config, ScalingConfig, ServiceScalingConfig
 from pipeline.flow import Outputs
-from pipeline.model import KeyExpired, ServiceExpired, SpanBatch
-from pipeline.scaling import ScalingUpdate
+from pipeline.model import AlertEvent, AnomalyUpdate, KeyExpired, ScalingUpdate, ServiceExpired, SpanBatch
 from pipeline.selfmetrics import SelfMetrics
 from sinks.prometheus import MetricsSink, SeriesState
+from telepipe import daemon
 
 from .conftest import ONLINEBOUTIQUE, total, wait_for
 from .test_decode import trace_request

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.cli import main as cli_main
-from pipeline.daemon import local_shards
 from sinks.keda import externalscaler_pb2_grpc as pb_grpc
+from telepipe.cli import main as cli_main
+from telepipe.daemon import local_shards
 
 from .conftest import ONLINEBOUTIQUE, ROOT, TRAINTICKET, ZIPKIN, free_port, wait_http
 from .test_keda import keda_replicas, request
@@ -28,7 +28,7 @@ def test_replay_on_two_processes_gives_the_same_results_as_one(tmp_path):
     for processes in (1, 2):
         out = tmp_path / f"p{processes}.jsonl"
         subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "replay", str(ONLINEBOUTIQUE), str(TRAINTICKET), str(ZIPKIN),
+            [sys.executable, "-m", "telepipe.cli", "replay", str(ONLINEBOUTIQUE), str(TRAINTICKET), str(ZIPKIN),
              "--emit-jsonl", str(out), "--processes", str(processes)],
             cwd=ROOT, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -53,7 +53,7 @@ def test_two_processes_share_the_port_split_the_services_and_lose_nothing(tmp_pa
     cfg.write_text("[windows]\nidle_timeout_s = 1.0\nallowed_lateness_s = 0.0\n\n"
                    "[scaling]\ntarget_rps_per_replica = 5.0\nforecast_horizon_s = 0.0\n")  # fmt: skip
     supervisor = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--processes", "2",
+        [sys.executable, "-m", "telepipe.cli", "run", "--config", str(cfg), "--processes", "2",
          "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
          "--keda", f"127.0.0.1:{keda_port}", "--data-dir", str(tmp_path / "data")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

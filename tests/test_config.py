@@ -65,11 +65,11 @@ def test_cli_flags_override_and_are_validated():
 
 
 def test_check_config_command(tmp_path):
-    good = subprocess.run([sys.executable, "-m", "pipeline.cli", "check-config", str(EXAMPLE)],
+    good = subprocess.run([sys.executable, "-m", "telepipe.cli", "check-config", str(EXAMPLE)],
                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert good.returncode == 0 and "ok" in good.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[spool]\nfsink = 'always'\n")
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "check-config", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "telepipe.cli", "check-config", str(bad)],
                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "did you mean 'spool.fsync'" in out.stderr

@@ -134,7 +134,7 @@ def check_nothing_acknowledged_lost(client: Client, out, wait_s: float = 30) -> 
 
 
 def test_spool_segments_are_deleted_once_a_committed_snapshot_passed_them(daemon_factory):
-    from pipeline.recovery import CommittedSnapshots
+    from telepipe.recovery import CommittedSnapshots
 
     d = daemon_factory("[spool]\nsegment_bytes = 4096\nbudget_bytes = 10000000\n[recovery]\nsnapshot_interval_s = 0.2\n")
     channel = grpc.insecure_channel(d.grpc_target)

@@ -5,8 +5,9 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from pipeline.batch_codec import coalesce, decode, encode
 from pipeline.decode import MalformedRequest, decode_json_line, decode_logs, decode_logs_json, decode_traces
-from pipeline.model import LogBatch, SpanBatch, batch_from_bytes, coalesce
+from pipeline.model import LogBatch, SpanBatch
 
 from .conftest import ONLINEBOUTIQUE, TRAINTICKET
 
@@ -91,7 +92,7 @@ def test_missing_service_name_is_unknown_service():
 
 def test_batch_bytes_round_trip():
     b = decode_traces(trace_request([{}, {"name": "b", "status": 2}])).batch
-    back = batch_from_bytes(b.to_bytes())
+    back = decode(encode(b))
     for col in ("service_idx", "op_idx", "kind", "status", "end_ns", "duration_ns", "trace_id", "span_id"):
         assert np.array_equal(getattr(back, col), getattr(b, col))
     assert back.operations == b.operations
@@ -168,7 +169,7 @@ def test_logs_decode_and_limits():
     assert isinstance(b, LogBatch) and len(b) == 1
     assert b.trace_id == ["ab" * 16] and b.span_id == ["cd" * 8] and b.body == ["boom"]
     assert len(b.attributes[0]) == 16  # bounded set of attributes
-    back = batch_from_bytes(b.to_bytes())
+    back = decode(encode(b))
     assert back.body == b.body and back.time_ns.tolist() == b.time_ns.tolist()
 
 
@@ -222,7 +223,7 @@ def test_long_attribute_values_are_cut_with_a_warning():
 
 
 def test_protobuf_backend_is_upb_and_checked_at_startup(monkeypatch):
-    from pipeline import daemon
+    from telepipe import daemon
 
     assert daemon.protobuf_backend() == "upb"
     daemon.check_protobuf_backend()

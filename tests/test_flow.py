@@ -97,7 +97,7 @@ def test_cardinality_limit_in_the_flow():
 
 def _cli_replay(out, *extra):
     subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "replay", str(ONLINEBOUTIQUE), "--emit-jsonl", str(out), *extra],
+        [sys.executable, "-m", "telepipe.cli", "replay", str(ONLINEBOUTIQUE), "--emit-jsonl", str(out), *extra],
         cwd=ROOT, check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     return out.read_bytes()

@@ -6,13 +6,12 @@ from bytewax.testing import TestingSink, cluster_main
 
 from bench.amplify import load, write_native
 from bench.anomaly_eval import Incident, inject, looped
-from pipeline import daemon
-from pipeline.anomaly import AlertEvent
 from pipeline.config import Config
 from pipeline.flow import Outputs, build_flow
 from pipeline.model import SpanBatch
 from pipeline.selfmetrics import SelfMetrics
 from sources.replay import ReplaySource
+from telepipe import daemon
 
 from .conftest import ONLINEBOUTIQUE
 

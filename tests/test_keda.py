@@ -15,7 +15,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.scaling import ScalingUpdate
+from pipeline.model import ScalingUpdate
 from sinks.keda import KedaScaler
 from sinks.keda import externalscaler_pb2 as pb
 from sinks.keda import externalscaler_pb2_grpc as pb_grpc

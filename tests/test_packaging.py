@@ -43,5 +43,5 @@ def test_makefile_has_the_two_commands_and_ci_calls_make_test():
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "telepipe.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "replay" in out.stdout and "--processes N" in out.stdout

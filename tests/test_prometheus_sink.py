@@ -8,10 +8,8 @@ import socket
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.anomaly import AnomalyUpdate, Judgement
 from pipeline.config import DEFAULT_BUCKETS
-from pipeline.model import LateSpans, WindowResult
-from pipeline.scaling import ScalingUpdate
+from pipeline.model import AnomalyUpdate, Judgement, LateSpans, ScalingUpdate, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from sinks.prometheus import MetricsHttpServer, SeriesState
 

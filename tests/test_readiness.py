@@ -6,8 +6,9 @@ import time
 import grpc
 import httpx
 
-from pipeline import daemon, flow
+from pipeline import flow
 from pipeline.config import Config, HttpConfig, OtlpConfig, RecoveryConfig, SpoolConfig
+from telepipe import daemon
 
 from .conftest import wait_for
 from .test_decode import trace_request
@@ -49,7 +50,7 @@ def test_readyz_is_503_while_the_flow_is_stuck_with_a_backlog(tmp_path, monkeypa
 
 
 def test_committed_snapshots_are_read_off_the_calling_thread(tmp_path, monkeypatch):
-    from pipeline import recovery
+    from telepipe import recovery
 
     threads = []
 

@@ -10,8 +10,8 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from pipeline.batch_codec import decode as batch_from_bytes
 from pipeline.config import OtlpConfig
-from pipeline.model import batch_from_bytes
 from pipeline.selfmetrics import SelfMetrics
 from sources.spool import Spool, list_segments, read_records
 

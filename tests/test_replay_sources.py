@@ -7,8 +7,8 @@ import grpc
 import orjson
 import zstandard
 
-from pipeline import daemon
 from pipeline.config import Config
+from telepipe import daemon
 
 from .conftest import TRAINTICKET
 from .test_decode import trace_request

@@ -10,7 +10,6 @@ import pytest
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from pipeline.anomaly import AlertEvent
 from pipeline.config import (
     AnomalyConfig,
     Config,
@@ -21,8 +20,7 @@ from pipeline.config import (
     WindowsConfig,
 )
 from pipeline.flow import Outputs, build_flow
-from pipeline.model import KeyExpired, SpanBatch, WindowResult
-from pipeline.scaling import ScalingUpdate
+from pipeline.model import AlertEvent, KeyExpired, ScalingUpdate, SpanBatch, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.service import STATE_VERSION, ServiceState, SnapshotTooNew
 from pipeline.windows import WindowSpec

@@ -6,9 +6,9 @@ import pytest
 from pipeline.anomaly import ServiceAnomaly
 from pipeline.config import AnomalyConfig
 from pipeline.model import Dependency, SpanBatch
+from pipeline.selfmetrics import SelfMetrics
 from pipeline.servicegraph import LinkJoiner
 from sources.replay import iter_batches
-from pipeline.selfmetrics import SelfMetrics
 
 from .conftest import ONLINEBOUTIQUE, TRAINTICKET
 from .factories import result, service_window

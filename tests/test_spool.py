@@ -336,6 +336,7 @@ def test_write_failure_whose_cut_back_fails_abandons_the_segment(tmp_path):
 
 
 def test_spool_source_reads_each_acknowledged_batch_once_across_failures(tmp_path, monkeypatch):
+    from pipeline.batch_codec import encode
     from pipeline.decode import decode_traces
     from sources.spool_source import SpoolSource
 
@@ -351,7 +352,7 @@ def test_spool_source_reads_each_acknowledged_batch_once_across_failures(tmp_pat
     for i in range(40):
         fail_sync[0] = i % 7 == 3
         no_files.failing = i % 11 == 5
-        payload = decode_traces(trace_request([{"end": 2_000_000_000 + i}])).batch.to_bytes()
+        payload = encode(decode_traces(trace_request([{"end": 2_000_000_000 + i}])).batch)
         try:
             sp.append(payload)
             acked.append(2_000_000_000 + i)

@@ -33,15 +33,16 @@ def test_items_ending_too_far_ahead_are_rejected_and_the_rest_stamped():
 
 
 def test_the_acceptance_time_survives_the_spool_and_merging():
-    from pipeline.model import SpanBatch, batch_from_bytes, coalesce
+    from pipeline.batch_codec import coalesce, decode, encode
+    from pipeline.model import SpanBatch
 
     a = accept_times(decode_traces(trace_request([{"end": NOW}])), NOW, 300 * S).batch
     b = accept_times(decode_traces(trace_request([{"end": NOW}])), NOW + S, 300 * S).batch
-    back = batch_from_bytes(a.to_bytes())
+    back = decode(encode(a))
     assert back.received_ns == NOW
-    (merged,) = coalesce([back, batch_from_bytes(b.to_bytes())])
+    (merged,) = coalesce([back, decode(encode(b))])
     assert isinstance(merged, SpanBatch) and merged.received_ns == NOW + S
-    assert batch_from_bytes(decode_traces(trace_request([{}])).batch.to_bytes()).received_ns == 0  # unknown
+    assert decode(encode(decode_traces(trace_request([{}])).batch)).received_ns == 0  # unknown
 
 
 @pytest.mark.integration

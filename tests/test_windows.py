@@ -5,13 +5,7 @@ import numpy as np
 
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
 from pipeline.model import OVERFLOW_OPERATION, LateSpans, LogBatch, ServiceWindow, SpanBatch
-from pipeline.windows import (
-    CardinalityLimiter,
-    ServiceWindows,
-    WindowSpec,
-    preaggregate,
-    preaggregate_logs,
-)
+from pipeline.windows import CardinalityLimiter, ServiceWindows, WindowSpec, preaggregate, preaggregate_logs
 
 S = 1_000_000_000
 
@@ -303,8 +297,7 @@ def test_a_clock_ahead_moves_event_time_no_further_than_the_acceptance_time():
 
 
 def test_late_log_records_and_late_calls_are_counted():
-    from pipeline.model import LateEdges, LateLogs
-    from pipeline.servicegraph import EdgePartial
+    from pipeline.model import EdgePartial, LateEdges, LateLogs
 
     sp = spec(length_s=10, allowed_lateness_s=0)
     sw = service_windows(sp)

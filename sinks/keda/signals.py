@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable
 
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from pipeline.model import ServiceExpired
-from pipeline.scaling import ScalingUpdate
+from pipeline.model import ScalingUpdate, ServiceExpired
 
 PARTITION = "scaling"
 SWEEP_EVERY_S = 1.0  # update() runs per batch; a full sweep each time would cost O(services) per batch

@@ -24,19 +24,19 @@ from pipeline import compiled
 from pipeline.config import Config
 from pipeline.decode import DecodeLimits
 from pipeline.flow import Outputs, build_flow
-from pipeline.recovery import CommittedSnapshots
 from pipeline.selfmetrics import SelfMetrics
 from sinks.jsonl import JsonlSink
 from sinks.keda import KedaScaler
 from sinks.keda.signals import ScalingSignals, SignalsSink
 from sinks.loki import LokiClient, LokiSink
-from sinks.remote_write import RemoteWriteClient, RemoteWriteSink
 from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState
+from sinks.remote_write import RemoteWriteClient, RemoteWriteSink
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
 from sources.otlp_grpc import OtlpReceiver
 from sources.replay import ReplaySource
 from sources.spool import Spool
 from sources.spool_source import SpoolSource
+from telepipe.recovery import CommittedSnapshots
 
 log = logging.getLogger("telepipe")
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes > 1:
         return _supervise(args, cfg, sys.argv[1:] if argv is None else argv)
 
-    from pipeline import daemon  # imported late: bytewax and grpc load slowly
+    from telepipe import daemon  # imported late: bytewax and grpc load slowly
 
     if args.command == "replay":
         try:
@@ -171,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _supervise(args, cfg: Config, argv: list[str]) -> int:
     """``--processes N``: start N children of this command as one cluster and wait for them."""
-    from pipeline import cluster
+    from telepipe import cluster
 
     extra = None
     if args.command == "run":
-        from pipeline.daemon import _host_port, init_recovery
+        from telepipe.daemon import _host_port, init_recovery
 
         if cfg.recovery.enabled:
             from pathlib import Path

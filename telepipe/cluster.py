@@ -58,7 +58,7 @@ def child_argvs(argv: list[str], processes: int, extra: list[list[str]] | None =
     base = strip_option(argv, "--processes")
     addresses = ",".join(f"127.0.0.1:{p}" for p in free_ports(processes))
     return [
-        [sys.executable, "-m", "pipeline.cli", *base, "--process-id", str(i), "--addresses", addresses,
+        [sys.executable, "-m", "telepipe.cli", *base, "--process-id", str(i), "--addresses", addresses,
          *(extra[i] if extra else [])]
         for i in range(processes)
     ]  # fmt: skip

@@ -1,0 +1,188 @@
+"""The binary form of batches (what the spool and native recordings store), and the
+source-side helpers that cut and stamp them.
+
+- ``encode(batch)`` / ``decode(data)``: a ``SpanBatch`` as a small JSON header (string
+  tables, acceptance time) and its numpy columns as raw bytes, read back with
+  ``numpy.frombuffer`` (no copy); a ``LogBatch`` as a JSON header and two columns.
+  The receiver decodes each request once and spools this form.
+- ``concat``: one span batch of several (string tables merged).
+- ``coalesce``: the span batches of one read step merged into few large ones.
+- ``Steps``: numbers a source partition's read steps and stamps them on its batches
+  (watermarks advance only between steps, see ``pipeline/windows.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+import orjson
+
+from pipeline.model import SPAN_COLUMNS, LogBatch, SpanBatch
+
+_MAGIC_SPANS = b"TPS1"
+_MAGIC_LOGS = b"TPL1"
+_HEADER = struct.Struct("<4sII")  # magic, header json length, row count
+
+
+def encode(batch: SpanBatch | LogBatch) -> bytes:
+    return _encode_spans(batch) if isinstance(batch, SpanBatch) else _encode_logs(batch)
+
+
+def decode(data: bytes | memoryview) -> SpanBatch | LogBatch:
+    """A spooled batch of either kind; ValueError when it is not one (or is cut short)."""
+    magic = bytes(data[:4])
+    if magic == _MAGIC_SPANS:
+        return _decode_spans(data)
+    if magic == _MAGIC_LOGS:
+        return _decode_logs(data)
+    raise ValueError(f"unknown batch type {magic!r}")
+
+
+def _encode_spans(batch: SpanBatch) -> bytes:
+    head = {"s": batch.services, "o": batch.operations, "i": batch.instances}
+    if batch.received_ns:
+        head["r"] = batch.received_ns
+    raw = orjson.dumps(head)
+    parts = [_HEADER.pack(_MAGIC_SPANS, len(raw), len(batch)), raw]
+    for name, _dtype in SPAN_COLUMNS:
+        parts.append(getattr(batch, name).tobytes())
+    return b"".join(parts)
+
+
+def _decode_spans(data: bytes | memoryview) -> SpanBatch:
+    magic, hlen, n = _HEADER.unpack_from(data, 0)
+    pos = _HEADER.size
+    head = orjson.loads(bytes(data[pos : pos + hlen]))
+    pos += hlen
+    cols = {}
+    for name, dtype in SPAN_COLUMNS:
+        dt = np.dtype(dtype)
+        size = dt.itemsize * n
+        if pos + size > len(data):
+            raise ValueError("truncated span batch")
+        cols[name] = np.frombuffer(data, dtype=dt, count=n, offset=pos)
+        pos += size
+    batch = SpanBatch(
+        services=tuple(head["s"]),
+        operations=tuple(head["o"]),
+        instances=tuple(head["i"]),
+        received_ns=int(head.get("r", 0)),
+        **cols,
+    )
+    batch.check()
+    return batch
+
+
+def _encode_logs(batch: LogBatch) -> bytes:
+    head = orjson.dumps(
+        {
+            "st": batch.severity_text,
+            "b": batch.body,
+            "t": batch.trace_id,
+            "sp": batch.span_id,
+            "s": batch.service,
+            "i": batch.instance,
+            "a": batch.attributes,
+            **({"r": batch.received_ns} if batch.received_ns else {}),
+        }
+    )
+    return b"".join(
+        (
+            _HEADER.pack(_MAGIC_LOGS, len(head), len(batch)),
+            head,
+            batch.time_ns.astype(np.int64).tobytes(),
+            batch.severity.astype(np.int8).tobytes(),
+        )
+    )
+
+
+def _decode_logs(data: bytes | memoryview) -> LogBatch:
+    magic, hlen, n = _HEADER.unpack_from(data, 0)
+    pos = _HEADER.size
+    head = orjson.loads(bytes(data[pos : pos + hlen]))
+    pos += hlen
+    if pos + 9 * n > len(data):
+        raise ValueError("truncated log batch")
+    return LogBatch(
+        time_ns=np.frombuffer(data, dtype=np.int64, count=n, offset=pos),
+        severity=np.frombuffer(data, dtype=np.int8, count=n, offset=pos + 8 * n),
+        severity_text=head["st"],
+        body=head["b"],
+        trace_id=head["t"],
+        span_id=head["sp"],
+        service=head["s"],
+        instance=head["i"],
+        attributes=head["a"],
+        received_ns=int(head.get("r", 0)),
+    )
+
+
+def concat(batches: list[SpanBatch]) -> SpanBatch:
+    """One batch of several (order kept), string tables merged.
+
+    Fewer, larger batches mean less per-batch overhead downstream (the
+    recordings and many SDKs send a few dozen spans per request).
+    """
+    if len(batches) == 1:
+        return batches[0]
+    tables: dict[str, dict[str, int]] = {"services": {}, "operations": {}, "instances": {}}
+    cols: dict[str, list[np.ndarray]] = {name: [] for name, _ in SPAN_COLUMNS}
+    remap = {"services": "service_idx", "operations": "op_idx", "instances": "instance_idx"}
+    for b in batches:
+        for table, col in remap.items():
+            merged = tables[table]
+            mapping = np.fromiter(
+                (merged.setdefault(x, len(merged)) for x in getattr(b, table)), np.int32, len(getattr(b, table))
+            )
+            cols[col].append(mapping[getattr(b, col)] if len(b) else getattr(b, col))
+        for name, _ in SPAN_COLUMNS:
+            if name not in remap.values():
+                cols[name].append(getattr(b, name))
+    return SpanBatch(
+        services=tuple(tables["services"]),
+        operations=tuple(tables["operations"]),
+        instances=tuple(tables["instances"]),
+        received_ns=max(b.received_ns for b in batches),
+        **{name: np.concatenate(parts) for name, parts in cols.items()},
+    )
+
+
+def coalesce(batches: list[SpanBatch | LogBatch], max_spans: int = 8192) -> list[SpanBatch | LogBatch]:
+    """The span batches of one read step merged (up to ``max_spans`` each, order kept), then its
+    log batches as they came.
+
+    Spans and logs take separate paths and a step is one unit for watermarks, so their order
+    within a step changes nothing downstream; merging across interleaved log requests (the
+    recordings alternate them) made the x16 replay's span batches 3 requests long instead of
+    16, and every downstream step pays per batch (the service graph join: 353 against 130 ns
+    per span)."""
+    out: list[SpanBatch | LogBatch] = []
+    run: list[SpanBatch] = []
+    size = 0
+    for b in batches:
+        if not isinstance(b, SpanBatch):
+            continue
+        if run and size + len(b) > max_spans:
+            out.append(concat(run))
+            run, size = [], 0
+        run.append(b)
+        size += len(b)
+    if run:
+        out.append(concat(run))
+    out.extend(b for b in batches if not isinstance(b, SpanBatch))
+    return out
+
+
+class Steps:
+    """Numbers the steps of one source partition and stamps them on its span batches."""
+
+    def __init__(self, partition: int, next_seq: int = 0) -> None:
+        self.partition = partition
+        self.next_seq = next_seq
+
+    def stamp(self, step: list[SpanBatch | LogBatch]) -> list[SpanBatch | LogBatch]:
+        mark = (self.partition, self.next_seq)
+        self.next_seq += 1
+        return [dataclasses.replace(b, step=mark) for b in step]
