@@ -12,38 +12,37 @@
          alert and scaling events -> Loki (when configured)
     log batches -> Loki (when configured)
 
-Stateful logic lives in plain classes (``pipeline/windows.py``); the bytewax
-steps here only wrap them. No step reads the wall clock: the idle timer uses
-the injected ``clock``, and replay turns idle closing off so that output depends
-on the recording alone. Steps that touch input data run each item through
-``DeadLetters``: a poison record is set aside, not crash-looped on, and a step
-that changes state is never retried (pipeline/deadletter.py).
-
-State restored from a recovery snapshot gets the configuration in force
-(``ServiceState.bind``): snapshots hold state, never configuration. A service
-forgotten after ``prometheus.service_stale_after_s`` of silence has its state
-dropped (``StatefulLogic.DISCARD``).
+Stateful logic lives in plain classes (``pipeline/windows.py``, ``anomaly.py``,
+``scaling.py``, ``servicegraph.py``, gathered per service in ``service.py``); the
+bytewax steps that wrap them are in ``pipeline/steps.py``. No step reads the wall
+clock: the idle timer uses the injected ``clock``, and replay turns idle closing off
+so that output depends on the recording alone. Steps that touch input data run each
+item through ``DeadLetters``: a poison record is set aside, not crash-looped on, and
+a step that changes state is never retried (pipeline/deadletter.py). The flow counts
+its own progress (spans and windows processed, late and expired items) in
+``SelfMetrics``, whatever sinks are attached.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
-from bytewax.operators import StatefulLogic
 from bytewax.outputs import Sink
 
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
 from pipeline.model import (
+    OVERFLOW_OPERATION,
     AlertEvent,
     EdgePartial,
+    KeyExpired,
+    LateEdges,
+    LateLogs,
     LateSpans,
     LogBatch,
     ScalingEvent,
@@ -53,8 +52,7 @@ from pipeline.model import (
     WindowResult,
 )
 from pipeline.selfmetrics import SelfMetrics
-from pipeline.service import ServiceState
-from pipeline.servicegraph import JoinedSource
+from pipeline.steps import JoinedSource, ServiceStep
 from pipeline.windows import WindowSpec, preaggregate, preaggregate_logs
 
 Clock = Callable[[], float]  # seconds since the epoch
@@ -78,57 +76,6 @@ class Outputs:
     scaling_sinks: list[Sink] = field(default_factory=list)
 
 
-class _ServiceStep(StatefulLogic[object, object, bytes]):
-    """bytewax wrapper of ``ServiceState`` for one service."""
-
-    def __init__(
-        self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, close_at_eof: bool, dead: DeadLetters,
-        resume: bytes | None,
-    ) -> None:  # fmt: skip
-        self.cfg, self.spec, self.clock, self.idle, self.close_at_eof = cfg, spec, clock, idle, close_at_eof
-        self.dead = dead
-        # A source partition silent for this service for the idle timeout stops holding its
-        # watermark back (live only: replay closes by the input alone).
-        self.partition_idle = cfg.windows.idle_timeout_s if idle else None
-        self.state: ServiceState | None = None
-        if resume is not None:  # restored after a restart: today's config, and the idle timers start over
-            self.state = pickle.loads(resume)
-            self.state.bind(cfg, spec, self.partition_idle, dead)
-            self.state.windows.resumed(clock())
-
-    def _done(self, out: list | None) -> tuple[list, bool]:
-        expired = self.state is not None and self.state.expired
-        return out or [], StatefulLogic.DISCARD if expired else StatefulLogic.RETAIN
-
-    def on_item(self, value):
-        if self.state is None:
-            self.state = ServiceState(self.cfg, self.spec, value.service, self.partition_idle)
-            self.state.bind(self.cfg, self.spec, self.partition_idle, self.dead)
-        # Merging changes state: a failure is set aside at once, never retried (analysis
-        # failures are caught per window inside).
-        return self._done(self.dead.run("merge", self.state.on_item, value, self.clock(), tries=1))
-
-    def on_notify(self):
-        return self._done(self.state.on_idle(self.clock()))
-
-    def on_eof(self):
-        if not self.close_at_eof:  # the daemon stops with recovery on: open windows live on in the snapshot
-            return [], StatefulLogic.RETAIN
-        return self._done(self.state.close_all())
-
-    def notify_at(self) -> datetime | None:
-        deadline = self.state.idle_deadline() if (self.idle and self.state) else None
-        if deadline is None:
-            return None
-        # the deadline is on the injected clock; bytewax wakes us on the system clock
-        return datetime.now(timezone.utc) + timedelta(seconds=deadline - self.clock())
-
-    def snapshot(self) -> bytes:
-        # bytewax snapshots every touched key at every epoch end; a pickle is both the
-        # immutable copy it asks for and much cheaper than copy.deepcopy of river objects.
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def _partials(spec: WindowSpec, dead: DeadLetters):
     def split(item: SpanBatch | LogBatch | EdgePartial) -> list:
         if isinstance(item, SpanBatch):
@@ -138,6 +85,26 @@ def _partials(spec: WindowSpec, dead: DeadLetters):
         return [item]  # an EdgePartial is already an aggregate
 
     return lambda item: dead.run("preaggregate", split, item) or []
+
+
+def _progress_counter(metrics: SelfMetrics):
+    """What the flow has done, counted where it happens (not by a sink: replay's summary and
+    /metrics agree whatever sinks are attached)."""
+    late = {LateSpans: "late_spans", LateLogs: "late_logs", LateEdges: "late_edges"}
+    expired = {KeyExpired: "expired_keys", ServiceExpired: "expired_services"}
+
+    def count(_step: str, item) -> None:
+        if isinstance(item, WindowResult):
+            metrics.inc("windows_closed", 1)
+            metrics.inc("processed_spans", item.count)
+            if item.operation == OVERFLOW_OPERATION:
+                metrics.inc("overflow_spans", item.count)
+        elif type(item) in late:
+            metrics.inc(late[type(item)], item.count)
+        elif type(item) in expired:
+            metrics.inc(expired[type(item)], 1)
+
+    return count
 
 
 def build_flow(
@@ -167,10 +134,11 @@ def build_flow(
     partials = op.flat_map("preaggregate", batches, _partials(spec, dead))
     by_service = op.key_on("key_by_service", partials, lambda p: p.service)
     per_service = op.stateful(
-        "services", by_service, lambda resume: _ServiceStep(cfg, spec, clock, idle_close, close_at_eof, dead, resume)
+        "services", by_service, lambda resume: ServiceStep(cfg, spec, clock, idle_close, close_at_eof, dead, resume)
     )
     # Window results, late counts, anomaly and scaling updates and events, per service in order.
     results = op.key_rm("unkey", per_service)
+    op.inspect("count_progress", results, _progress_counter(metrics))
 
     for i, sink in enumerate(outputs.result_sinks):
         op.output(f"results_out_{i}", results, sink)
@@ -201,4 +169,4 @@ def build_flow(
     return flow
 
 
-__all__ = ["Outputs", "build_flow", "WindowResult", "LateSpans"]
+__all__ = ["Outputs", "build_flow"]

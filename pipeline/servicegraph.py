@@ -16,20 +16,12 @@ caller's window; alert rankings name downstream services from them.
 
 from __future__ import annotations
 
-import logging
-import pickle
-import time
 from collections import defaultdict
-from datetime import datetime
 
 import numpy as np
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from pipeline.deadletter import DeadLetters
 from pipeline.model import EdgePartial, SpanBatch, progress_ns
 from pipeline.span_index import SpanIndex
-
-log = logging.getLogger("telepipe.servicegraph")
 
 GENERATION_NS = 10_000_000_000
 # Parent ids waiting for their span, per generation: beyond this, a child whose parent has not
@@ -242,68 +234,3 @@ class LinkJoiner:
             index.recode(new)
         self.names = [self.names[c] for c in used.tolist()]
         self.codes = {name: i for i, name in enumerate(self.names)}
-
-
-class _JoinedPartition(StatefulSourcePartition):
-    def __init__(self, inner: StatefulSourcePartition, joiner: LinkJoiner, dead: DeadLetters | None) -> None:
-        self.inner = inner
-        self.joiner = joiner
-        self.dead = dead
-        self.logged_at = -1e9
-
-    def next_batch(self) -> list:
-        items = self.inner.next_batch()
-        out = []
-        before = (self.joiner.unjoined, self.joiner.unstored)
-        for item in items:
-            out.append(item)
-            if isinstance(item, SpanBatch):
-                if self.dead is None:
-                    out.extend(self.joiner.process(item))
-                else:
-                    # the join changes state: a failure is set aside at once, never retried
-                    out.extend(self.dead.run("servicegraph", self.joiner.process, item, tries=1) or [])
-        unjoined, unstored = self.joiner.unjoined - before[0], self.joiner.unstored - before[1]
-        if (unjoined or unstored) and self.dead is not None:
-            # counted per batch, logged at most once a minute (this can go on for a while)
-            for n, reason in ((unjoined, "servicegraph_unjoined"), (unstored, "servicegraph_unstored")):
-                if n:
-                    self.dead.metrics.inc("dropped", n, reason)
-            if time.monotonic() - self.logged_at > 60:
-                self.logged_at = time.monotonic()
-                log.warning("service graph: more than %d sampled spans per %d s or %d awaited parents; spans not kept "
-                            "and children not joined are counted as dropped{reason=\"servicegraph_unstored\"} and "
-                            "{reason=\"servicegraph_unjoined\"}", MAX_SPANS, GENERATION_NS // 10**9, MAX_WAITING)  # fmt: skip
-        return out
-
-    def next_awake(self) -> datetime | None:
-        return self.inner.next_awake()
-
-    def snapshot(self):
-        return (self.inner.snapshot(), pickle.dumps(self.joiner))  # a copy: the joiner keeps changing
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class JoinedSource(FixedPartitionedSource):
-    """Wraps a partitioned source of batches: each span batch is followed by its edges."""
-
-    def __init__(
-        self, inner: FixedPartitionedSource, sample_one_in: int, ttl_ns: int, window_ns: int,
-        dead: DeadLetters | None = None,
-    ) -> None:  # fmt: skip
-        self.inner = inner
-        self.args = (sample_one_in, ttl_ns, window_ns)
-        self.dead = dead
-
-    def list_parts(self) -> list[str]:
-        return self.inner.list_parts()
-
-    def build_part(self, step_id: str, for_part: str, resume_state):
-        inner_state, joiner = resume_state if resume_state is not None else (None, None)
-        inner = self.inner.build_part(step_id, for_part, inner_state)
-        if joiner:  # restored: state from the snapshot, configuration from today's file
-            joiner = pickle.loads(joiner)
-            joiner.bind(*self.args)
-        return _JoinedPartition(inner, joiner or LinkJoiner(*self.args), self.dead)

@@ -35,13 +35,10 @@ from prometheus_client.utils import floatToGoString
 
 from pipeline.anomaly import STATE_VALUE
 from pipeline.model import (
-    OVERFLOW_OPERATION,
     SPAN_KINDS,
     STATUS_CODES,
     AnomalyUpdate,
     KeyExpired,
-    LateEdges,
-    LateLogs,
     LateSpans,
     ScalingUpdate,
     ServiceExpired,
@@ -95,12 +92,6 @@ class SeriesState:
         newest_end = 0
         with self._lock:
             for r in items:
-                if isinstance(r, LateSpans):
-                    self.metrics.inc("late_spans", r.count)
-                    continue
-                if isinstance(r, LateLogs | LateEdges):
-                    self.metrics.inc("late_logs" if isinstance(r, LateLogs) else "late_edges", r.count)
-                    continue
                 if isinstance(r, KeyExpired | ServiceExpired):
                     self._forget(r)
                     continue
@@ -127,10 +118,6 @@ class SeriesState:
                     s.updated = now
                 q = (r.p50, r.p90, r.p95, r.p99, r.max)
                 self._latest[(r.service, r.operation, kind)] = (q, r.count, now)
-                self.metrics.inc("windows_closed", 1)
-                self.metrics.inc("processed_spans", r.count)
-                if r.operation == OVERFLOW_OPERATION:
-                    self.metrics.inc("overflow_spans", r.count)
                 newest_end = max(newest_end, r.window_end)
             if now - self._expired_at >= 1.0:  # a scan of every series: not on every batch
                 self._expire(now)
@@ -143,11 +130,9 @@ class SeriesState:
     def _forget(self, r: KeyExpired | ServiceExpired) -> None:
         """Drop the series of a retired key, or of every key of a forgotten service (lock held)."""
         if isinstance(r, KeyExpired):
-            self.metrics.inc("expired_keys", 1)
             key = (r.service, r.operation, _kind(r.span_kind))
             mine = lambda k: k[:3] == key  # noqa: E731
         else:
-            self.metrics.inc("expired_services", 1)
             mine = lambda k: k[0] == r.service  # noqa: E731
             self._scaling.pop(r.service, None)
         for table in (self._series, self._latest, self._anomaly):

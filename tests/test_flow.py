@@ -178,3 +178,12 @@ def test_an_item_that_makes_a_step_raise_is_dead_lettered(tmp_path):
     (saved,) = list((tmp_path / "dead").glob("*.pkl"))
     doc = pickle.loads(saved.read_bytes())
     assert doc["step"] == "step" and doc["item"] == "poison" and "ZeroDivisionError" in doc["error"]
+
+
+def test_the_flow_counts_its_own_progress_whatever_sinks_are_attached():
+    from pipeline.flow import Outputs, build_flow
+
+    metrics = SelfMetrics()
+    run_main(build_flow(Config(), ReplaySource([ONLINEBOUTIQUE], metrics=metrics), Outputs(), metrics, idle_close=False))
+    assert metrics.counter("processed_spans") == 22969 and metrics.counter("windows_closed") == 361
+    assert metrics.counter("late_spans") == 0

@@ -83,8 +83,8 @@ def test_families_and_exposition_rules():
     lat = {"service_name": "svc", "span_name": "GET /a", "span_kind": "SPAN_KIND_SERVER"}
     assert value(text, "telepipe_window_latency_seconds", {**lat, "quantile": "0.99"}) == 0.04
     assert value(text, "telepipe_window_latency_seconds", {**lat, "quantile": "1"}) == 20.0
-    assert value(text, "telepipe_late_spans_total") == 5
-    assert value(text, "telepipe_windows_closed_total") == 2
+    assert value(text, "telepipe_late_spans_total") == 0  # progress is counted by the flow, not this sink
+    assert value(text, "telepipe_windows_closed_total") == 0
     names = {f.name for f in text_string_to_metric_families(text)}
     for family in ("telepipe_received_spans", "telepipe_accepted_spans", "telepipe_rejected_spans",
                    "telepipe_received_logs", "telepipe_spool_bytes", "telepipe_spool_unread_bytes", "telepipe_late_spans",
@@ -183,7 +183,8 @@ def test_http_metrics_chunked_and_gzip():
         head, _, body = reply.partition(b"\r\n\r\n")
         assert b"Transfer-Encoding" not in head and body == plain.content
         assert len(samples(plain.text)) == len(samples(page(state)))
-        assert value(plain.text, "telepipe_windows_closed_total") == 300
+        op299 = {"service_name": "svc", "span_name": "op299", "span_kind": "SPAN_KIND_SERVER"}
+        assert value(plain.text, "telepipe_calls_total", {**op299, "status_code": "STATUS_CODE_UNSET"}) == 3
         ready = httpx.get(f"{base}/readyz")
         assert (ready.status_code, ready.text) == (503, "replaying\n")
         assert httpx.get(f"{base}/healthz").text == "ok\n"
@@ -206,8 +207,6 @@ def test_retired_keys_and_forgotten_services_leave_the_page_and_late_items_are_c
     text = page(state)
     assert 'span_name="GET /b"' not in text and 'span_name="GET /a"' in text
     assert 'service_name="other"' not in text
-    assert value(text, "telepipe_late_logs_total") == 4 and value(text, "telepipe_late_edges_total") == 2
-    assert value(text, "telepipe_expired_keys_total") == 1 and value(text, "telepipe_expired_services_total") == 1
     board = ScalingSignals()
     board.update([scaling])
     board.update([ServiceExpired("other", 10)])

@@ -122,7 +122,7 @@ def test_service_names_that_come_and_go_do_not_pile_up(monkeypatch):
 
 def test_the_reading_partition_counts_spans_not_kept_and_children_not_joined(monkeypatch):
     from pipeline.deadletter import DeadLetters
-    from pipeline.servicegraph import _JoinedPartition
+    from pipeline.steps import _JoinedPartition
 
     monkeypatch.setattr("pipeline.servicegraph.MAX_SPANS", 10)
     monkeypatch.setattr("pipeline.servicegraph.MAX_WAITING", 5)

@@ -1,0 +1,153 @@
+"""The bytewax steps that wrap telepipe's plain state classes, a few lines each.
+
+- ``JoinedSource`` wraps any partitioned source of batches: each partition keeps a
+  ``LinkJoiner`` (``pipeline/servicegraph.py``) and puts each span batch's
+  cross-service calls (``EdgePartial``) right after it, in read order.
+- ``ServiceStep`` is the keyed state of one service: a ``ServiceState``
+  (``pipeline/service.py``) fed with its pre-aggregates, woken on the injected
+  clock for idle closing, snapshotted as a pickle.
+
+State restored from a recovery snapshot gets the configuration in force (``bind``):
+snapshots hold state, never configuration. A service forgotten after
+``prometheus.service_stale_after_s`` of silence has its state dropped
+(``StatefulLogic.DISCARD``).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.operators import StatefulLogic
+
+from pipeline import servicegraph
+from pipeline.config import Config
+from pipeline.deadletter import DeadLetters
+from pipeline.model import SpanBatch
+from pipeline.service import ServiceState
+from pipeline.windows import WindowSpec
+
+log = logging.getLogger("telepipe.servicegraph")
+
+Clock = Callable[[], float]  # seconds since the epoch
+
+
+class ServiceStep(StatefulLogic[object, object, bytes]):
+    """bytewax wrapper of ``ServiceState`` for one service."""
+
+    def __init__(
+        self, cfg: Config, spec: WindowSpec, clock: Clock, idle: bool, close_at_eof: bool, dead: DeadLetters,
+        resume: bytes | None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.spec, self.clock, self.idle, self.close_at_eof = cfg, spec, clock, idle, close_at_eof
+        self.dead = dead
+        # A source partition silent for this service for the idle timeout stops holding its
+        # watermark back (live only: replay closes by the input alone).
+        self.partition_idle = cfg.windows.idle_timeout_s if idle else None
+        self.state: ServiceState | None = None
+        if resume is not None:  # restored after a restart: today's config, and the idle timers start over
+            self.state = pickle.loads(resume)
+            self.state.bind(cfg, spec, self.partition_idle, dead)
+            self.state.windows.resumed(clock())
+
+    def _done(self, out: list | None) -> tuple[list, bool]:
+        expired = self.state is not None and self.state.expired
+        return out or [], StatefulLogic.DISCARD if expired else StatefulLogic.RETAIN
+
+    def on_item(self, value):
+        if self.state is None:
+            self.state = ServiceState(self.cfg, self.spec, value.service, self.partition_idle)
+            self.state.bind(self.cfg, self.spec, self.partition_idle, self.dead)
+        # Merging changes state: a failure is set aside at once, never retried (analysis
+        # failures are caught per window inside).
+        return self._done(self.dead.run("merge", self.state.on_item, value, self.clock(), tries=1))
+
+    def on_notify(self):
+        return self._done(self.state.on_idle(self.clock()))
+
+    def on_eof(self):
+        if not self.close_at_eof:  # the daemon stops with recovery on: open windows live on in the snapshot
+            return [], StatefulLogic.RETAIN
+        return self._done(self.state.close_all())
+
+    def notify_at(self) -> datetime | None:
+        deadline = self.state.idle_deadline() if (self.idle and self.state) else None
+        if deadline is None:
+            return None
+        # the deadline is on the injected clock; bytewax wakes us on the system clock
+        return datetime.now(timezone.utc) + timedelta(seconds=deadline - self.clock())
+
+    def snapshot(self) -> bytes:
+        # bytewax snapshots every touched key at every epoch end; a pickle is both the
+        # immutable copy it asks for and much cheaper than copy.deepcopy of river objects.
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class _JoinedPartition(StatefulSourcePartition):
+    def __init__(self, inner: StatefulSourcePartition, joiner: servicegraph.LinkJoiner, dead: DeadLetters | None) -> None:
+        self.inner = inner
+        self.joiner = joiner
+        self.dead = dead
+        self.logged_at = -1e9
+
+    def next_batch(self) -> list:
+        items = self.inner.next_batch()
+        out = []
+        before = (self.joiner.unjoined, self.joiner.unstored)
+        for item in items:
+            out.append(item)
+            if isinstance(item, SpanBatch):
+                if self.dead is None:
+                    out.extend(self.joiner.process(item))
+                else:
+                    # the join changes state: a failure is set aside at once, never retried
+                    out.extend(self.dead.run("servicegraph", self.joiner.process, item, tries=1) or [])
+        unjoined, unstored = self.joiner.unjoined - before[0], self.joiner.unstored - before[1]
+        if (unjoined or unstored) and self.dead is not None:
+            # counted per batch, logged at most once a minute (this can go on for a while)
+            for n, reason in ((unjoined, "servicegraph_unjoined"), (unstored, "servicegraph_unstored")):
+                if n:
+                    self.dead.metrics.inc("dropped", n, reason)
+            if time.monotonic() - self.logged_at > 60:
+                self.logged_at = time.monotonic()
+                log.warning("service graph: more than %d sampled spans per %d s or %d awaited parents; spans not kept "
+                            "and children not joined are counted as dropped{reason=\"servicegraph_unstored\"} and "
+                            "{reason=\"servicegraph_unjoined\"}", servicegraph.MAX_SPANS, servicegraph.GENERATION_NS // 10**9,
+                            servicegraph.MAX_WAITING)  # fmt: skip
+        return out
+
+    def next_awake(self) -> datetime | None:
+        return self.inner.next_awake()
+
+    def snapshot(self):
+        return (self.inner.snapshot(), pickle.dumps(self.joiner))  # a copy: the joiner keeps changing
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class JoinedSource(FixedPartitionedSource):
+    """Wraps a partitioned source of batches: each span batch is followed by its edges."""
+
+    def __init__(
+        self, inner: FixedPartitionedSource, sample_one_in: int, ttl_ns: int, window_ns: int,
+        dead: DeadLetters | None = None,
+    ) -> None:  # fmt: skip
+        self.inner = inner
+        self.args = (sample_one_in, ttl_ns, window_ns)
+        self.dead = dead
+
+    def list_parts(self) -> list[str]:
+        return self.inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state):
+        inner_state, joiner = resume_state if resume_state is not None else (None, None)
+        inner = self.inner.build_part(step_id, for_part, inner_state)
+        if joiner:  # restored: state from the snapshot, configuration from today's file
+            joiner = pickle.loads(joiner)
+            joiner.bind(*self.args)
+        return _JoinedPartition(inner, joiner or servicegraph.LinkJoiner(*self.args), self.dead)
