@@ -5,8 +5,8 @@
 Runs, on one core and in one thread, the loop every span must go through at least:
 decoding the same pre-serialized requests ``bench/load`` sends into validated
 columns (``pipeline.decode.decode_traces``: the numba wire reader of
-``pipeline/span_wire.py``, as the daemon decodes), and the numpy pre-aggregation
-into per-(key, window) sketches and histograms (``pipeline.windows.preaggregate``).
+``pipeline/decode/span_wire.py``, as the daemon decodes), and the numpy pre-aggregation
+into per-(key, window) sketches and histograms (``pipeline.preaggregate.preaggregate``).
 Prints spans/s for 512- and 64-span requests, and the same loop with upb decoding
 (``decode_traces_upb``, the decoder before the wire reader) for comparison. Other
 benchmarks report telepipe's throughput as a ratio of the first, so the figure
@@ -21,7 +21,7 @@ import time
 from bench.load import RecordedTraces, Template
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
 from pipeline.decode import decode_traces, decode_traces_upb
-from pipeline.windows import WindowSpec, preaggregate
+from pipeline.preaggregate import WindowSpec, preaggregate
 
 
 def ceiling(spans: int, seconds: float, decode=decode_traces) -> float:

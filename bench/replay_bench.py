@@ -139,7 +139,7 @@ def ceiling(requests: list[tuple[str, bytes, int]], seconds: float) -> float:
     and counted per (service, window) here too, as the replay must."""
     from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
     from pipeline.decode import decode_logs, decode_traces
-    from pipeline.windows import WindowSpec, preaggregate, preaggregate_logs
+    from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs
 
     spec = WindowSpec.from_config(WindowsConfig(), DEFAULT_BUCKETS)
     done, t0 = 0, time.perf_counter()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.anomaly import KEY_FEATURES
 from pipeline.config import DEFAULT_BUCKETS
+from pipeline.detectors import KEY_FEATURES
 from pipeline.model import AnomalyUpdate, Judgement, ScalingUpdate, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from sinks.prometheus import SeriesState

@@ -1,4 +1,4 @@
-"""Warms telepipe's numba code: the span wire reader (``pipeline/span_wire.py``) and the
+"""Warms telepipe's numba code: the span wire reader (``pipeline/decode/span_wire.py``) and the
 service graph's span index (``pipeline/span_index.py``).
 
     python -m pipeline.compiled
@@ -10,7 +10,8 @@ session and the daemon (before it accepts OTLP) call it, so no request waits for
 
 from __future__ import annotations
 
-from pipeline import span_index, span_wire
+from pipeline import span_index
+from pipeline.decode import span_wire
 
 
 def warm() -> float:

@@ -51,9 +51,9 @@ from pipeline.model import (
     SpanBatch,
     WindowResult,
 )
+from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.steps import JoinedSource, ServiceStep
-from pipeline.windows import WindowSpec, preaggregate, preaggregate_logs
 
 Clock = Callable[[], float]  # seconds since the epoch
 

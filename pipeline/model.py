@@ -31,6 +31,9 @@ STATUS_ERROR = 2
 KIND_SERVER = 2
 KIND_CLIENT = 3
 
+# Alert states as /metrics shows them (telepipe_alert_state).
+STATE_VALUE = {"ok": 0, "pending": 1, "firing": 2}
+
 # Operation name that stands for every operation over a service's cardinality limit.
 OVERFLOW_OPERATION = "__overflow__"
 

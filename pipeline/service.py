@@ -33,8 +33,9 @@ from pipeline.anomaly import ServiceAnomaly
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
 from pipeline.model import ServiceExpired, ServiceWindow
+from pipeline.preaggregate import WindowSpec
 from pipeline.scaling import ServiceScaler
-from pipeline.windows import ServiceWindows, WindowSpec
+from pipeline.windows import ServiceWindows
 
 # Version of the pickled state (recovery snapshots). 2: configuration left out, silence and
 # expiry. Older snapshots (no version) are read and converted; newer ones are refused.

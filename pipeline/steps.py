@@ -28,8 +28,8 @@ from pipeline import servicegraph
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
 from pipeline.model import SpanBatch
+from pipeline.preaggregate import WindowSpec
 from pipeline.service import ServiceState
-from pipeline.windows import WindowSpec
 
 log = logging.getLogger("telepipe.servicegraph")
 

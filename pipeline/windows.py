@@ -1,15 +1,12 @@
 """Event-time tumbling windows per (service, operation, span kind).
 
-Three plain, picklable pieces (no bytewax here; ``pipeline/flow.py`` wraps them):
+Plain, picklable state (no bytewax here; ``pipeline/steps.py`` wraps it), fed
+with the partials of ``pipeline/preaggregate.py``:
 
-- ``preaggregate``: one ``SpanBatch`` -> one ``Partial`` per (service, window)
-  found in it, with a row per (operation, kind): status counts, explicit-bucket
-  histogram, sums, sketch buckets, exemplars; and the service's instances. This is
-  the only per-span work, done on numpy arrays.
 - ``CardinalityLimiter`` (state per service): operations over the per-service
   limit are folded into one overflow operation, so series stay bounded.
-- ``ServiceWindows`` (state per service): merges partials (into ``_Ops``: all
-  operations of a window as rows of arrays), log counts and service-graph calls
+- ``ServiceWindows`` (state per service): merges partials (into ``_Ops``, in
+  ``pipeline/window_ops.py``: all operations of a window as rows of arrays), log counts and service-graph calls
   into open windows; all of a service's windows for
   a time range close together when its watermark passes ``window_end +
   allowed_lateness``, when it has been idle for ``idle_timeout`` on the injected
@@ -36,11 +33,7 @@ another process); replay passes None, so its output depends on the input alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import numpy as np
-
-from pipeline.config import WindowsConfig
 from pipeline.model import (
     KIND_SERVER,
     OVERFLOW_OPERATION,
@@ -49,181 +42,16 @@ from pipeline.model import (
     LateEdges,
     LateLogs,
     LateSpans,
-    LogBatch,
     LogPartial,
     Partial,
     ServiceWindow,
-    SpanBatch,
-    WindowResult,
-    progress_ns,
 )
-from pipeline.sketch import LogMapping, LogSketch
+from pipeline.preaggregate import WindowSpec
+from pipeline.window_ops import _Ops, _ops_from_windows, _results, _Window
 
-QUANTILES = (0.5, 0.9, 0.95, 0.99)
-
-
-@dataclass(frozen=True)
-class WindowSpec:
-    """What preaggregation and windows need to know, derived from config once."""
-
-    length_ns: int
-    lateness_ns: int
-    idle_timeout_s: float
-    mapping: LogMapping
-    bounds: np.ndarray  # explicit histogram bounds, seconds
-    exemplars: int = 5  # trace ids kept per window: slowest spans, error spans
-
-    def shape(self) -> tuple:
-        """What open windows are made of: state built with another shape cannot take new data."""
-        return (self.length_ns, self.mapping.relative_accuracy, tuple(self.bounds.tolist()), self.exemplars)
-
-    @staticmethod
-    def from_config(cfg: WindowsConfig, buckets: tuple[float, ...]) -> WindowSpec:
-        return WindowSpec(
-            length_ns=int(round(cfg.length_s * 1e9)),
-            lateness_ns=int(round(cfg.allowed_lateness_s * 1e9)),
-            idle_timeout_s=cfg.idle_timeout_s,
-            mapping=LogMapping(cfg.relative_accuracy),
-            bounds=np.asarray(buckets, dtype=np.float64),
-        )
-
-
-def _rank_in_runs(keys: np.ndarray) -> np.ndarray:
-    """Position of each element within its run of equal values (``keys`` sorted)."""
-    return np.arange(keys.size) - np.searchsorted(keys, keys, side="left")
-
-
-def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
-    """Group a batch's spans by (service, window), and within that by (operation, kind).
-
-    All arithmetic is done once over the whole batch (one sort, a few bincounts);
-    the loop at the end only slices the results, once per (service, window).
-    """
-    n = len(batch)
-    if n == 0:
-        return []
-    window = batch.end_ns // spec.length_ns
-    # kinds outside OTLP's 0..5 (spooled by an older telepipe) count as UNSPECIFIED, as decode does now
-    kind = np.where((batch.kind < 0) | (batch.kind > 5), 0, batch.kind)
-    opkind = batch.op_idx.astype(np.int64) * 8 + kind
-    # slowest first within a row; rows of one (service, window) next to each other
-    order = np.lexsort((-batch.duration_ns, opkind, window, batch.service_idx))
-    svc_s, win_s, ok_s = batch.service_idx[order], window[order], opkind[order]
-    new_part = np.empty(n, dtype=bool)
-    new_part[0] = True
-    np.not_equal(svc_s[1:], svc_s[:-1], out=new_part[1:])
-    new_part[1:] |= win_s[1:] != win_s[:-1]
-    new_row = new_part.copy()
-    new_row[1:] |= ok_s[1:] != ok_s[:-1]
-    row_starts = np.flatnonzero(new_row)
-    rows = row_starts.size
-    gid = np.cumsum(new_row) - 1  # row of each sorted span
-
-    dur = batch.duration_ns[order] / 1e9  # seconds, rounded exactly like Python does
-    status = batch.status[order].astype(np.int64)
-    nb = spec.bounds.size + 1
-    bucket = np.searchsorted(spec.bounds, dur, side="left")
-    cell = gid * 3 + status
-    status_counts = np.bincount(cell, minlength=rows * 3).reshape(rows, 3)
-    bucket_counts = np.bincount(cell * nb + bucket, minlength=rows * 3 * nb).reshape(rows, 3, nb)
-    status_sums = np.bincount(cell, weights=dur, minlength=rows * 3).reshape(rows, 3)
-    vmin = np.minimum.reduceat(dur, row_starts)
-    vmax = np.maximum.reduceat(dur, row_starts)
-    row_end = np.maximum.reduceat(batch.end_ns[order], row_starts)
-
-    # Sketch buckets of every row at once: unique (row, bucket index) pairs.
-    positive = dur > 0
-    zero = np.bincount(gid[~positive], minlength=rows) if not positive.all() else np.zeros(rows, np.int64)
-    sk = spec.mapping.index(dur[positive])
-    pair = gid[positive] * 1_000_000 + (sk + 500_000)  # bucket indices stay well inside +-500k
-    upair, ucnt = np.unique(pair, return_counts=True)
-    urow = upair // 1_000_000
-    uidx = upair % 1_000_000 - 500_000
-
-    # Exemplars: the slowest spans of each row (sorted slowest first) and its error spans.
-    trace_s = batch.trace_id[order]
-    slow_at = np.flatnonzero(np.arange(n) - row_starts[gid] < spec.exemplars)
-    err_at = np.flatnonzero(status == 2)
-    err_at = err_at[_rank_in_runs(gid[err_at]) < spec.exemplars]
-
-    part_rows = np.append(np.flatnonzero(new_part[row_starts]), rows)  # first row of each part
-    parts = part_rows.size - 1
-    # Distinct instances of each part: unique (part, instance) pairs, sorted by part.
-    n_inst = len(batch.instances)
-    pair = np.unique((np.cumsum(new_part) - 1) * n_inst + batch.instance_idx[order])
-    inst_cut = np.searchsorted(pair // n_inst, np.arange(parts + 1)).tolist()
-    inst_names = [batch.instances[i] for i in (pair % n_inst).tolist()]
-    sk_cut = np.searchsorted(urow, part_rows)
-    slow_cut = np.searchsorted(gid[slow_at], part_rows)
-    err_cut = np.searchsorted(gid[err_at], part_rows)
-    services, operations = batch.services, batch.operations
-    row_ok = ok_s[row_starts].tolist()
-    row_end_l = row_end.tolist()
-    firsts = row_starts[part_rows[:-1]]
-    part_svc, part_win = svc_s[firsts].tolist(), win_s[firsts].tolist()
-    out = []
-    for i in range(parts):
-        a, b = int(part_rows[i]), int(part_rows[i + 1])
-        k0, k1, s0, s1, e0, e1 = sk_cut[i], sk_cut[i + 1], slow_cut[i], slow_cut[i + 1], err_cut[i], err_cut[i + 1]
-        out.append(
-            Partial(
-                service=services[part_svc[i]],
-                window_start=part_win[i] * spec.length_ns,
-                max_end_ns=progress_ns(max(row_end_l[a:b]), batch.received_ns),
-                step=batch.step,
-                operations=[operations[k >> 3] for k in row_ok[a:b]],
-                kinds=[k & 7 for k in row_ok[a:b]],
-                row_end_ns=row_end_l[a:b],
-                status_counts=status_counts[a:b],
-                bucket_counts=bucket_counts[a:b],
-                status_sums=status_sums[a:b],
-                zero=zero[a:b],
-                vmin=vmin[a:b],
-                vmax=vmax[a:b],
-                sk_row=urow[k0:k1] - a,
-                sk_idx=uidx[k0:k1].copy(),  # copies: the window keeps these, not the whole batch's
-                sk_cnt=ucnt[k0:k1].copy(),
-                slow_row=gid[slow_at[s0:s1]] - a,
-                slow_dur=dur[slow_at[s0:s1]],
-                slow_trace=trace_s[slow_at[s0:s1]],
-                err_row=gid[err_at[e0:e1]] - a,
-                err_trace=trace_s[err_at[e0:e1]],
-                instances=tuple(sorted(filter(None, inst_names[inst_cut[i] : inst_cut[i + 1]]))),
-            )
-        )
-    return out
-
-
-SEVERITY_ERROR = 17
-
-
-def preaggregate_logs(batch: LogBatch, spec: WindowSpec, step: tuple[int, int]) -> list[LogPartial]:
-    n = len(batch)
-    if n == 0:
-        return []
-    services: dict[str, int] = {}
-    code = np.fromiter((services.setdefault(s, len(services)) for s in batch.service), np.int64, n)
-    window = batch.time_ns // spec.length_ns
-    wmin = int(window.min())
-    span = int(window.max()) - wmin + 1
-    group = code * span + (window - wmin)
-    ugroup, inverse = np.unique(group, return_inverse=True)
-    records = np.bincount(inverse)
-    errors = np.bincount(inverse, weights=batch.severity >= SEVERITY_ERROR).astype(np.int64)
-    newest = np.full(ugroup.size, np.iinfo(np.int64).min)
-    np.maximum.at(newest, inverse, batch.time_ns)
-    names = list(services)
-    return [
-        LogPartial(
-            service=names[int(g) // span],
-            window_start=(int(g) % span + wmin) * spec.length_ns,
-            max_time_ns=progress_ns(int(newest[i]), batch.received_ns),
-            step=step,
-            records=int(records[i]),
-            errors=int(errors[i]),
-        )
-        for i, g in enumerate(ugroup.tolist())
-    ]
+# Recovery snapshots name the classes they hold by module: these were defined here before
+# (WindowSpec, _Ops, _Window), so their old names must keep resolving.
+__all__ = ["CardinalityLimiter", "ServiceWindows", "WindowSpec", "_Ops", "_Window"]
 
 
 class CardinalityLimiter:
@@ -266,144 +94,6 @@ class CardinalityLimiter:
         horizon = self.watermark - self.expire_ns
         for op in [o for o, t in self.last_seen.items() if t < horizon]:
             del self.last_seen[op]
-
-
-class _Ops:
-    """Every (operation, kind) of one service in one open window, as rows of arrays.
-
-    A partial merges with a few numpy calls however many operations it carries.
-    Sketch buckets and exemplar candidates are appended as they come and folded
-    (summed per (row, bucket); the top exemplars kept per row) when they pile up
-    and at close, so memory stays bounded by distinct buckets, not by spans.
-    """
-
-    __slots__ = ("nb", "keep", "rows", "status_counts", "bucket_counts", "status_sums", "zero", "vmin", "vmax",
-                 "sketch", "sketch_len", "folded_len", "slow", "errors")  # fmt: skip
-
-    def __init__(self, nb: int, keep: int) -> None:
-        self.nb, self.keep = nb, keep
-        self.rows: dict[tuple[str, int], int] = {}  # (operation, kind) -> row
-        self.status_counts = np.zeros((0, 3), np.int64)
-        self.bucket_counts = np.zeros((0, 3, nb), np.int64)
-        self.status_sums = np.zeros((0, 3), np.float64)
-        self.zero = np.zeros(0, np.int64)
-        self.vmin = np.zeros(0, np.float64)
-        self.vmax = np.zeros(0, np.float64)
-        self.sketch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (row, bucket index, count)
-        self.sketch_len = 0  # entries pending in self.sketch
-        self.folded_len = 0  # entries after the last fold
-        self.slow: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (row, duration, trace id)
-        self.errors: list[tuple[np.ndarray, np.ndarray]] = []  # (row, trace id)
-
-    def merge(self, p: Partial, operations: list[str]) -> None:
-        """Add ``p`` with its rows named ``operations`` (after the cardinality limit)."""
-        rows = self.rows
-        at = np.fromiter((rows.setdefault(k, len(rows)) for k in zip(operations, p.kinds)), np.int64, len(p.kinds))
-        if len(rows) > self.zero.size:
-            self._grow(len(rows))
-        np.add.at(self.status_counts, at, p.status_counts)
-        np.add.at(self.bucket_counts, at, p.bucket_counts)
-        np.add.at(self.status_sums, at, p.status_sums)
-        np.add.at(self.zero, at, p.zero)
-        np.minimum.at(self.vmin, at, p.vmin)
-        np.maximum.at(self.vmax, at, p.vmax)
-        if p.sk_row.size:
-            self.sketch.append((at[p.sk_row], p.sk_idx, p.sk_cnt))
-            self.sketch_len += p.sk_row.size
-            # fold when the pending entries double what the last fold left (or pile up in
-            # many small pieces): amortized linear in what is merged
-            if self.sketch_len > max(65_536, 2 * self.folded_len) or len(self.sketch) > 256:
-                self.sketch = [self.folded_sketch()]
-                self.sketch_len = self.folded_len = self.sketch[0][0].size
-        if p.slow_row.size:
-            self.slow.append((at[p.slow_row], p.slow_dur, p.slow_trace))
-            if len(self.slow) > 64:
-                self.slow = [self.top_slow()]
-        if p.err_row.size:
-            self.errors.append((at[p.err_row], p.err_trace))
-            if len(self.errors) > 64:
-                self.errors = [self.first_errors()]
-
-    def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self.zero.size, 8)
-        extra = cap - self.zero.size
-        self.status_counts = np.concatenate([self.status_counts, np.zeros((extra, 3), np.int64)])
-        self.bucket_counts = np.concatenate([self.bucket_counts, np.zeros((extra, 3, self.nb), np.int64)])
-        self.status_sums = np.concatenate([self.status_sums, np.zeros((extra, 3), np.float64)])
-        self.zero = np.concatenate([self.zero, np.zeros(extra, np.int64)])
-        self.vmin = np.concatenate([self.vmin, np.full(extra, np.inf)])
-        self.vmax = np.concatenate([self.vmax, np.full(extra, -np.inf)])
-
-    def folded_sketch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All sketch buckets summed per (row, bucket index), sorted by row then index."""
-        if not self.sketch:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        row = np.concatenate([r for r, _, _ in self.sketch])
-        idx = np.concatenate([i for _, i, _ in self.sketch])
-        cnt = np.concatenate([c for _, _, c in self.sketch])
-        pair, inverse = np.unique(row * 1_000_000 + (idx + 500_000), return_inverse=True)
-        return pair // 1_000_000, pair % 1_000_000 - 500_000, np.bincount(inverse, weights=cnt).astype(np.int64)
-
-    def top_slow(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The ``keep`` slowest candidates of each row, sorted by row, slowest first (earlier
-        first among equal durations)."""
-        if not self.slow:
-            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, "S16")
-        row = np.concatenate([r for r, _, _ in self.slow])
-        dur = np.concatenate([d for _, d, _ in self.slow])
-        trace = np.concatenate([t for _, _, t in self.slow])
-        order = np.lexsort((-dur, row))
-        order = order[_rank_in_runs(row[order]) < self.keep]
-        return row[order], dur[order], trace[order]
-
-    def first_errors(self) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``keep`` error traces of each row, in arrival order, sorted by row."""
-        if not self.errors:
-            return np.zeros(0, np.int64), np.zeros(0, "S16")
-        row = np.concatenate([r for r, _ in self.errors])
-        trace = np.concatenate([t for _, t in self.errors])
-        order = np.argsort(row, kind="stable")
-        order = order[_rank_in_runs(row[order]) < self.keep]
-        return row[order], trace[order]
-
-    def __getstate__(self):  # snapshots carry the folded form
-        self.sketch = [self.folded_sketch()] if self.sketch else []
-        self.sketch_len = self.folded_len = self.sketch[0][0].size if self.sketch else 0
-        self.slow = [self.top_slow()] if self.slow else []
-        self.errors = [self.first_errors()] if self.errors else []
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-class _Window:
-    """One operation's open window as telepipe kept it before ``_Ops``: only read back from
-    recovery snapshots taken by an older version (see ``_ServiceSlot.__setstate__``)."""
-
-    __slots__ = ("status_counts", "bucket_counts", "status_sums", "sketch", "slow", "error_traces")
-
-
-def _ops_from_windows(windows: dict[tuple[str, int], _Window], nb: int, keep: int) -> _Ops:
-    """An older snapshot's per-operation windows as one ``_Ops`` (the same aggregates)."""
-    ops = _Ops(nb, keep)
-    if windows:
-        ops._grow(len(windows))
-    for key, w in windows.items():
-        r = ops.rows[key] = len(ops.rows)
-        ops.status_counts[r], ops.bucket_counts[r], ops.status_sums[r] = w.status_counts, w.bucket_counts, w.status_sums
-        sk = w.sketch
-        ops.zero[r], ops.vmin[r], ops.vmax[r] = sk.zero_count, sk.min, sk.max
-        nz = np.flatnonzero(sk.counts)
-        ops.sketch.append((np.full(nz.size, r), nz + sk.offset, sk.counts[nz]))
-        # hex ids back to bytes (ids the older version cut short of their trailing zero bytes get them back)
-        ops.slow.append((np.full(len(w.slow), r), np.array([d for d, _ in w.slow]),
-                         np.array([bytes.fromhex(t) for _, t in w.slow], "S16")))
-        ops.errors.append((np.full(len(w.error_traces), r),
-                           np.array([bytes.fromhex(t) for t in w.error_traces], "S16")))
-    ops.sketch_len = sum(r.size for r, _, _ in ops.sketch)
-    return ops
 
 
 class _ServiceSlot:
@@ -635,78 +325,3 @@ class ServiceWindows:
                 )
             )
         return closed
-
-
-def _hex_ids(ids: np.ndarray) -> list[str]:
-    """Fixed-width id array -> hex strings (not via numpy's bytes scalars, which drop trailing zero bytes)."""
-    width = 2 * ids.dtype.itemsize
-    text = ids.tobytes().hex()
-    return [text[i : i + width] for i in range(0, len(text), width)]
-
-
-def _split_rows(row: np.ndarray, values: list, n: int) -> list[list]:
-    """``values`` (sorted by ``row``) as one list per row 0..n-1."""
-    cuts = np.searchsorted(row, np.arange(n + 1)).tolist()
-    return [values[cuts[r] : cuts[r + 1]] for r in range(n)]
-
-
-def _results(service: str, start: int, length: int, ops: _Ops, mapping: LogMapping) -> tuple[tuple, LogSketch]:
-    """Window results of every row (sorted by operation, kind) and the service's SERVER sketch.
-
-    Quantiles are computed for all rows at once, with the same rules as
-    ``LogSketch.quantiles`` (extremes exact, zero bucket, estimates clamped to
-    [min, max])."""
-    n = len(ops.rows)
-    status_counts = ops.status_counts[:n]
-    count = status_counts.sum(axis=1)
-    zero, vmin, vmax = ops.zero[:n], ops.vmin[:n], ops.vmax[:n]
-    row, idx, cnt = ops.folded_sketch()
-    cum = np.cumsum(cnt)
-    first = np.searchsorted(row, np.arange(n))
-    base = np.where(first > 0, cum[np.maximum(first - 1, 0)] if cum.size else 0, 0)
-    rank = np.floor(np.array(QUANTILES)[None, :] * (count[:, None] - 1)).astype(np.int64)  # [rows, quantiles]
-    if cum.size:
-        j = np.minimum(np.searchsorted(cum, (base - zero)[:, None] + rank, side="right"), cum.size - 1)
-        # bucket values from LogMapping.value itself (numpy's power can differ in the last bit)
-        buckets, inverse = np.unique(idx[j].ravel(), return_inverse=True)
-        value = np.array([mapping.value(i) for i in buckets.tolist()])[inverse.ravel()].reshape(rank.shape)
-        est = np.minimum(np.maximum(value, vmin[:, None]), vmax[:, None])
-    else:
-        est = np.zeros(rank.shape)
-    est = np.where(rank < zero[:, None], 0.0, est)
-    est = np.where(rank == 0, vmin[:, None], est)
-    qs = np.where(rank == (count - 1)[:, None], vmax[:, None], est)
-
-    slow_row, _, slow_trace = ops.top_slow()
-    slow = _split_rows(slow_row, _hex_ids(slow_trace), n)
-    err_row, err_trace = ops.first_errors()
-    errors = _split_rows(err_row, _hex_ids(err_trace), n)
-
-    qs_l, count_l, max_l = qs.tolist(), count.tolist(), vmax.tolist()
-    sums = ops.status_sums[:n]
-    totals, status_l, sums_l = sums.sum(axis=1).tolist(), status_counts.tolist(), sums.tolist()
-    buckets_l = ops.bucket_counts[:n].tolist()
-    results = []
-    server_rows = []
-    for (op, kind), r in sorted(ops.rows.items()):
-        q = qs_l[r]
-        results.append(
-            WindowResult(
-                service=service, operation=op, span_kind=kind, window_start=start, window_end=start + length,
-                count=count_l[r], errors=status_l[r][2], p50=q[0], p90=q[1], p95=q[2], p99=q[3], max=max_l[r],
-                sum=totals[r], status_counts=tuple(status_l[r]), bucket_counts=tuple(map(tuple, buckets_l[r])),
-                status_sums=tuple(sums_l[r]), slow_traces=tuple(slow[r]), error_traces=tuple(errors[r]),
-            )
-        )  # fmt: skip
-        if kind == KIND_SERVER:
-            server_rows.append(r)
-    server = LogSketch(mapping)
-    if server_rows:
-        rows = np.array(server_rows)
-        is_server = np.zeros(n, dtype=bool)
-        is_server[rows] = True
-        mine = is_server[row]
-        uidx, inverse = np.unique(idx[mine], return_inverse=True)
-        server.add_buckets(uidx, np.bincount(inverse, weights=cnt[mine]).astype(np.int64),
-                           int(zero[rows].sum()), float(vmin[rows].min()), float(vmax[rows].max()))  # fmt: skip
-    return tuple(results), server

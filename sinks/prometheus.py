@@ -33,9 +33,9 @@ from operator import add, attrgetter
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client.utils import floatToGoString
 
-from pipeline.anomaly import STATE_VALUE
 from pipeline.model import (
     SPAN_KINDS,
+    STATE_VALUE,
     STATUS_CODES,
     AnomalyUpdate,
     KeyExpired,

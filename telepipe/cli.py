@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from pipeline import config as config_mod
+from pipeline import config_file as config_mod
 from pipeline.config import Config, ConfigError
 
 SCALE_OUT = (

@@ -4,8 +4,9 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.anomaly import AlertLifecycle, FeatureBaseline, ServiceAnomaly
+from pipeline.anomaly import ServiceAnomaly
 from pipeline.config import AnomalyConfig, RuleConfig
+from pipeline.detectors import AlertLifecycle, FeatureBaseline
 
 from .factories import result, service_window
 

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from pipeline import config
+from pipeline import config_file as config
 from pipeline.config import Config, ConfigError
 
 from .conftest import ROOT

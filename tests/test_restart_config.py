@@ -21,9 +21,9 @@ from pipeline.config import (
 )
 from pipeline.flow import Outputs, build_flow
 from pipeline.model import AlertEvent, KeyExpired, ScalingUpdate, SpanBatch, WindowResult
+from pipeline.preaggregate import WindowSpec
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.service import STATE_VERSION, ServiceState, SnapshotTooNew
-from pipeline.windows import WindowSpec
 
 S = 10**9
 T0 = 1_700_000_000 * S
@@ -115,7 +115,7 @@ def test_a_snapshot_written_before_snapshots_had_versions_is_read_and_runs(tmp_p
     from pathlib import Path
 
     from bench.amplify import load
-    from pipeline.windows import preaggregate
+    from pipeline.preaggregate import preaggregate
 
     from .conftest import ONLINEBOUTIQUE
 

@@ -1,4 +1,4 @@
-"""The wire reader (pipeline/span_wire.py) against upb: identical results or errors, always.
+"""The wire reader (pipeline/decode/span_wire.py) against upb: identical results or errors, always.
 
 ``decode_traces`` reads spans straight from the wire bytes and falls back to upb
 (``decode_traces_upb``) for what the reader does not handle; these tests check that
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from bench.load import RecordedTraces, SyntheticTraces, Template
 from bench.replay_bench import payloads
-from pipeline import span_wire
+from pipeline.decode import span_wire
 from pipeline.decode import Decoded, MalformedRequest, decode_traces, decode_traces_upb
 
 from .conftest import ONLINEBOUTIQUE, TRAINTICKET

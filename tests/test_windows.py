@@ -5,7 +5,8 @@ import numpy as np
 
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
 from pipeline.model import OVERFLOW_OPERATION, LateSpans, LogBatch, ServiceWindow, SpanBatch
-from pipeline.windows import CardinalityLimiter, ServiceWindows, WindowSpec, preaggregate, preaggregate_logs
+from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs
+from pipeline.windows import CardinalityLimiter, ServiceWindows
 
 S = 1_000_000_000
 

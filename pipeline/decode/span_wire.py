@@ -1,6 +1,6 @@
 """Span columns read straight from the protobuf wire bytes of an OTLP trace request (numba).
 
-``pipeline/decode.py`` used to parse every request with upb and read each span
+``pipeline/decode`` used to parse every request with upb and read each span
 field through a Python object: a wrapper per span and one attribute read per
 field, about 2 us per span, two thirds of a replay's time. ``walk`` below reads
 the same fields in one compiled pass over the bytes and writes them into arrays,
@@ -8,7 +8,7 @@ so no Python object is made per span (about 0.25 us per span walked, 0.45 us
 for the whole ``decode_traces``; see README "Performance"). Compiled functions
 release the GIL (``nogil``), so the receiver's threads can decode side by side.
 
-It reads exactly what ``pipeline/span_schema.py`` declares (the ids, name, kind,
+It reads exactly what ``pipeline/decode/span_schema.py`` declares (the ids, name, kind,
 times and status of each span, and ``service.name`` / ``service.instance.id`` of
 each resource) and walks past everything else, checking the wire format as upb
 does: tags, varints, lengths within their message, UTF-8 of the strings the
@@ -30,6 +30,10 @@ import time
 import numpy as np
 from numba import njit
 
+# The protobuf wire primitives. numba's cache tracks this file only: after editing protowire.py,
+# delete pipeline/decode/__pycache__/*.nb[ic] (or touch this file) so the walker is compiled again.
+from pipeline.decode.protowire import _delimited, _equals, _int32, _skip, _tag, _utf8, _varint
+
 OK = 0
 GIVE_UP = 1
 
@@ -40,110 +44,6 @@ _INSTANCE_ID = np.frombuffer(b"service.instance.id", dtype=np.uint8)
 RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS = range(7)
 # Columns of the ``resources`` array, one row per ResourceSpans.
 SVC_START, SVC_END, INST_START, INST_END, SPANS = range(5)
-
-_U7 = np.uint64(7)
-_MAX_LEN = np.uint64(1 << 40)
-
-
-@njit(cache=True, nogil=True)
-def _varint(buf, p, end):
-    """(value, next position); next position -1 if truncated or longer than 10 bytes."""
-    value = np.uint64(0)
-    shift = np.uint64(0)
-    for _ in range(10):
-        if p >= end:
-            return value, -1
-        b = buf[p]
-        p += 1
-        value |= np.uint64(b & 0x7F) << shift
-        if b < 0x80:
-            return value, p
-        shift += _U7
-    return value, -1
-
-
-@njit(cache=True, nogil=True)
-def _tag(buf, p, end):
-    """(field number, wire type, next position); next position -1 if not a valid tag."""
-    value, q = _varint(buf, p, end)
-    if q < 0 or value > np.uint64(0xFFFFFFFF) or (value >> np.uint64(3)) == np.uint64(0):
-        return 0, 0, -1
-    return np.int64(value >> np.uint64(3)), np.int64(value & np.uint64(7)), q
-
-
-@njit(cache=True, nogil=True)
-def _delimited(buf, p, end):
-    """A length-delimited payload at p: (start, end); (-1, -1) if it overruns ``end``."""
-    n, q = _varint(buf, p, end)
-    if q < 0 or n > _MAX_LEN or np.int64(n) > end - q:
-        return -1, -1
-    return q, q + np.int64(n)
-
-
-@njit(cache=True, nogil=True)
-def _skip(buf, p, end, wire_type):
-    """Position after an unknown field's value; -1 if malformed or a group (left to upb)."""
-    if wire_type == 0:
-        return _varint(buf, p, end)[1]
-    if wire_type == 1:
-        return p + 8 if p + 8 <= end else -1
-    if wire_type == 2:
-        return _delimited(buf, p, end)[1]
-    if wire_type == 5:
-        return p + 4 if p + 4 <= end else -1
-    return -1
-
-
-@njit(cache=True, nogil=True)
-def _int32(value):
-    """A varint read into an int32 field, as protobuf does: the low 32 bits, signed."""
-    low = np.int64(value & np.uint64(0xFFFFFFFF))
-    return low - (1 << 32) if low >= (1 << 31) else low
-
-
-@njit(cache=True, nogil=True)
-def _utf8(buf, a, b):
-    """True if buf[a:b] is valid UTF-8 (no overlong forms, surrogates or code points > U+10FFFF)."""
-    i = a
-    while i < b:
-        c = buf[i]
-        if c < 0x80:
-            i += 1
-            continue
-        if c < 0xC2:
-            return False
-        if c < 0xE0:
-            more, lo, hi = 1, 0x80, 0xBF
-        elif c < 0xF0:
-            more = 2
-            lo = 0xA0 if c == 0xE0 else 0x80
-            hi = 0x9F if c == 0xED else 0xBF
-        elif c < 0xF5:
-            more = 3
-            lo = 0x90 if c == 0xF0 else 0x80
-            hi = 0x8F if c == 0xF4 else 0xBF
-        else:
-            return False
-        if i + more >= b:
-            return False
-        if buf[i + 1] < lo or buf[i + 1] > hi:
-            return False
-        for k in range(2, more + 1):
-            if buf[i + k] < 0x80 or buf[i + k] > 0xBF:
-                return False
-        i += more + 1
-    return True
-
-
-@njit(cache=True, nogil=True)
-def _equals(buf, a, b, const):
-    if b - a != const.shape[0]:
-        return False
-    for k in range(const.shape[0]):
-        if buf[a + k] != const[k]:
-            return False
-    return True
-
 
 @njit(cache=True, nogil=True)
 def _count(buf):

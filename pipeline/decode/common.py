@@ -1,0 +1,39 @@
+"""What every decoder shares: the outcome of decoding a request, the error for a malformed
+one, the limits on log attributes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from pipeline.model import LogBatch, SpanBatch
+
+UNKNOWN_SERVICE = "unknown_service"
+MAX_ANYVALUE_DEPTH = 32
+
+
+class MalformedRequest(ValueError):
+    """The request bytes are not a valid OTLP message."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Outcome of decoding one request."""
+
+    batch: SpanBatch | LogBatch | None  # None when no item was valid (or the request was empty)
+    received: int
+    rejected: int
+    message: str  # why items were rejected, or warnings about kept ones ('' when neither)
+    future: int = 0  # of ``rejected``: items ending too far ahead of the receiver's clock
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_log_attributes: int = 16
+    max_attribute_value_bytes: int = 4096
+
+
+def _reason_message(reasons: Counter[str]) -> str:
+    return "; ".join(f"{n} {what}" for what, n in sorted(reasons.items()))
+
+

@@ -1,0 +1,254 @@
+"""Per-key detectors: learned baselines, the normal band and the alert lifecycle.
+
+- ``FeatureBaseline``: an exponentially weighted mean and variance of one feature
+  (river ``stats.EWMean``/``EWVar``), learned from normal windows only; the band is
+  ``expected +- k * sigma``, sigma never below the window's sampling noise.
+- ``KeyDetector``: the baselines of one key's features, its multivariate model
+  (``MinMaxScaler | HalfSpaceTrees``, only when the configured decision uses it),
+  warm-up, and its ``AlertLifecycle`` (pending -> firing -> resolved).
+- The silence judgement of a service (``service_rate``): how unlikely ``n`` empty
+  windows in a row are, as sums of the learned per-window rate and as Poisson counts.
+
+Plain, picklable Python with no clock and no bytewax; ``pipeline/anomaly.py`` holds
+the detectors of one service. Configuration is bound (``bind``), never pickled.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+from river import anomaly as river_anomaly
+from river import preprocessing, stats
+
+from pipeline.config import AnomalyConfig
+from pipeline.model import Judgement, WindowResult
+
+KEY_FEATURES = ("latency_p50", "latency_p95", "latency_p99", "error_rate", "call_rate")
+SERVICE_FEATURES = ("service_rate", "error_log_rate")
+UP, BOTH, DOWN = "up", "both", "down"
+DIRECTION = {"latency_p50": UP, "latency_p95": UP, "latency_p99": UP, "error_rate": UP, "call_rate": BOTH,
+             "error_log_rate": UP, "service_rate": DOWN}  # fmt: skip
+# Alerts on these say how much traffic came, which is what scaling answers: they never hold a
+# scale-down (a drop in traffic is when one is wanted). Silence does: no data is not "no load".
+TRAFFIC_FEATURES = ("call_rate",)
+RATE_FEATURES = ("call_rate", "error_log_rate", "service_rate")  # judged whatever the number of calls
+_NORMAL = NormalDist()
+
+
+class FeatureBaseline:
+    """Exponentially weighted mean and variance of one feature, learned from normal windows."""
+
+    def __init__(self, fading_factor: float) -> None:
+        self.mean = stats.EWMean(fading_factor)
+        self.var = stats.EWVar(fading_factor)
+        self.n = 0
+
+    def band(self, k: float, noise: float) -> tuple[float, float, float]:
+        expected = self.mean.get()
+        sigma = max(math.sqrt(max(self.var.get(), 0.0)), noise, 1e-12)
+        return expected, expected - k * sigma, expected + k * sigma
+
+    def refade(self, fading_factor: float) -> None:
+        """Take another fading factor, keeping the learned mean and variance (river's objects hold
+        theirs inside: new ones are fed two values whose weighted mean and variance are those)."""
+        if self.mean.fading_factor == fading_factor:
+            return
+        mean, var, f = self.mean.get(), max(self.var.get(), 0.0), fading_factor
+        self.mean, self.var = stats.EWMean(f), stats.EWVar(f)
+        if self.n:
+            first, second = (mean, mean) if f >= 1 else (
+                mean - math.sqrt(var * f / (1 - f)), mean + math.sqrt(var * (1 - f) / f))
+            for x in (first, second):
+                self.mean.update(x)
+                self.var.update(x)
+
+    def learn(self, x: float, k: float, noise: float, warm: bool) -> None:
+        if warm:  # after warm-up, values are clipped to the band: one outlier moves it little
+            _, lo, hi = self.band(k, noise)
+            x = min(max(x, lo), hi)
+        self.mean.update(x)
+        self.var.update(x)
+        self.n += 1
+
+
+class AlertLifecycle:
+    """pending -> firing after M anomalous windows in a row -> resolved after R normal ones."""
+
+    def __init__(self, pending_windows: int, resolve_windows: int) -> None:
+        self.m, self.r = pending_windows, resolve_windows
+        self.state = "ok"
+        self.anomalous_run = 0
+        self.normal_run = 0
+        self.feature = ""  # what it went pending or fired on
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("feature", "")
+
+    def observe(self, anomalous: bool) -> str | None:
+        """Feed one window; returns the event state on a change (pending, firing, resolved)."""
+        if anomalous:
+            self.anomalous_run += 1
+            self.normal_run = 0
+        else:
+            self.normal_run += 1
+            self.anomalous_run = 0
+        if self.state == "ok" and anomalous:
+            self.state = "pending"
+            if self.anomalous_run >= self.m:
+                self.state = "firing"
+                return "firing"
+            return "pending"
+        if self.state == "pending":
+            if anomalous and self.anomalous_run >= self.m:
+                self.state = "firing"
+                return "firing"
+            if not anomalous:
+                self.state = "ok"  # never fired: nothing to resolve
+        elif self.state == "firing" and not anomalous and self.normal_run >= self.r:
+            self.state = "ok"
+            return "resolved"
+        return None
+
+
+def _features(r: WindowResult, length_s: float) -> dict[str, float]:
+    return {
+        "latency_p50": math.log(max(r.p50, 1e-9)),
+        "latency_p95": math.log(max(r.p95, 1e-9)),
+        "latency_p99": math.log(max(r.p99, 1e-9)),
+        "error_rate": r.errors / r.count if r.count else 0.0,
+        "call_rate": r.count / length_s,
+    }
+
+
+def _noise(feature: str, expected: float, calls: int, length_s: float) -> float:
+    """Sampling noise of a feature in one window (a floor for sigma)."""
+    if feature in RATE_FEATURES:
+        return math.sqrt(max(expected * length_s, 1.0)) / length_s
+    if feature == "error_rate":
+        p = min(max(expected, 0.01), 0.5)
+        return math.sqrt(p * (1 - p) / max(calls, 1))
+    return 0.05 + 0.5 / math.sqrt(max(calls, 1))  # log latency: ~5 % plus quantile noise
+
+
+class KeyDetector:
+    """Baselines, multivariate model and alert lifecycle of one key.
+
+    The configuration is not part of its state (``__getstate__`` leaves it out): after a
+    restart ``bind`` gives it the configuration in force."""
+
+    def __init__(self, cfg: AnomalyConfig, features: tuple[str, ...]) -> None:
+        self.features = features
+        self.baselines = {f: FeatureBaseline(cfg.fading_factor) for f in features}
+        self.hst = None
+        self.windows = 0
+        self.lifecycle = AlertLifecycle(cfg.pending_windows, cfg.resolve_windows)
+        self.bind(cfg)
+
+    def bind(self, cfg: AnomalyConfig) -> None:
+        self.cfg = cfg
+        for b in self.baselines.values():
+            b.refade(cfg.fading_factor)
+        self.lifecycle.m, self.lifecycle.r = cfg.pending_windows, cfg.resolve_windows
+        # HalfSpaceTrees cost ~10 ms and ~100 KB per key to build: only when the decision uses them.
+        if cfg.detector == "band":
+            self.hst = None
+        elif self.hst is None:
+            self.hst = preprocessing.MinMaxScaler() | river_anomaly.HalfSpaceTrees(
+                n_trees=10, height=6, window_size=cfg.hst_window, seed=cfg.seed
+            )
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "cfg"}
+
+    @property
+    def learning(self) -> bool:
+        return self.windows < self.cfg.warmup_windows
+
+    def judge(
+        self, values: dict[str, float], calls: int, length_s: float, silent_run: int = 0
+    ) -> tuple[list[Judgement], float, bool]:
+        """Score a window (before learning from it): judgements, HST score, anomalous?"""
+        k = self.cfg.band_k
+        judgements = []
+        enough = calls >= self.cfg.min_calls
+        for f in self.features:
+            x = values[f]
+            b = self.baselines[f]
+            if not b.n:
+                judgements.append(Judgement(f, x, math.nan, math.nan, math.nan, 0.0, False))
+                continue
+            expected, lo, hi = b.band(k, _noise(f, b.mean.get(), calls, length_s))
+            sigma = (hi - expected) / k
+            judged = not self.learning and (enough or f in RATE_FEATURES)
+            if f == "service_rate" and silent_run > 0:
+                sigma = _silence_sigma(expected, math.sqrt(max(b.var.get(), 0.0)), silent_run, length_s)
+                lo = expected - k * sigma
+            elif f == "service_rate":
+                judged = False  # judged on silence only
+            z = (x - expected) / sigma
+            judgements.append(Judgement(f, x, expected, lo, hi, z if judged else 0.0, judged))
+        hst_score = self.hst.score_one(values) if (self.hst is not None and self.windows) else math.nan
+        band_hit = any(_beyond(j, k) for j in judgements)
+        hst_hit = not self.learning and not math.isnan(hst_score) and hst_score >= self.cfg.hst_threshold
+        decision = {
+            "band": band_hit,
+            "hst": hst_hit,
+            "band_and_hst": band_hit and hst_hit,
+            "band_or_hst": band_hit or hst_hit,
+        }[self.cfg.detector]
+        return judgements, hst_score, decision
+
+    def learn(self, values: dict[str, float], calls: int, length_s: float, skip: tuple[str, ...] = ()) -> None:
+        enough = calls >= self.cfg.min_calls
+        for f in self.features:
+            if (enough or f in RATE_FEATURES) and f not in skip:
+                b = self.baselines[f]
+                b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
+        if self.hst is not None:
+            self.hst.learn_one(values)
+        self.windows += 1
+
+    def learn_feature(self, f: str, x: float, calls: int, length_s: float) -> None:
+        """Learn one value of one feature (what a window skipped, learned later)."""
+        b = self.baselines[f]
+        b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
+
+
+def _silence_sigma(expected: float, sigma: float, n: int, length_s: float) -> float:
+    """The spread that makes "nothing at all for ``n`` windows" as unlikely as it is, for a
+    service whose rate has learned mean ``expected`` and spread ``sigma`` per window: the
+    smaller of two z-scores, so both must find the silence unlikely. As sums of n windows
+    (sigma * sqrt(n) around n * expected: bursty traffic is quiet for a while as a matter of
+    course), and as Poisson counts (``exp(-expected * L * n)``: a sparse service's rare
+    spans make long silences unlikely too, which a normal approximation underrates)."""
+    if expected <= 0:
+        return 1.0  # nothing was expected: silence is normal
+    z_sums = expected * math.sqrt(n) / max(sigma, 1e-12)
+    mu = min(expected * length_s * n, 700.0)  # expected spans in the silent run (exp(-700) ~ 1e-304)
+    z_counts = -_NORMAL.inv_cdf(max(math.exp(-mu), 1e-300)) if mu > 0.01 else 0.0
+    return expected / max(min(z_sums, z_counts), 1e-9)
+
+
+def _strength(j: Judgement) -> float:
+    """How far a judgement is beyond its band's centre in the direction its feature alarms."""
+    d = DIRECTION[j.feature]
+    return j.z if d == UP else -j.z if d == DOWN else abs(j.z)
+
+
+def _beyond(j: Judgement, k: float) -> bool:
+    return j.judged and _strength(j) > k
+
+
+def _score(judgements, k: float) -> float:
+    best = 0.0
+    for j in judgements:
+        if j.judged:
+            best = max(best, _strength(j) / k)
+    return best
+
+
+def _worst(judgements, k: float) -> Judgement:
+    scored = [j for j in judgements if j.judged] or list(judgements)
+    return max(scored, key=_strength)
