@@ -27,7 +27,8 @@ from pipeline.flow import Outputs, build_flow
 from pipeline.selfmetrics import SelfMetrics
 from sinks.jsonl import JsonlSink
 from sinks.keda import KedaScaler
-from sinks.keda.signals import ScalingSignals, SignalsSink
+from sinks.keda.signals import ScalingSignals
+from sinks.keda.sink import SignalsSink
 from sinks.loki import LokiClient, LokiSink
 from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState
 from sinks.remote_write import RemoteWriteClient, RemoteWriteSink

@@ -162,7 +162,7 @@ def test_remote_write_sender_survives_an_unexpected_error_and_sends_the_next_req
     assert metrics.counter("dropped", "remote_write_internal_error") == PER_RESULT
     assert metrics.counter("thread_errors", "remote-write") == 1
     assert metrics.counter("sink_sent", "remote_write") == 3 * PER_RESULT
-    assert not client._busy
+    assert client.queue.idle()
 
 
 def test_remote_write_sink_drops_an_item_that_cannot_be_encoded_and_carries_on():

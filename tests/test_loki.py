@@ -443,7 +443,7 @@ def test_bytewax_sink_delivers_and_closes_client(server):
     run_main(flow)
     assert len(clients) == 1
     assert server.lines() == [f"line {i}" for i in range(5)]
-    assert not clients[0]._thread.is_alive()
+    assert not clients[0].queue.sender_alive()
 
 
 def test_stream_limit_sends_further_label_sets_to_the_overflow_stream(server):
@@ -541,7 +541,7 @@ def test_write_batch_drops_an_item_that_cannot_be_encoded_and_carries_on(server)
     partition.write_batch([lines_batch(0, 2), bad, _Event("alert", 5), _Event("broken", 6), lines_batch(2, 2)])
     partition.write_batch([lines_batch(4, 1), _Event("scaling", 7)])
     partition.close()  # the last partition: closes (flushes) the client
-    assert not client._thread.is_alive()
+    assert not client.queue.sender_alive()
     events = [json.dumps(_Event(k, t).to_json(), separators=(",", ":")) for k, t in (("alert", 5), ("scaling", 7))]
     assert sorted(server.lines()) == sorted([f"line {i}" for i in range(5)] + events)
     assert metrics.counter("dropped", "loki_internal_error") == 3 + 1  # the bad batch's lines, the broken event

@@ -2,7 +2,7 @@
 
 Per-service state (windows, detectors, scalers) is spread over all processes of
 a cluster by bytewax; KEDA asks one address. The dataflow therefore keys every
-``ScalingUpdate`` to a single output partition, ``SignalsSink``, which only the
+``ScalingUpdate`` to a single output partition, ``SignalsSink`` (``sink.py``), which only the
 KEDA process lists (``owner``): bytewax routes the whole stream there, and the
 partition keeps the newest signal per service in a ``ScalingSignals`` board that
 the KEDA server reads. With one process it is simply that process.
@@ -23,11 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
-
 from pipeline.model import ScalingUpdate, ServiceExpired
 
-PARTITION = "scaling"
 SWEEP_EVERY_S = 1.0  # update() runs per batch; a full sweep each time would cost O(services) per batch
 
 
@@ -78,31 +75,3 @@ class ScalingSignals:
         """Remove ``service`` now (KEDA is told NOT_FOUND until a new update arrives); unknown is fine."""
         with self._lock:
             self._latest.pop(service, None)
-
-
-class _Partition(StatefulSinkPartition[ScalingUpdate, None]):
-    def __init__(self, board: ScalingSignals) -> None:
-        self.board = board
-
-    def write_batch(self, items: list[ScalingUpdate]) -> None:
-        self.board.update(items)
-
-    def snapshot(self) -> None:
-        return None
-
-
-class SignalsSink(FixedPartitionedSink[ScalingUpdate, None]):
-    """Items must be keyed (any key): all go to the one partition, held by the ``owner`` process."""
-
-    def __init__(self, board: ScalingSignals, owner: bool = True) -> None:
-        self.board = board
-        self.owner = owner
-
-    def list_parts(self) -> list[str]:
-        return [PARTITION] if self.owner else []
-
-    def part_fn(self, item_key: str) -> int:
-        return 0
-
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Partition:
-        return _Partition(self.board)

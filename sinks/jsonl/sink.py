@@ -1,49 +1,16 @@
-"""``--emit-jsonl FILE``: every window result (and later every event) as one JSON line.
-
-A single output partition, so one worker writes the file. Its resume state is
-the file's path and length: on recovery the file is cut back to the last
-snapshot and the re-emitted results (same event times, same values) follow, so
-the file holds each result exactly once. Resumed onto another path, or onto a
-file that is missing or shorter than the snapshot says (moved, rotated, cut by
-hand), the file starts clean with a warning: it is never padded, and never cut
-to a length that belongs to another file.
-
-With ``ordered=True`` (replay) lines are held and written at the end in a
-canonical order (event time, kind, then the line itself): the set of lines
-depends only on the recording, but the order in which bytewax delivers them
-depends on its epochs, that is on wall time. Sorting makes the file
-byte-identical at any speed and on any number of workers.
-"""
+"""The bytewax sink that writes the --emit-jsonl file (one partition: one writer)."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-import orjson
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from pipeline.model import AlertEvent, ScalingEvent, WindowResult
+from sinks.jsonl.encoder import encode_line, sort_key
 
 PARTITION = "jsonl"
 log = logging.getLogger("telepipe")
-
-
-WRITTEN = (WindowResult, AlertEvent, ScalingEvent)
-_RANK = {"window": 0, "alert": 1, "scaling": 2}
-
-
-def encode_line(item) -> bytes | None:
-    """One result or event -> one line (None for items that are not written)."""
-    if not isinstance(item, WRITTEN):
-        return None
-    return orjson.dumps(item.to_json()) + b"\n"
-
-
-def sort_key(line: bytes) -> tuple:
-    """Canonical order: event time, then kind, then the line itself."""
-    doc = orjson.loads(line)
-    return (doc.get("window_start", doc.get("time")), _RANK[doc["type"]], line)
 
 
 def _resume_length(path: str, resume_state) -> int | None:

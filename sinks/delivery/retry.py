@@ -1,4 +1,4 @@
-"""Delivering one HTTP request body, shared by the Loki and remote-write sinks.
+"""Delivering one HTTP request body, with retries and a circuit breaker (Loki, remote write).
 
 - ``RetryPolicy``: connection errors, timeouts, 429 and 5xx are retried with capped
   exponential backoff and jitter; every other status is permanent.
