@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test venv venv-test prometheus bench clean
+.PHONY: run test lint venv venv-test prometheus bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ prometheus:
 	  else echo "prometheus not found and not root: its integration tests will be skipped"; fi; \
 	fi
 
-test: venv-test prometheus
+# ruff (pyflakes, pycodestyle, import order, naive datetimes) and mypy on the daemon's packages.
+lint: venv-test
+	$(VENV)/bin/ruff check pipeline sources sinks telepipe
+	$(VENV)/bin/mypy
+
+test: venv-test prometheus lint
 	$(PY) -m pytest -q $(ARGS)
 
 # Benchmarks print tables (and bench/out/anomaly_eval.png); see README for each one's figures.

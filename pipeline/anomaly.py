@@ -182,7 +182,8 @@ class ServiceAnomaly:
                 upd, ev = self._judge_key(key, values, 0, t, None)
                 updates.append(upd)
                 events.extend(ev)
-        service = {"service_rate": (sw.calls + sw.logs) / self.length_s, "error_log_rate": sw.error_logs / self.length_s}
+        length = self.length_s
+        service = {"service_rate": (sw.calls + sw.logs) / length, "error_log_rate": sw.error_logs / length}
         upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run)
         updates.append(upd)
         events.extend(ev)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import Any
 
 import numpy as np
 import orjson
@@ -41,7 +42,7 @@ def decode(data: bytes | memoryview) -> SpanBatch | LogBatch:
 
 
 def _encode_spans(batch: SpanBatch) -> bytes:
-    head = {"s": batch.services, "o": batch.operations, "i": batch.instances}
+    head: dict[str, object] = {"s": batch.services, "o": batch.operations, "i": batch.instances}
     if batch.received_ns:
         head["r"] = batch.received_ns
     raw = orjson.dumps(head)
@@ -56,7 +57,7 @@ def _decode_spans(data: bytes | memoryview) -> SpanBatch:
     pos = _HEADER.size
     head = orjson.loads(bytes(data[pos : pos + hlen]))
     pos += hlen
-    cols = {}
+    cols: dict[str, Any] = {}
     for name, dtype in SPAN_COLUMNS:
         dt = np.dtype(dtype)
         size = dt.itemsize * n
@@ -69,7 +70,7 @@ def _decode_spans(data: bytes | memoryview) -> SpanBatch:
         operations=tuple(head["o"]),
         instances=tuple(head["i"]),
         received_ns=int(head.get("r", 0)),
-        **cols,
+        **cols,  # type: ignore[arg-type]  # the columns, by name
     )
     batch.check()
     return batch
@@ -128,7 +129,7 @@ def concat(batches: list[SpanBatch]) -> SpanBatch:
     if len(batches) == 1:
         return batches[0]
     tables: dict[str, dict[str, int]] = {"services": {}, "operations": {}, "instances": {}}
-    cols: dict[str, list[np.ndarray]] = {name: [] for name, _ in SPAN_COLUMNS}
+    cols: dict[str, list[Any]] = {name: [] for name, _ in SPAN_COLUMNS}
     remap = {"services": "service_idx", "operations": "op_idx", "instances": "instance_idx"}
     for b in batches:
         for table, col in remap.items():
@@ -145,7 +146,7 @@ def concat(batches: list[SpanBatch]) -> SpanBatch:
         operations=tuple(tables["operations"]),
         instances=tuple(tables["instances"]),
         received_ns=max(b.received_ns for b in batches),
-        **{name: np.concatenate(parts) for name, parts in cols.items()},
+        **{name: np.concatenate(parts) for name, parts in cols.items()},  # type: ignore[arg-type]
     )
 
 

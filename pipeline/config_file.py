@@ -36,7 +36,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a list of numbers, got {value!r}")
         return tuple(float(v) for v in value)
     item = getattr(tp, "__args__", (None,))[0]
-    if dataclasses.is_dataclass(item):
+    if isinstance(item, type) and dataclasses.is_dataclass(item):
         if not isinstance(value, list | tuple) or not all(isinstance(v, dict) for v in value):
             raise ConfigError(f"{key}: expected a list of tables [[{key}]]")
         return tuple(_build(item, v, f"{key}.") for v in value)
@@ -56,7 +56,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             msg += f" (did you mean {prefix + hint[0]!r}?)" if hint else f"; allowed: {allowed}"
             raise ConfigError(msg)
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a table [{full}]")
             kwargs[key] = _build(tp, value, f"{full}.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Any
 
 from river import anomaly as river_anomaly
 from river import preprocessing, stats
@@ -141,7 +142,7 @@ class KeyDetector:
     def __init__(self, cfg: AnomalyConfig, features: tuple[str, ...]) -> None:
         self.features = features
         self.baselines = {f: FeatureBaseline(cfg.fading_factor) for f in features}
-        self.hst = None
+        self.hst: Any = None  # river Pipeline (MinMaxScaler | HalfSpaceTrees) when the decision uses it
         self.windows = 0
         self.lifecycle = AlertLifecycle(cfg.pending_windows, cfg.resolve_windows)
         self.bind(cfg)

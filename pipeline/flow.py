@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import Source
+from bytewax.inputs import FixedPartitionedSource
 from bytewax.outputs import Sink
 
 from pipeline.config import Config
@@ -109,7 +109,7 @@ def _progress_counter(metrics: SelfMetrics):
 
 def build_flow(
     cfg: Config,
-    source: Source,
+    source: FixedPartitionedSource,
     outputs: Outputs,
     metrics: SelfMetrics,
     *,

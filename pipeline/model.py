@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +133,7 @@ class LogBatch:
     def select(self, keep: np.ndarray) -> LogBatch:
         """The records where ``keep`` (a boolean mask) is true."""
         rows = np.flatnonzero(keep).tolist()
-        lists = {name: [getattr(self, name)[i] for i in rows] for name in _LOG_LISTS}
+        lists: dict[str, Any] = {name: [getattr(self, name)[i] for i in rows] for name in _LOG_LISTS}
         if self.attributes:
             lists["attributes"] = [self.attributes[i] for i in rows]
         return dataclasses.replace(self, time_ns=self.time_ns[keep], severity=self.severity[keep], **lists)

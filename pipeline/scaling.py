@@ -105,21 +105,21 @@ class ServiceScaler:
 
     def __init__(self, cfg: ScalingConfig, service: str, length_s: float) -> None:
         self.service = service
-        self.forecaster: RateForecaster | None = None
-        self.bind(cfg, length_s)
+        self.forecaster = RateForecaster(0)  # replaced by bind() with the configured season
+        self.bind(cfg, length_s, fresh=True)
         self.desired: int | None = None
         self.recommendations: deque[tuple[float, int]] = deque()  # (t, recommendation)
         self.applied: deque[tuple[float, int]] = deque()  # (t, desired)
         self.initial: int | None = None  # replicas observed before the first decision
 
-    def bind(self, cfg: ScalingConfig, length_s: float) -> None:
+    def bind(self, cfg: ScalingConfig, length_s: float, fresh: bool = False) -> None:
         """Apply a configuration (targets, limits, policies). The forecaster keeps what it learned
         unless its season (in windows) changed, which it cannot take over."""
         self.cfg = cfg
         self.length_s = length_s
         self.targets = Targets.for_service(cfg, self.service)
         season = int(round(cfg.season_s / length_s)) if cfg.season_s else 0
-        if self.forecaster is None or self.forecaster.season != season:
+        if fresh or self.forecaster.season != season:
             self.forecaster = RateForecaster(season)
         self.horizon = int(math.ceil(cfg.forecast_horizon_s / length_s)) if cfg.forecast_horizon_s else 0
 
@@ -159,8 +159,8 @@ class ServiceScaler:
             why = f"p95 {sw.server_p95:.3f} s on {observed} replicas, target {tg.p95_s:g} s"
             if failing and desired > observed:
                 name, share = failing[0]
-                candidates.append((observed, f"{why}: latency scale-up suppressed, dependency call {name} "
-                                             f"failing ({share:.0%} errors)", "latency_suppressed_dependency"))  # fmt: skip
+                why += f": latency scale-up suppressed, dependency call {name} failing ({share:.0%} errors)"
+                candidates.append((observed, why, "latency_suppressed_dependency"))
             else:
                 candidates.append((desired, why, "latency"))
         if tg.error_rate and sw.server_calls:
@@ -197,7 +197,8 @@ class ServiceScaler:
             stabilized = max(r for _, r in self.recommendations)
             desired = min(current, stabilized)
             if stabilized > recommendation and desired == current and current > recommendation:
-                reason += f"; scale-down stabilized (highest in {self.cfg.scale_down_stabilization_s:g} s: {stabilized})"
+                window_s = self.cfg.scale_down_stabilization_s
+                reason += f"; scale-down stabilized (highest in {window_s:g} s: {stabilized})"
                 code = "scale_down_stabilized"
         if desired < current and alert_firing:
             desired = current

@@ -80,8 +80,10 @@ class LinkJoiner:
         and span ids in a dict of service names."""
         version = state.pop("version", 1)
         if version > STATE_VERSION:
-            raise RuntimeError(f"a service-graph recovery snapshot has format {version}; this telepipe reads formats "
-                               f"up to {STATE_VERSION}: run the newer version, or move recovery data aside")  # fmt: skip
+            raise RuntimeError(
+                f"a service-graph recovery snapshot has format {version}; this telepipe reads formats up to "
+                f"{STATE_VERSION}: run the newer version, or move recovery data aside"
+            )
         self.__dict__.update(state)
         self.__dict__.setdefault("unjoined", 0)
         self.__dict__.setdefault("unstored", 0)
@@ -95,7 +97,8 @@ class LinkJoiner:
         if "names" not in state:
             self.names, self.codes = [], {}
             generations = []
-            for gen, spans in self.generations:
+            old: list = self.generations  # (generation, dict of span id -> service name) in those snapshots
+            for gen, spans in old:
                 index = SpanIndex(max(MAX_SPANS, len(spans)))
                 ids = np.fromiter(spans.keys(), dtype=np.uint64, count=len(spans))
                 index.insert(ids, np.fromiter(map(self._code, spans.values()), dtype=np.int32, count=len(spans)))
@@ -147,14 +150,14 @@ class LinkJoiner:
                 for parent_id, code in zip(found, callers.tolist()):
                     if code < 0:  # not stored (MAX_SPANS): it keeps waiting
                         continue
-                    caller = self.names[code]
-                    for (callee, window), (calls, errors, dur_sum, max_end) in table.pop(parent_id).items():
-                        if callee != caller:
-                            e = edges[(caller, callee, window)]
-                            e[0] += calls
-                            e[1] += errors
-                            e[2] += dur_sum
-                            e[3] = max(e[3], max_end)
+                    parent_service = self.names[code]
+                    for (child_service, window_start), (n, n_err, d_sum, end) in table.pop(parent_id).items():
+                        if child_service != parent_service:
+                            e = edges[(parent_service, child_service, window_start)]
+                            e[0] += n
+                            e[1] += n_err
+                            e[2] += d_sum
+                            e[3] = max(e[3], end)
 
         # This batch's children: parent found (in any generation) or left waiting for it.
         with_parent = np.flatnonzero(pid_arr)

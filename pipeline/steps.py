@@ -88,7 +88,9 @@ class ServiceStep(StatefulLogic[object, object, bytes]):
 
 
 class _JoinedPartition(StatefulSourcePartition):
-    def __init__(self, inner: StatefulSourcePartition, joiner: servicegraph.LinkJoiner, dead: DeadLetters | None) -> None:
+    def __init__(
+        self, inner: StatefulSourcePartition, joiner: servicegraph.LinkJoiner, dead: DeadLetters | None
+    ) -> None:
         self.inner = inner
         self.joiner = joiner
         self.dead = dead
@@ -114,10 +116,12 @@ class _JoinedPartition(StatefulSourcePartition):
                     self.dead.metrics.inc("dropped", n, reason)
             if time.monotonic() - self.logged_at > 60:
                 self.logged_at = time.monotonic()
-                log.warning("service graph: more than %d sampled spans per %d s or %d awaited parents; spans not kept "
-                            "and children not joined are counted as dropped{reason=\"servicegraph_unstored\"} and "
-                            "{reason=\"servicegraph_unjoined\"}", servicegraph.MAX_SPANS, servicegraph.GENERATION_NS // 10**9,
-                            servicegraph.MAX_WAITING)  # fmt: skip
+                log.warning(
+                    "service graph: more than %d sampled spans per %d s or %d awaited parents; spans not kept and "
+                    'children not joined are counted as dropped{reason="servicegraph_unstored"} and '
+                    '{reason="servicegraph_unjoined"}',
+                    servicegraph.MAX_SPANS, servicegraph.GENERATION_NS // 10**9, servicegraph.MAX_WAITING,
+                )  # fmt: skip
         return out
 
     def next_awake(self) -> datetime | None:

@@ -10,6 +10,8 @@ holds them per service).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pipeline.model import KIND_SERVER, Partial, WindowResult
@@ -136,7 +138,7 @@ class _Window:
     __slots__ = ("status_counts", "bucket_counts", "status_sums", "sketch", "slow", "error_traces")
 
 
-def _ops_from_windows(windows: dict[tuple[str, int], _Window], nb: int, keep: int) -> _Ops:
+def _ops_from_windows(windows: dict[tuple[str, int], Any], nb: int, keep: int) -> _Ops:
     """An older snapshot's per-operation windows as one ``_Ops`` (the same aggregates)."""
     ops = _Ops(nb, keep)
     if windows:

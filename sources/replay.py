@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -164,7 +164,7 @@ class ReplaySource(FixedPartitionedSource[SpanBatch | LogBatch, int]):
 
     def __init__(
         self,
-        paths: list[str | Path],
+        paths: Sequence[str | Path],
         speed: float | None = None,
         metrics: SelfMetrics | None = None,
         limits: DecodeLimits = DecodeLimits(),

@@ -17,6 +17,7 @@ that snapshot, so every record it may re-read is still on disk.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -41,11 +42,11 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, int, int]]):
+class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, ...]]):
     def __init__(
         self,
         spool: Spool,
-        resume_state: tuple[int, int, int] | None,
+        resume_state: tuple[int, ...] | None,
         index: int,
         stop: threading.Event,
         now: Callable[[], datetime],
@@ -107,6 +108,7 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
         if now < self.next_check:
             return
         self.next_check = now + RETENTION_CHECK
+        assert self.committed is not None  # only called with recovery
         seq = self.committed()
         if seq is not None and (not self.commits or seq > self.commits[-1][1]):
             self.commits.append((now, seq))
@@ -162,7 +164,7 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, i
     def next_awake(self) -> datetime | None:
         return self.now() + POLL_INTERVAL if self._idle else None
 
-    def snapshot(self) -> tuple[int, int, int, int]:
+    def snapshot(self) -> tuple[int, ...]:
         return (self.seq, self.offset, self.steps.next_seq, STATE_VERSION)
 
     def close(self) -> None:
@@ -177,7 +179,7 @@ def _partition_index(name: str, local: list[str]) -> int:
     return int(suffix) if suffix.isdigit() else local.index(name)
 
 
-class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, int]]):
+class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, ...]]):
     """Reads the spool shards that live in this process."""
 
     def __init__(
@@ -212,9 +214,9 @@ class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, int, i
     def list_parts(self) -> list[str]:
         return list(self.spools)
 
-    def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int, int] | None):
+    def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, ...] | None):
         index = _partition_index(for_part, sorted(self.spools))
-        committed = None if self.committed is None else (lambda: self.committed(for_part))
+        committed = None if self.committed is None else functools.partial(self.committed, for_part)
         part = self.parts[for_part] = _SpoolPartition(
             self.spools[for_part], resume_state, index, self.stop, self.now, committed, self.keep_for
         )

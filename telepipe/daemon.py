@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -242,7 +243,7 @@ class ReplaySummary:
 
 def replay(
     cfg: Config,
-    paths: list[str],
+    paths: Sequence[str | Path],
     *,
     speed: float | None = None,
     emit_jsonl: str | None = None,

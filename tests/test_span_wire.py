@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from bench.load import RecordedTraces, SyntheticTraces, Template
 from bench.replay_bench import payloads
-from pipeline.decode import span_wire
-from pipeline.decode import Decoded, MalformedRequest, decode_traces, decode_traces_upb
+from pipeline.decode import Decoded, MalformedRequest, decode_traces, decode_traces_upb, span_wire
 
 from .conftest import ONLINEBOUTIQUE, TRAINTICKET
 

@@ -96,7 +96,7 @@ class _LogColumns:
 
     def _attributes(self, attributes) -> dict[str, str]:
         limit = self.limits.max_attribute_value_bytes
-        kept = {}
+        kept: dict[str, str] = {}
         for attribute in attributes:
             if len(kept) >= self.limits.max_log_attributes:
                 break

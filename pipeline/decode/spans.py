@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -112,7 +113,7 @@ def _known(values: np.ndarray, highest: int) -> np.ndarray:
     return values.astype(np.int8)
 
 
-def _id_column(ids: tuple[bytes, ...], width: int, n: int, *, allow_empty: bool):
+def _id_column(ids: Sequence[bytes], width: int, n: int, *, allow_empty: bool):
     """Fixed-width id array and a validity mask: the right length and not all zero, or for
     parent ids (``allow_empty``) empty or the right length (empty and all-zero both mean root)."""
     lengths = set(map(len, ids))

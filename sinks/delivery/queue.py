@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.threads import PAUSE_AFTER_ERROR_S, survive
@@ -46,6 +46,9 @@ class Building(Protocol):
     def sealed(self) -> object: ...
 
 
+R = TypeVar("R", bound=Building)
+
+
 @dataclass
 class _Request:
     seq: int
@@ -53,14 +56,14 @@ class _Request:
     items: int
 
 
-class BatchQueue:
+class BatchQueue(Generic[R]):
     def __init__(
         self,
         sink: str,
         metrics: SelfMetrics,
         *,
-        new_request: Callable[[], Building],
-        send: Callable[[object, int], object],
+        new_request: Callable[[], R],
+        send: Callable[[Any, int], object],
         max_requests: int,
         max_wait_s: float,
         stop: threading.Event,
@@ -87,7 +90,7 @@ class BatchQueue:
 
     # -- the dataflow's side
 
-    def add(self, fill: Callable[[BatchQueue], object]) -> bool:
+    def add(self, fill: Callable[[BatchQueue[R]], object]) -> bool:
         """Run ``fill(self)`` under the queue's lock: it adds to ``self.building`` and may call
         ``seal()`` (when the request is full). False (nothing run) once the queue is closed."""
         with self._cond:
@@ -191,14 +194,15 @@ class BatchQueue:
 
     def _run(self) -> None:
         while True:
-            req = survive(self.thread_name, self.metrics, self._take, default=_FAILED)
-            if req is _FAILED:
+            taken = survive(self.thread_name, self.metrics, self._take, default=_FAILED)
+            if taken is _FAILED:
                 if self.stop.is_set():
                     return  # even the drain at close failed (logged, counted): do not spin
                 self.stop.wait(PAUSE_AFTER_ERROR_S)  # whatever failed must not spin either
                 continue
-            if req is None:
+            if taken is None:
                 return
+            req = cast(_Request, taken)
             try:
                 self.send(req.payload, req.items)
             except Exception as exc:  # the thread must live on: count the request, go on with the next

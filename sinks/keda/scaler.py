@@ -68,7 +68,8 @@ class _Servicer(pb_grpc.ExternalScalerServicer):
         self._refused = 0  # since the last warning
         self._warned_at = -math.inf
 
-    async def _service(self, ref: pb.ScaledObjectRef, context: grpc.aio.ServicerContext) -> tuple[str, int, float]:
+    async def _service(self, ref, context: grpc.aio.ServicerContext) -> tuple[str, int, float]:
+        """(service, desired replicas, call rate) named by a ``ScaledObjectRef``; aborts the call when unknown."""
         service = ref.scalerMetadata.get("service", "")
         if not service:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "trigger metadata must name the 'service'")
@@ -77,6 +78,7 @@ class _Servicer(pb_grpc.ExternalScalerServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"telepipe has no scaling signal for service {service!r} (yet, or any more)"
             )
+            raise AssertionError("abort raises")  # for the type checker: abort never returns
         return service, found[0], found[1]
 
     async def IsActive(self, request, context):  # noqa: N802 (protocol's name)

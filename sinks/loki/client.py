@@ -94,7 +94,7 @@ class LokiClient:
         # Label sets in use, for the stream limit: label set -> last used (clock), least recently used first.
         self._streams: OrderedDict[tuple, float] = OrderedDict()
         self._next_stream_sweep = 0.0
-        self.queue = BatchQueue(
+        self.queue: BatchQueue[_Request] = BatchQueue(
             "loki", metrics, new_request=_Request, send=self._send, max_requests=cfg.queue_max_batches,
             max_wait_s=cfg.batch_max_wait_ms / 1000.0, stop=stop, thread=SENDER_THREAD, clock=clock,
             gauge="loki_queue_batches",
@@ -117,7 +117,7 @@ class LokiClient:
         # items one by one without sending a line twice.
         sizes = [[len(orjson.dumps(value)) + 1 for value in stream["values"]] for stream in streams]
 
-        def fill(queue: BatchQueue) -> None:
+        def fill(queue: BatchQueue[_Request]) -> None:
             for stream, value_sizes in zip(streams, sizes, strict=True):
                 key = self._stream_key(stream["stream"], len(stream["values"]))
                 for value, size in zip(stream["values"], value_sizes, strict=True):

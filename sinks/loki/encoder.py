@@ -90,8 +90,8 @@ def encode_streams(
             if value:
                 meta[key] = value
         ts = max(int(batch.time_ns[i]), 0)  # uint64 garbage shows up negative
-        value = [str(ts), line, meta] if meta else [str(ts), line]
-        groups.setdefault((service, level), []).append((ts, value))
+        entry: list = [str(ts), line, meta] if meta else [str(ts), line]
+        groups.setdefault((service, level), []).append((ts, entry))
     if truncated and metrics is not None:
         metrics.dropped("loki_line_truncated", truncated, detail=f"lines cut to {max_line_bytes} bytes")
     streams = []

@@ -95,12 +95,18 @@ class SeriesState:
     def _forget(self, r: KeyExpired | ServiceExpired) -> None:
         """Drop the series of a retired key, or of every key of a forgotten service (lock held)."""
         if isinstance(r, KeyExpired):
-            key = (r.service, r.operation, _kind(r.span_kind))
-            mine = lambda k: k[:3] == key  # noqa: E731
+            retired = (r.service, r.operation, _kind(r.span_kind))
+
+            def mine(k: tuple) -> bool:
+                return k[:3] == retired
         else:
-            mine = lambda k: k[0] == r.service  # noqa: E731
+
+            def mine(k: tuple) -> bool:
+                return k[0] == r.service
+
             self._scaling.pop(r.service, None)
-        for table in (self._series, self._latest, self._anomaly):
+        tables: tuple[dict, ...] = (self._series, self._latest, self._anomaly)
+        for table in tables:
             for k in [k for k in table if mine(k)]:
                 del table[k]
 
@@ -109,11 +115,12 @@ class SeriesState:
         horizon = now - self.stale_after_s
         for key in [k for k, s in self._series.items() if s.updated < horizon]:
             del self._series[key]
-        for key in [k for k, v in self._latest.items() if v[2] < horizon]:
-            del self._latest[key]
-        for table in (self._anomaly, self._scaling):
-            for key in [k for k, v in table.items() if v[1] < horizon]:
-                del table[key]
+        for latest in [k for k, v in self._latest.items() if v[2] < horizon]:
+            del self._latest[latest]
+        tables: tuple[dict, ...] = (self._anomaly, self._scaling)
+        for table in tables:
+            for k in [k for k, v in table.items() if v[1] < horizon]:
+                del table[k]
 
     def render(self) -> Iterator[bytes]:
         """The whole /metrics page (text format 0.0.4), in chunks of a few hundred KiB.

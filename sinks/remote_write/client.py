@@ -68,7 +68,7 @@ class RemoteWriteClient:
         )  # fmt: skip
         self._last: dict[Labels, int] = {}  # series -> newest sample time (ms), for stale markers
         self._newest = 0
-        self.queue = BatchQueue(
+        self.queue: BatchQueue[_Request] = BatchQueue(
             "remote_write", metrics, new_request=_Request, send=self._send, max_requests=cfg.queue_max_batches,
             max_wait_s=cfg.batch_max_wait_ms / 1000, stop=stop, thread=THREAD, clock=clock,
         )  # fmt: skip
@@ -92,7 +92,7 @@ class RemoteWriteClient:
         if not samples:
             return
 
-        def fill(queue: BatchQueue) -> None:
+        def fill(queue: BatchQueue[_Request]) -> None:
             req = queue.building
             for labels, t, v in samples:
                 req.add(labels, t, v)
