@@ -92,15 +92,7 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     vmax = np.maximum.reduceat(dur, row_starts)
     row_end = np.maximum.reduceat(batch.end_ns[order], row_starts)
 
-    # Sketch buckets of every row at once: unique (row, bucket index) pairs.
-    positive = dur > 0
-    zero = np.bincount(gid[~positive], minlength=rows) if not positive.all() else np.zeros(rows, np.int64)
-    sk = spec.mapping.index(dur[positive])
-    pair = gid[positive] * 1_000_000 + (sk + 500_000)  # bucket indices stay well inside +-500k
-    upair, ucnt = np.unique(pair, return_counts=True)
-    urow = upair // 1_000_000
-    uidx = upair % 1_000_000 - 500_000
-
+    zero, urow, uidx, ucnt = _sketch_buckets(dur, gid, rows, spec.mapping)
     # Exemplars: the slowest spans of each row (sorted slowest first) and its error spans.
     trace_s = batch.trace_id[order]
     slow_at = np.flatnonzero(np.arange(n) - row_starts[gid] < spec.exemplars)
@@ -109,11 +101,7 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
 
     part_rows = np.append(np.flatnonzero(new_part[row_starts]), rows)  # first row of each part
     parts = part_rows.size - 1
-    # Distinct instances of each part: unique (part, instance) pairs, sorted by part.
-    n_inst = len(batch.instances)
-    pair = np.unique((np.cumsum(new_part) - 1) * n_inst + batch.instance_idx[order])
-    inst_cut = np.searchsorted(pair // n_inst, np.arange(parts + 1)).tolist()
-    inst_names = [batch.instances[i] for i in (pair % n_inst).tolist()]
+    inst_cut, inst_names = _part_instances(batch, order, new_part, parts)
     sk_cut = np.searchsorted(urow, part_rows)
     slow_cut = np.searchsorted(gid[slow_at], part_rows)
     err_cut = np.searchsorted(gid[err_at], part_rows)
@@ -153,6 +141,26 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
             )
         )
     return out
+
+
+def _sketch_buckets(dur: np.ndarray, gid: np.ndarray, rows: int, mapping: LogMapping) -> tuple[np.ndarray, ...]:
+    """Sketch buckets of every row at once: spans of zero duration per row, and the unique
+    (row, bucket index) pairs with their counts, sorted by row then index."""
+    positive = dur > 0
+    zero = np.bincount(gid[~positive], minlength=rows) if not positive.all() else np.zeros(rows, np.int64)
+    sk = mapping.index(dur[positive])
+    pair = gid[positive] * 1_000_000 + (sk + 500_000)  # bucket indices stay well inside +-500k
+    upair, ucnt = np.unique(pair, return_counts=True)
+    return zero, upair // 1_000_000, upair % 1_000_000 - 500_000, ucnt
+
+
+def _part_instances(batch: SpanBatch, order: np.ndarray, new_part: np.ndarray, parts: int) -> tuple[list, list]:
+    """Distinct instances of each (service, window) part: unique (part, instance) pairs, sorted
+    by part; returns where each part's instances start, and the instance names."""
+    n_inst = len(batch.instances)
+    pair = np.unique((np.cumsum(new_part) - 1) * n_inst + batch.instance_idx[order])
+    inst_cut = np.searchsorted(pair // n_inst, np.arange(parts + 1)).tolist()
+    return inst_cut, [batch.instances[i] for i in (pair % n_inst).tolist()]
 
 
 SEVERITY_ERROR = 17

@@ -139,6 +139,31 @@ class ServiceScaler:
         if self.initial is None:
             self.initial = observed
 
+        candidates = self._candidates(sw, observed, rate, forecast, current)
+        # The largest wins; on a tie the first (call rate, then latency, then errors).
+        recommendation, reason, code = max(candidates, key=lambda c: c[0])
+        recommendation = min(max(recommendation, tg.min_replicas), tg.max_replicas)
+        self.recommendations.append((t, recommendation))
+        while self.recommendations[0][0] < t - self.cfg.scale_down_stabilization_s:
+            self.recommendations.popleft()
+        period_start = t - self.cfg.scale_up_period_s
+        while len(self.applied) > 1 and self.applied[1][0] <= period_start:
+            self.applied.popleft()  # keep the last decision made before the period started
+
+        desired, reason, code = self._behaviour(t, recommendation, current, reason, code, alert_firing)
+        self.applied.append((t, desired))
+        changed = desired != self.desired
+        self.desired = desired
+        update = ScalingUpdate(self.service, sw.window_start, observed, desired, reason, code, rate,
+                               forecast if not math.isnan(forecast) else rate)  # fmt: skip
+        event = ScalingEvent(self.service, sw.window_start, observed, desired, reason, code) if changed else None
+        return update, event
+
+    def _candidates(
+        self, sw: ServiceWindow, observed: int, rate: float, forecast: float, current: int
+    ) -> list[tuple[int, str, str]]:
+        """Per metric: (recommended replicas, why, reason code)."""
+        tg = self.targets
         candidates: list[tuple[int, str, str]] = []
         if sw.silent_run:
             candidates.append((current, "no data from the service in this window: unchanged", "no_data"))
@@ -170,17 +195,15 @@ class ServiceScaler:
             candidates.append((desired, f"error rate {share:.1%}, target {tg.error_rate:.1%}", "error_rate"))
         if not candidates:
             candidates.append((current, "no SERVER spans in this window: unchanged", "no_traffic"))
+        return candidates
 
-        # The largest wins; on a tie the first (call rate, then latency, then errors).
-        recommendation, reason, code = max(candidates, key=lambda c: c[0])
-        recommendation = min(max(recommendation, tg.min_replicas), tg.max_replicas)
-        self.recommendations.append((t, recommendation))
-        while self.recommendations[0][0] < t - self.cfg.scale_down_stabilization_s:
-            self.recommendations.popleft()
+    def _behaviour(
+        self, t: float, recommendation: int, current: int, reason: str, code: str, alert_firing: bool
+    ) -> tuple[int, str, str]:
+        """The HPA's behaviour applied to a recommendation: scale-up rate limit, scale-down
+        stabilization, the alert hold, then the replica limits."""
+        tg = self.targets
         period_start = t - self.cfg.scale_up_period_s
-        while len(self.applied) > 1 and self.applied[1][0] <= period_start:
-            self.applied.popleft()  # keep the last decision made before the period started
-
         if recommendation > current:
             # Replicas in effect when the period started: the last decision before it, or
             # what was observed before the first decision.
@@ -210,13 +233,7 @@ class ServiceScaler:
             desired = min(max(desired, tg.min_replicas), tg.max_replicas)
             reason += f"; limited to {tg.min_replicas}..{tg.max_replicas} replicas"
             code = "replica_limits"
-        self.applied.append((t, desired))
-        changed = desired != self.desired
-        self.desired = desired
-        update = ScalingUpdate(self.service, sw.window_start, observed, desired, reason, code, rate,
-                               forecast if not math.isnan(forecast) else rate)  # fmt: skip
-        event = ScalingEvent(self.service, sw.window_start, observed, desired, reason, code) if changed else None
-        return update, event
+        return desired, reason, code
 
 
 def _failing_dependencies(sw: ServiceWindow, threshold: float) -> list[tuple[str, float]]:

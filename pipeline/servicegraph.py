@@ -138,27 +138,8 @@ class LinkJoiner:
         waiting = self._current(self.waiting, gen)
         edges: dict[tuple[str, str, int], list] = defaultdict(lambda: [0, 0, 0.0, 0])
 
-        # Children that were waiting for one of these spans.
         if any(table for _, table in self.waiting):
-            arrived = set(sid.tolist())
-            for _, table in self.waiting:
-                found = list(table.keys() & arrived)
-                if not found:
-                    continue
-                callers = np.full(len(found), -1, dtype=np.int32)
-                self.generations[-1][1].lookup(np.array(found, dtype=np.uint64), callers)
-                for parent_id, code in zip(found, callers.tolist()):
-                    if code < 0:  # not stored (MAX_SPANS): it keeps waiting
-                        continue
-                    parent_service = self.names[code]
-                    for (child_service, window_start), (n, n_err, d_sum, end) in table.pop(parent_id).items():
-                        if child_service != parent_service:
-                            e = edges[(parent_service, child_service, window_start)]
-                            e[0] += n
-                            e[1] += n_err
-                            e[2] += d_sum
-                            e[3] = max(e[3], end)
-
+            self._join_waiting(sid, edges)
         # This batch's children: parent found (in any generation) or left waiting for it.
         with_parent = np.flatnonzero(pid_arr)
         pids = pid_arr[with_parent]
@@ -168,43 +149,73 @@ class LinkJoiner:
         callee = me[with_parent]
         cross = np.flatnonzero((caller >= 0) & (caller != callee))
         if cross.size:
-            rows = keep[with_parent[cross]]  # rows of the batch
-            window = batch.end_ns[rows] // self.window_ns * self.window_ns
-            a, b = caller[cross], callee[cross]
-            order = np.lexsort((window, b, a))
-            a, b, window, rows = a[order], b[order], window[order], rows[order]
-            # np.concatenate, not np.r_: r_ costs ~10 us a call, felt with small batches
-            change = (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (window[1:] != window[:-1])
-            first = np.flatnonzero(np.concatenate(([True], change)))
-            calls = np.diff(np.append(first, len(rows)))
-            errors = np.add.reduceat(batch.status[rows] == 2, first)
-            dur_sum = np.add.reduceat(batch.duration_ns[rows] / 1e9, first)
-            max_end = np.maximum.reduceat(batch.end_ns[rows], first)
-            for k, at in enumerate(first.tolist()):
-                e = edges[(self.names[a[at]], self.names[b[at]], int(window[at]))]
-                e[0] += int(calls[k])
-                e[1] += int(errors[k])
-                e[2] += float(dur_sum[k])
-                e[3] = max(e[3], int(max_end[k]))
+            self._join_found(batch, keep[with_parent[cross]], caller[cross], callee[cross], edges)
         lost = np.flatnonzero(caller < 0)
         if lost.size:
-            rows = keep[with_parent[lost]]
-            err = (batch.status[rows] == 2).tolist()
-            dur = (batch.duration_ns[rows] / 1e9).tolist()
-            end = batch.end_ns[rows].tolist()
-            for parent_id, code, error, d, e in zip(pids[lost].tolist(), callee[lost].tolist(), err, dur, end):
-                children = waiting.get(parent_id)
-                if children is None:
-                    if len(waiting) >= MAX_WAITING:
-                        self.unjoined += 1
-                        continue
-                    children = waiting[parent_id] = {}
-                self._wait(children, self.names[code], error, d, e)
+            self._leave_waiting(batch, keep[with_parent[lost]], pids[lost], callee[lost], waiting)
         self._expire(gen)
         return [
-            EdgePartial(caller, callee, w, progress_ns(e[3], batch.received_ns), batch.step, e[0], e[1], e[2])
-            for (caller, callee, w), e in sorted(edges.items())
+            EdgePartial(src, dst, w, progress_ns(e[3], batch.received_ns), batch.step, e[0], e[1], e[2])
+            for (src, dst, w), e in sorted(edges.items())
         ]
+
+    def _join_waiting(self, sid: np.ndarray, edges: dict) -> None:
+        """Children that were waiting for one of these spans (``sid``) join them now."""
+        arrived = set(sid.tolist())
+        for _, table in self.waiting:
+            found = list(table.keys() & arrived)
+            if not found:
+                continue
+            callers = np.full(len(found), -1, dtype=np.int32)
+            self.generations[-1][1].lookup(np.array(found, dtype=np.uint64), callers)
+            for parent_id, code in zip(found, callers.tolist()):
+                if code < 0:  # not stored (MAX_SPANS): it keeps waiting
+                    continue
+                parent_service = self.names[code]
+                for (child_service, window_start), (n, n_err, d_sum, end) in table.pop(parent_id).items():
+                    if child_service != parent_service:
+                        e = edges[(parent_service, child_service, window_start)]
+                        e[0] += n
+                        e[1] += n_err
+                        e[2] += d_sum
+                        e[3] = max(e[3], end)
+
+    def _join_found(self, batch: SpanBatch, rows: np.ndarray, a: np.ndarray, b: np.ndarray, edges: dict) -> None:
+        """This batch's children (``rows``) whose parent was found: caller codes ``a``, callee
+        codes ``b``, summed per (caller, callee, window) with numpy."""
+        window = batch.end_ns[rows] // self.window_ns * self.window_ns
+        order = np.lexsort((window, b, a))
+        a, b, window, rows = a[order], b[order], window[order], rows[order]
+        # np.concatenate, not np.r_: r_ costs ~10 us a call, felt with small batches
+        change = (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (window[1:] != window[:-1])
+        first = np.flatnonzero(np.concatenate(([True], change)))
+        calls = np.diff(np.append(first, len(rows)))
+        errors = np.add.reduceat(batch.status[rows] == 2, first)
+        dur_sum = np.add.reduceat(batch.duration_ns[rows] / 1e9, first)
+        max_end = np.maximum.reduceat(batch.end_ns[rows], first)
+        for k, at in enumerate(first.tolist()):
+            e = edges[(self.names[a[at]], self.names[b[at]], int(window[at]))]
+            e[0] += int(calls[k])
+            e[1] += int(errors[k])
+            e[2] += float(dur_sum[k])
+            e[3] = max(e[3], int(max_end[k]))
+
+    def _leave_waiting(
+        self, batch: SpanBatch, rows: np.ndarray, parents: np.ndarray, callee: np.ndarray, waiting: dict
+    ) -> None:
+        """This batch's children (``rows``) whose parent has not arrived wait for it, summed per
+        (callee, window); at most MAX_WAITING parent ids per generation (the rest counted)."""
+        err = (batch.status[rows] == 2).tolist()
+        dur = (batch.duration_ns[rows] / 1e9).tolist()
+        end = batch.end_ns[rows].tolist()
+        for parent_id, code, error, d, e in zip(parents.tolist(), callee.tolist(), err, dur, end):
+            children = waiting.get(parent_id)
+            if children is None:
+                if len(waiting) >= MAX_WAITING:
+                    self.unjoined += 1
+                    continue
+                children = waiting[parent_id] = {}
+            self._wait(children, self.names[code], error, d, e)
 
     def _wait(self, children: dict, callee: str, error: bool, dur: float, end: int) -> None:
         c = children.setdefault((callee, end // self.window_ns * self.window_ns), [0, 0, 0.0, 0])
