@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from .conftest import samples, wait_for
-from .test_loki import LokiServer
+from .loki_server import LokiServer
 
 pytestmark = pytest.mark.integration
 
