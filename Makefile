@@ -40,7 +40,7 @@ lint: venv-test
 test: venv-test prometheus lint
 	$(PY) -m pytest -q $(ARGS)
 
-# Benchmarks print tables (and bench/out/anomaly_eval.png); see README for each one's figures.
+# Benchmarks print tables (and bench/out/anomaly_eval.png); see docs/performance.md for each one's figures.
 bench: venv-test
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench.replay_bench

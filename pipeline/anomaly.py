@@ -20,7 +20,7 @@ normal, so an incident does not become the new normal.
 - Multivariate: ``MinMaxScaler | HalfSpaceTrees`` (river, seeded) over the
   key's features, when ``anomaly.detector`` uses it (hst, band_and_hst,
   band_or_hst); its score is exported. The evaluation in
-  ``bench/anomaly_eval.py`` compares the choices; see README for why ``band``
+  ``bench/anomaly_eval.py`` compares the choices; see docs/anomaly-and-scaling.md for why ``band``
   is the default.
 - A key is "learning" for its first ``warmup_windows`` windows: scored, not judged.
 - Keys come and go: a key without spans for ``stale_after_s`` of event time while its

@@ -12,7 +12,7 @@ supervisor exits non-zero and whatever restarts it (systemd, Kubernetes) starts
 the cluster again, which resumes from its snapshots.
 
 For several machines, start each member yourself with ``--process-id`` and
-``--addresses`` (README, "Scale-out").
+``--addresses`` (docs/scale-out.md).
 """
 
 from __future__ import annotations

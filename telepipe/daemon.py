@@ -72,6 +72,17 @@ def init_recovery(db: Path) -> None:
         init_db_dir(db, 1)
 
 
+def await_recovery(db: Path, timeout_s: float = 120.0) -> None:
+    """Members of a cluster started one by one (``--process-id``/``--addresses``, e.g. a
+    StatefulSet sharing the recovery volume): process 0 creates the partition, the others
+    wait for it instead of racing to create it too."""
+    deadline = time.monotonic() + timeout_s
+    while not any(db.glob("part-*.sqlite3")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no bytewax recovery partition appeared in {db} (process 0 creates it)")
+        time.sleep(0.5)
+
+
 def protobuf_backend() -> str:
     return api_implementation.Type()
 
@@ -157,7 +168,10 @@ class Daemon:
         self.committed: CommittedSnapshots | None = None
         if rec.enabled:
             db = data_dir / "recovery"
-            init_recovery(db)
+            if process_id == 0 or not addresses:
+                init_recovery(db)
+            else:
+                await_recovery(db)
             self.recovery = BytewaxRecovery(db, backup_interval=timedelta(seconds=rec.backup_interval_s))
             self.committed = CommittedSnapshots(db, metrics=self.metrics)
         self.source = SpoolSource(

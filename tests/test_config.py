@@ -73,3 +73,14 @@ def test_check_config_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "telepipe.cli", "check-config", str(bad)],
                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "did you mean 'spool.fsync'" in out.stderr
+
+
+def test_configuration_page_is_generated_from_the_config_and_lists_every_key():
+    from pipeline.config_docs import render
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == render(), "docs/configuration.md is stale: run .venv/bin/python -m pipeline.config_docs"
+    for section in dataclasses.fields(Config):
+        assert f"## [{section.name}]" in page
+        for key in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"| `{key.name}` |" in page, f"{section.name}.{key.name}"

@@ -260,7 +260,7 @@ def test_status_with_a_message_and_several_scopes_are_read():
 
 
 def test_span_attributes_are_skipped_not_parsed():
-    """The subset schema: attribute contents are not read (documented in README, OTLP behaviour),
+    """The subset schema: attribute contents are not read (documented in docs/otlp.md),
     but a garbled span is still a malformed request."""
     req = ExportTraceServiceRequest.FromString(trace_request([{}]))
     span = req.resource_spans[0].scope_spans[0].spans[0]

@@ -45,3 +45,16 @@ def test_makefile_has_the_two_commands_and_ci_calls_make_test():
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "telepipe.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "replay" in out.stdout and "--processes N" in out.stdout
+
+
+def test_readme_is_short_and_every_relative_link_in_the_docs_resolves():
+    readme = ROOT / "README.md"
+    assert readme.read_text().count("\n") < 300
+    pages = [readme, *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+://", target):
+                assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+    for doc in ("architecture", "configuration", "metrics", "otlp", "anomaly-and-scaling", "scale-out",
+                "performance", "reliability", "troubleshooting", "operations"):  # fmt: skip
+        assert (ROOT / "docs" / f"{doc}.md").exists() and f"docs/{doc}.md" in readme.read_text()

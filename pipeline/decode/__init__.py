@@ -36,7 +36,7 @@ __all__ = [
 def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:
     """Stamp the batch with its acceptance time and reject the items that end more than
     ``max_future_ns`` after ``now_ns`` (the receiver's clock): one client with a wrong clock must
-    not move event time for everybody. Old items are kept (see README, Operations)."""
+    not move event time for everybody. Old items are kept (docs/operations.md)."""
     batch = decoded.batch
     if batch is None:
         return decoded

@@ -5,7 +5,7 @@ field through a Python object: a wrapper per span and one attribute read per
 field, about 2 us per span, two thirds of a replay's time. ``walk`` below reads
 the same fields in one compiled pass over the bytes and writes them into arrays,
 so no Python object is made per span (about 0.25 us per span walked, 0.45 us
-for the whole ``decode_traces``; see README "Performance"). Compiled functions
+for the whole ``decode_traces``; see docs/performance.md). Compiled functions
 release the GIL (``nogil``), so the receiver's threads can decode side by side.
 
 It reads exactly what ``pipeline/decode/span_schema.py`` declares (the ids, name, kind,
