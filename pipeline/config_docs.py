@@ -99,7 +99,8 @@ def render() -> str:
     ]
     for section in dataclasses.fields(Config):
         cls = get_type_hints(Config)[section.name]
-        out += [f"## [{section.name}]", "", "| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]
+        out += [f"## [{section.name}]", "", "| key | type | default | allowed | what it does |"]
+        out.append("|---|---|---|---|---|")
         hints = get_type_hints(cls)
         defaults = cls()
         for f in dataclasses.fields(cls):
