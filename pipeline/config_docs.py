@@ -30,7 +30,8 @@ _PROBES: dict[Any, tuple] = {
 def example_comments(text: str) -> dict[str, str]:
     """"section.key" -> the comment block above it (a block above several keys is theirs)."""
     out: dict[str, str] = {}
-    section, block, block_done = "", [], False
+    section, block_done = "", False
+    block: list[str] = []
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("[") and not line.startswith("[["):
