@@ -128,11 +128,6 @@ class ServiceAnomaly:
             service_key.features = SERVICE_FEATURES
             service_key.baselines = {"service_rate": FeatureBaseline(0.05), **service_key.baselines}
 
-    def firing(self) -> bool:
-        return any(d.lifecycle.state == "firing" for d in self.keys.values()) or any(
-            r.lifecycle.state == "firing" for r in self.rules.values()
-        )
-
     def holds_scale_down(self) -> bool:
         """An alert fires on something other than how much traffic came (latency, errors, error
         logs, silence): a scale-down now could make the incident worse or act on missing data."""

@@ -35,15 +35,13 @@ from pipeline.deadletter import DeadLetters
 from pipeline.model import ServiceExpired, ServiceWindow
 from pipeline.preaggregate import WindowSpec
 from pipeline.scaling import ServiceScaler
+from pipeline.snapshots import SnapshotTooNew, check_version
 from pipeline.windows import ServiceWindows
 
 # Version of the pickled state (recovery snapshots). 2: configuration left out, silence and
 # expiry. Older snapshots (no version) are read and converted; newer ones are refused.
 STATE_VERSION = 2
-
-
-class SnapshotTooNew(RuntimeError):
-    """A recovery snapshot written by a newer telepipe than this one."""
+__all__ = ["STATE_VERSION", "ServiceState", "SnapshotTooNew"]
 
 
 def silent_limit(cfg: Config, spec: WindowSpec) -> int:
@@ -83,12 +81,7 @@ class ServiceState:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        version = state.pop("version", 1)
-        if version > STATE_VERSION:
-            raise SnapshotTooNew(
-                f"a recovery snapshot of service {state.get('service', '?')!r} has format {version}; this telepipe "
-                f"reads formats up to {STATE_VERSION}: run the newer version, or move recovery.* data aside"
-            )
+        check_version(f"service {state.get('service', '?')!r}", state.pop("version", 1), STATE_VERSION)
         self.__dict__.update(state)
         self.__dict__.setdefault("service", self.windows.service)
         self.__dict__.setdefault("pending", [])

@@ -21,6 +21,7 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline.model import EdgePartial, SpanBatch, progress_ns
+from pipeline.snapshots import check_version
 from pipeline.span_index import SpanIndex
 
 GENERATION_NS = 10_000_000_000
@@ -78,12 +79,7 @@ class LinkJoiner:
     def __setstate__(self, state: dict) -> None:
         """Converts snapshots of earlier versions: waiting children as a list of child tuples,
         and span ids in a dict of service names."""
-        version = state.pop("version", 1)
-        if version > STATE_VERSION:
-            raise RuntimeError(
-                f"a service-graph recovery snapshot has format {version}; this telepipe reads formats up to "
-                f"{STATE_VERSION}: run the newer version, or move recovery data aside"
-            )
+        check_version("the service graph", state.pop("version", 1), STATE_VERSION)
         self.__dict__.update(state)
         self.__dict__.setdefault("unjoined", 0)
         self.__dict__.setdefault("unstored", 0)

@@ -29,6 +29,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pipeline.batch_codec import Steps, coalesce
 from pipeline.batch_codec import decode as batch_from_bytes
 from pipeline.model import LogBatch, SpanBatch
+from pipeline.snapshots import check_version
 from sources.spool import Spool, read_records
 
 POLL_INTERVAL = timedelta(milliseconds=20)
@@ -64,10 +65,8 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, .
         if resume_state is None:
             self.seq, self.offset, step = (segments[0] if segments else 1), 0, 0
         else:
-            version = resume_state[3] if len(resume_state) > 3 else 1
-            if version > STATE_VERSION:
-                raise RuntimeError(f"a spool-source recovery snapshot has format {version}; this telepipe reads "
-                                   f"formats up to {STATE_VERSION}")  # fmt: skip
+            check_version(f"spool shard {spool.dir.name}", resume_state[3] if len(resume_state) > 3 else 1,
+                          STATE_VERSION)
             self.seq, self.offset, step = resume_state[:3]
         self.steps = Steps(index, step)
         self._file = None
@@ -135,8 +134,7 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, .
         if res.offset != self.offset:
             self.read_at = time.monotonic()
         self.offset = res.offset
-        unread = limit - self.offset + sum(self.spool.size_of(s) for s in segments if s > self.seq)
-        self.spool.metrics.set_gauge("spool_unread_bytes", unread)
+        self.spool.metrics.set_gauge("spool_unread_bytes", self.unread_bytes())
         if res.corrupt:
             self.spool.metrics.dropped(
                 "spool_corrupt_record", 1, detail=f"segment {self.seq} at {self.offset}: rest of segment skipped"

@@ -241,5 +241,5 @@ def test_a_restored_joiner_takes_the_config_in_force_and_carries_a_version():
     assert list(table[300]) == [("back", 5 * S)]  # realigned to the new window length
     state = j.__getstate__()
     state["version"] = 3
-    with pytest.raises(RuntimeError, match="format 3"):
+    with pytest.raises(RuntimeError, match="service graph has format 3"):
         LinkJoiner.__new__(LinkJoiner).__setstate__(state)

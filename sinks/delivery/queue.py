@@ -147,10 +147,6 @@ class BatchQueue(Generic[R]):
         self._thread.join(None if timeout is None else CLOSE_GRACE_S)
         return drained
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def idle(self) -> bool:
         """Nothing waits or is being sent."""
         with self._cond:

@@ -139,9 +139,3 @@ class SeriesState:
             anomaly = sorted(self._anomaly.items())
             scaling = sorted(self._scaling.items())
         return render_page(self.bounds, series, latest, anomaly, scaling, self.metrics)
-
-    def scaling_signal(self, service: str) -> tuple[int, float] | None:
-        """(desired replicas, latest SERVER call rate) of a service; the KEDA scaler serves this."""
-        with self._lock:
-            entry = self._scaling.get(service)
-            return None if entry is None else (entry[0].desired, entry[0].call_rate)
