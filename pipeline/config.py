@@ -69,6 +69,26 @@ class OtlpConfig:
 
 
 @dataclass(frozen=True)
+class OtlpHttpConfig:
+    """The OTLP/HTTP receiver (POST /v1/traces, /v1/logs, /v1/metrics; protobuf and JSON).
+
+    Shares ``[otlp]``'s body limit (``max_message_bytes``, after decompression), ``max_future_s``
+    and log limits, ``[auth]``, ``[tls]`` and ``[limits]`` with the gRPC receiver."""
+
+    listen: str = "127.0.0.1:4318"  # empty: the OTLP/HTTP receiver is off
+    server_threads: int = 8
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins (fnmatch wildcards) a browser page may send from
+    allowed_headers: tuple[str, ...] = ()  # CORS: request headers allowed besides Content-Type
+    cors_max_age_s: int = 7200
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _host_port("otlp_http.listen", self.listen)
+        _positive("otlp_http.server_threads", self.server_threads)
+        _positive("otlp_http.cors_max_age_s", self.cors_max_age_s, zero_ok=True)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = "127.0.0.1:9464"
     ready_stall_s: float = 60.0
@@ -123,6 +143,39 @@ class WindowsConfig:
             )
         if (self.length_s * 1e9) % 1:
             raise ConfigError("windows.length_s: must be a whole number of nanoseconds")
+
+
+AGGREGATIONS = ("avg", "max", "sum", "rate")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """OTLP metrics in: how many series a service may have, how long a value holds."""
+
+    max_series_per_service: int = 2000
+    stale_after_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        _positive("metrics.max_series_per_service", self.max_series_per_service)
+        _positive("metrics.stale_after_s", self.stale_after_s)
+
+
+@dataclass(frozen=True)
+class MetricTargetConfig:
+    """One OTLP metric a service is scaled on (``[[scaling.metrics]]``) or watched on
+    (``[[anomaly.metrics]]``): the window's value is the aggregation over the service's series
+    of their latest value (``rate``: per-second increase of a counter, per observed replica)."""
+
+    name: str = ""
+    target: float = 0.0  # scaling: the value per replica wanted (0 in a service override: not scaled on it)
+    aggregation: str = "avg"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("metrics: every [[scaling.metrics]] / [[anomaly.metrics]] entry needs a name")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"metrics.aggregation: allowed {', '.join(AGGREGATIONS)}; got {self.aggregation!r}")
+        _positive("metrics.target", self.target, zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -216,7 +269,9 @@ class AnomalyConfig:
     hst_window: int = 60
     seed: int = 42
     max_trace_ids: int = 5
+    metric_warmup_points: int = 6
     rules: tuple[RuleConfig, ...] = ()
+    metrics: tuple[MetricTargetConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -224,7 +279,7 @@ class AnomalyConfig:
         _positive("anomaly.band_k", self.band_k)
         if not 0 < self.fading_factor <= 1:
             raise ConfigError(f"anomaly.fading_factor: allowed (0, 1], got {self.fading_factor}")
-        for key in ("warmup_windows", "pending_windows", "resolve_windows", "hst_window"):
+        for key in ("warmup_windows", "pending_windows", "resolve_windows", "hst_window", "metric_warmup_points"):
             _positive(f"anomaly.{key}", getattr(self, key))
         _positive("anomaly.min_calls", self.min_calls, zero_ok=True)
         if not 0 < self.hst_threshold < 1:
@@ -242,6 +297,7 @@ class ServiceScalingConfig:
     min_replicas: int = 0
     max_replicas: int = 0
     replicas: int = 0  # observed replicas when spans carry no service.instance.id
+    metrics: tuple[MetricTargetConfig, ...] = ()  # overrides of [[scaling.metrics]] by name
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -264,6 +320,7 @@ class ScalingConfig:
     forecast_horizon_s: float = 60.0
     season_s: float = 86400.0
     downstream_error_rate: float = 0.2
+    metrics: tuple[MetricTargetConfig, ...] = ()
     services: tuple[ServiceScalingConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -277,6 +334,9 @@ class ScalingConfig:
         _positive("scaling.scale_up_pods", self.scale_up_pods, zero_ok=True)
         if not 0 < self.downstream_error_rate <= 1:
             raise ConfigError("scaling.downstream_error_rate: allowed (0, 1]")
+        for m in self.metrics:
+            if m.target <= 0:
+                raise ConfigError(f"scaling.metrics: {m.name!r} needs a target > 0")
 
 
 @dataclass(frozen=True)
@@ -408,6 +468,7 @@ class OutputConfig:
 @dataclass(frozen=True)
 class Config:
     otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    otlp_http: OtlpHttpConfig = field(default_factory=OtlpHttpConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -415,6 +476,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     loki: LokiConfig = field(default_factory=LokiConfig)
     remote_write: RemoteWriteConfig = field(default_factory=RemoteWriteConfig)

@@ -53,7 +53,7 @@ def _type_name(tp: Any) -> str:
     item = getattr(tp, "__args__", (None,))[0]
     if dataclasses.is_dataclass(item):
         return f"list of [[tables]] ({', '.join(f.name for f in dataclasses.fields(item))})"
-    return "list of numbers"
+    return "list of strings" if item is str else "list of numbers"
 
 
 def _allowed(cls: type, name: str, tp: Any) -> str:

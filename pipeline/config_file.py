@@ -35,6 +35,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         ):
             raise ConfigError(f"{key}: expected a list of numbers, got {value!r}")
         return tuple(float(v) for v in value)
+    if tp == tuple[str, ...]:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
     item = getattr(tp, "__args__", (None,))[0]
     if isinstance(item, type) and dataclasses.is_dataclass(item):
         if not isinstance(value, list | tuple) or not all(isinstance(v, dict) for v in value):
