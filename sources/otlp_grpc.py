@@ -36,12 +36,13 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from pipeline import batch_codec
 from pipeline.config import OtlpConfig, TlsConfig
-from pipeline.decode import Decoded, DecodeLimits, MalformedRequest, accept_times, decode_logs, decode_traces
+from pipeline.decode import Decoded, DecodeLimits, decode_logs, decode_traces
 from pipeline.selfmetrics import SelfMetrics
+from sources import intake
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
-from sources.spool import Spool, SpoolFull
+from sources.intake import Intake
+from sources.spool import Spool
 
 log = logging.getLogger("telepipe.otlp")
 
@@ -100,16 +101,18 @@ class OtlpReceiver:
         tls: TlsConfig | None = None,
         reuse_port: bool = False,
         clock: Callable[[], float] = time.time,
+        intake: Intake | None = None,
     ) -> None:
+        """``intake``: shared with the OTLP/HTTP receiver (one tenant table, one spool); made
+        here from the other arguments when not given."""
         self.cfg = cfg
-        self.clock = clock
-        self.spool = spool
-        self.recorder = recorder
-        self.auth = auth
-        self.memory = memory
-        self.tenants = tenants if tenants is not None and tenants.active else None
         self.metrics = metrics
         self.retry_after_ms = retry_after_ms
+        self.intake = intake or Intake(
+            spool, metrics, max_future_s=cfg.max_future_s, retry_after_ms=retry_after_ms, recorder=recorder,
+            auth=auth, memory=memory, tenants=tenants, clock=clock,
+        )  # fmt: skip
+        self.memory = self.intake.memory
         self.limits = DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server_threads, thread_name_prefix="otlp"),
@@ -154,55 +157,25 @@ class OtlpReceiver:
         return self._export("logs", request, context, lambda data: decode_logs(data, self.limits))
 
     def _export(self, signal: str, request: bytes, context, decode) -> bytes:
-        metadata = context.invocation_metadata() if (self.auth or self.tenants) else ()
-        if self.auth is not None and not self.auth.allows(metadata):
+        outcome = self.intake.take(signal, request, decode, lambda: context.invocation_metadata())
+        if outcome.ok:
+            assert outcome.decoded is not None
+            self.metrics.inc("requests", 1, signal, "OK")
+            return self._response(signal, outcome.decoded)
+        reason = outcome.refused
+        if reason == intake.UNAUTHENTICATED:
             self.metrics.inc("requests", 1, signal, "UNAUTHENTICATED")
-            self.metrics.inc("refused_requests", 1, "unauthenticated")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        if self.memory is not None and self.memory.over():
-            self._refuse(context, signal, "memory over its limit; retry later", "memory")
-        if self.spool.over_budget():
-            self._refuse(context, signal, "spool over its byte budget; retry later", "spool_budget")
-        try:
-            decoded: Decoded = decode(request)
-        except MalformedRequest as exc:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, outcome.message)
+        if reason == intake.INVALID:
             self.metrics.inc("requests", 1, signal, "INVALID_ARGUMENT")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        decoded = accept_times(decoded, int(self.clock() * 1e9), int(self.cfg.max_future_s * 1e9))
-        if self.tenants is not None:
-            tenant = self.tenants.tenant(metadata)
-            wait = self.tenants.wait_for(tenant, decoded.received)
-            if wait > 0:
-                self.metrics.inc("requests", 1, signal, "RESOURCE_EXHAUSTED")
-                self.metrics.inc("refused_requests", 1, "tenant_rate")
-                context.abort_with_status(
-                    retry_status(code_pb2.RESOURCE_EXHAUSTED, f"tenant {tenant!r} over its ingest rate",
-                                 max(1, math.ceil(wait * 1000)))
-                )  # fmt: skip
-        self.metrics.inc(f"received_{signal}", decoded.received)
-        if decoded.batch is not None:
-            payload = batch_codec.encode(decoded.batch)
-            try:
-                self.spool.append(payload)
-            except SpoolFull as exc:
-                self._refuse(context, signal, str(exc), "spool_append")
-            if self.recorder is not None:
-                try:
-                    self.recorder.append(payload)
-                except SpoolFull:
-                    self.metrics.dropped("recording_full", len(decoded.batch))
-            self.metrics.inc(f"accepted_{signal}", len(decoded.batch))
-        if decoded.rejected - decoded.future:
-            self.metrics.inc(f"rejected_{signal}", decoded.rejected - decoded.future, "invalid")
-        if decoded.future:
-            self.metrics.inc(f"rejected_{signal}", decoded.future, "future_timestamp")
-        self.metrics.inc("requests", 1, signal, "OK")
-        return self._response(signal, decoded)
-
-    def _refuse(self, context, signal: str, message: str, reason: str) -> None:
-        self.metrics.inc("requests", 1, signal, "UNAVAILABLE")
-        self.metrics.inc("refused_requests", 1, reason)
-        context.abort_with_status(retry_status(code_pb2.UNAVAILABLE, message, self.retry_after_ms))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, outcome.message)
+        if reason == intake.TENANT_RATE:
+            self.metrics.inc("requests", 1, signal, "RESOURCE_EXHAUSTED")
+            wait_ms = max(1, math.ceil(outcome.retry_after_s * 1000))
+            context.abort_with_status(retry_status(code_pb2.RESOURCE_EXHAUSTED, outcome.message, wait_ms))
+        self.metrics.inc("requests", 1, signal, "UNAVAILABLE")  # memory, spool budget, spool append
+        context.abort_with_status(retry_status(code_pb2.UNAVAILABLE, outcome.message, self.retry_after_ms))
+        raise AssertionError("unreachable: abort raises")
 
     @staticmethod
     def _response(signal: str, decoded: Decoded) -> bytes:
