@@ -47,9 +47,10 @@ import fnmatch
 import math
 from dataclasses import dataclass
 
-from pipeline.config import AnomalyConfig, RuleConfig
+from pipeline.config import AnomalyConfig, MetricTargetConfig, RuleConfig
 from pipeline.detectors import (
     KEY_FEATURES,
+    METRIC_PREFIX,
     SERVICE_FEATURES,
     TRAFFIC_FEATURES,
     AlertLifecycle,
@@ -59,7 +60,9 @@ from pipeline.detectors import (
     _noise,
     _score,
     _worst,
+    is_metric,
 )
+from pipeline.metric_series import aggregate
 from pipeline.model import (
     KIND_CLIENT,
     AlertEvent,
@@ -91,7 +94,10 @@ class ServiceAnomaly:
     Holds state only: the configuration (``cfg``) is given at construction and, after a
     restart from a snapshot, by ``bind``; it is not pickled."""
 
-    def __init__(self, cfg: AnomalyConfig, service: str, length_s: float, stale_after_s: float = 600.0) -> None:
+    def __init__(
+        self, cfg: AnomalyConfig, service: str, length_s: float, stale_after_s: float = 600.0,
+        metrics: tuple[MetricTargetConfig, ...] = (),
+    ) -> None:  # fmt: skip
         self.service = service
         self.keys: dict[tuple[str, int], KeyDetector] = {}
         self.rules: dict[tuple[str, str, int], _RuleState] = {}
@@ -100,10 +106,15 @@ class ServiceAnomaly:
         self.silence = 0  # empty windows in the current silent run, not learned yet
         self.quiet = 0.0  # the longest silence (windows) it came back from, fading (QUIET_HALF_LIFE_S)
         self.downstream_seen: dict[str, int] = {}  # callee -> start of its newest window with calls
-        self.bind(cfg, length_s, stale_after_s)
+        self.bind(cfg, length_s, stale_after_s, metrics)
 
-    def bind(self, cfg: AnomalyConfig, length_s: float, stale_after_s: float) -> None:
+    def bind(
+        self, cfg: AnomalyConfig, length_s: float, stale_after_s: float, metrics: tuple[MetricTargetConfig, ...] = ()
+    ) -> None:
+        """``metrics``: the OTLP metrics judged on the service key (``[[anomaly.metrics]]`` and the
+        scaling metrics), by name; the first entry of a name decides its aggregation."""
         self.cfg, self.length_s, self.stale_ns = cfg, length_s, int(stale_after_s * 1e9)
+        self.metrics = tuple({m.name: m for m in reversed(metrics)}.values())[::-1]
         for det in self.keys.values():
             det.bind(cfg)
         rules = {r.name: r for r in cfg.rules}
@@ -113,10 +124,11 @@ class ServiceAnomaly:
                 state.lifecycle.r = cfg.resolve_windows
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "cfg"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("cfg", "metrics")}
 
     def __setstate__(self, state: dict) -> None:
         state.pop("cfg", None)  # snapshots of earlier versions carried it
+        self.metrics = ()
         self.__dict__.update(state)
         self.__dict__.setdefault("last_seen", {})
         self.__dict__.setdefault("downstream_seen", {})
@@ -179,13 +191,26 @@ class ServiceAnomaly:
                 events.extend(ev)
         length = self.length_s
         service = {"service_rate": (sw.calls + sw.logs) / length, "error_log_rate": sw.error_logs / length}
-        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run)
+        held = self._metric_values(sw, service)
+        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run, held)
         updates.append(upd)
         events.extend(ev)
         events.extend(self._rules(SERVICE_KEY, service, t, None))
         ranking = _ranking(scored) + self._downstream(sw)
         events = [_with_ranking(e, ranking) if e.state == "firing" else e for e in events]
         return updates, events
+
+    def _metric_values(self, sw: ServiceWindow, values: dict[str, float]) -> tuple[str, ...]:
+        """Put the configured metrics' values into ``values``; returns the features whose value is
+        held from an earlier point (judged again, not learned again)."""
+        held = []
+        replicas = len(sw.instances) or 1
+        for m in self.metrics:
+            mv = sw.metric(m.name)
+            values[METRIC_PREFIX + m.name] = aggregate(mv, m.aggregation, replicas)
+            if mv is None or not mv.fresh:
+                held.append(METRIC_PREFIX + m.name)
+        return tuple(held)
 
     def _learn_silence(self) -> None:
         """A silence that ended without an alert was normal for this service: its empty windows
@@ -274,14 +299,19 @@ class ServiceAnomaly:
             for score, dep, feature in ranked[:top]
         )
 
-    def _judge_key(self, key, values, calls, time, r: WindowResult | None, silent_run: int = 0, judged_run: int = 0):
+    def _judge_key(
+        self, key, values, calls, time, r: WindowResult | None, silent_run: int = 0, judged_run: int = 0,
+        held: tuple[str, ...] = (),
+    ):  # fmt: skip
         """``silent_run``: empty windows in a row up to this one; ``judged_run``: the same when
-        the silence is to be judged, else 0."""
+        the silence is to be judged, else 0; ``held``: features judged but not learned."""
         det = self.keys.get(key)
         if det is None:
             feats = SERVICE_FEATURES if key == SERVICE_KEY else KEY_FEATURES
             det = self.keys[key] = KeyDetector(self.cfg, feats)
-        if any(math.isnan(values.get(f, 0.0)) for f in det.features):
+        if key == SERVICE_KEY:
+            det.with_metrics(tuple(METRIC_PREFIX + m.name for m in self.metrics))
+        if any(math.isnan(values.get(f, 0.0)) for f in det.features if not is_metric(f)):
             values = {f: (v if not math.isnan(v) else det.baselines[f].mean.get()) for f, v in values.items()}
             judgements, hst, anomalous = det.judge(values, 0, self.length_s)
         else:
@@ -293,7 +323,7 @@ class ServiceAnomaly:
         if not anomalous:  # never learn from a window judged anomalous
             # A silence is learned once it is over (``_learn_silence``): judged against the rate
             # from before it, not against a baseline that fades toward zero as it goes on.
-            det.learn(values, calls, self.length_s, ("service_rate",) if silent_run else ())
+            det.learn(values, calls, self.length_s, (("service_rate",) if silent_run else ()) + held)
         score = _score(judgements, self.cfg.band_k)
         upd = AnomalyUpdate(self.service, key[0], key[1], time, score, hst, learning, det.lifecycle.state,
                             tuple(judgements))  # fmt: skip

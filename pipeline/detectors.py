@@ -34,7 +34,16 @@ DIRECTION = {"latency_p50": UP, "latency_p95": UP, "latency_p99": UP, "error_rat
 # scale-down (a drop in traffic is when one is wanted). Silence does: no data is not "no load".
 TRAFFIC_FEATURES = ("call_rate",)
 RATE_FEATURES = ("call_rate", "error_log_rate", "service_rate")  # judged whatever the number of calls
+METRIC_PREFIX = "metric:"  # features from OTLP metrics: "metric:<name>", on the service-level key
+METRIC_NOISE = 0.25  # a metric's sigma is never below this share of its expected value
+# ... and a utilization (OTel semantic conventions: "*.utilization", a fraction 0..1) never below
+# this much: busy from 5 % to 10 % CPU is no incident, from 45 % to 85 % is.
+UTILIZATION_NOISE = 0.05
 _NORMAL = NormalDist()
+
+
+def is_metric(feature: str) -> bool:
+    return feature.startswith(METRIC_PREFIX)
 
 
 class FeatureBaseline:
@@ -125,6 +134,9 @@ def _features(r: WindowResult, length_s: float) -> dict[str, float]:
 
 def _noise(feature: str, expected: float, calls: int, length_s: float) -> float:
     """Sampling noise of a feature in one window (a floor for sigma)."""
+    if is_metric(feature):  # resource metrics wander: a band at least +-k * 25 % wide
+        floor = UTILIZATION_NOISE if feature.endswith(".utilization") else 0.0
+        return max(METRIC_NOISE * abs(expected), floor)
     if feature in RATE_FEATURES:
         return math.sqrt(max(expected * length_s, 1.0)) / length_s
     if feature == "error_rate":
@@ -163,6 +175,20 @@ class KeyDetector:
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "cfg"}
 
+    def with_metrics(self, features: tuple[str, ...]) -> None:
+        """Judge exactly these metric features (besides its own): new ones start learning,
+        ones no longer configured are dropped."""
+        base = tuple(f for f in self.features if not is_metric(f))
+        for f in features:
+            if f not in self.baselines:
+                self.baselines[f] = FeatureBaseline(self.cfg.fading_factor)
+        for f in [f for f in self.baselines if is_metric(f) and f not in features]:
+            del self.baselines[f]
+        self.features = base + features
+
+    def _metric_ready(self, f: str) -> bool:
+        return self.baselines[f].n >= self.cfg.metric_warmup_points
+
     @property
     def learning(self) -> bool:
         return self.windows < self.cfg.warmup_windows
@@ -175,14 +201,15 @@ class KeyDetector:
         judgements = []
         enough = calls >= self.cfg.min_calls
         for f in self.features:
-            x = values[f]
+            x = values.get(f, math.nan)
             b = self.baselines[f]
-            if not b.n:
+            if not b.n or math.isnan(x):
                 judgements.append(Judgement(f, x, math.nan, math.nan, math.nan, 0.0, False))
                 continue
             expected, lo, hi = b.band(k, _noise(f, b.mean.get(), calls, length_s))
             sigma = (hi - expected) / k
-            judged = not self.learning and (enough or f in RATE_FEATURES)
+            # A metric is judged once it has learned its own points (one per export interval).
+            judged = self._metric_ready(f) if is_metric(f) else not self.learning and (enough or f in RATE_FEATURES)
             if f == "service_rate" and silent_run > 0:
                 sigma = _silence_sigma(expected, math.sqrt(max(b.var.get(), 0.0)), silent_run, length_s)
                 lo = expected - k * sigma
@@ -190,6 +217,8 @@ class KeyDetector:
                 judged = False  # judged on silence only
             z = (x - expected) / sigma
             judgements.append(Judgement(f, x, expected, lo, hi, z if judged else 0.0, judged))
+        if self.hst is not None:
+            values = {f: v for f, v in values.items() if not is_metric(f)}
         hst_score = self.hst.score_one(values) if (self.hst is not None and self.windows) else math.nan
         band_hit = any(_beyond(j, k) for j in judgements)
         hst_hit = not self.learning and not math.isnan(hst_score) and hst_score >= self.cfg.hst_threshold
@@ -202,13 +231,20 @@ class KeyDetector:
         return judgements, hst_score, decision
 
     def learn(self, values: dict[str, float], calls: int, length_s: float, skip: tuple[str, ...] = ()) -> None:
+        """Learn a window judged normal. Metric features are learned when ``values`` has them
+        (their fresh points: a value held over from an earlier window is not learned again)."""
         enough = calls >= self.cfg.min_calls
         for f in self.features:
-            if (enough or f in RATE_FEATURES) and f not in skip:
+            if is_metric(f):
+                x = values.get(f, math.nan)
+                if not math.isnan(x) and f not in skip:
+                    b = self.baselines[f]
+                    b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), self._metric_ready(f))
+            elif (enough or f in RATE_FEATURES) and f not in skip:
                 b = self.baselines[f]
                 b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
         if self.hst is not None:
-            self.hst.learn_one(values)
+            self.hst.learn_one({f: v for f, v in values.items() if not is_metric(f)})
         self.windows += 1
 
     def learn_feature(self, f: str, x: float, calls: int, length_s: float) -> None:
@@ -233,8 +269,9 @@ def _silence_sigma(expected: float, sigma: float, n: int, length_s: float) -> fl
 
 
 def _strength(j: Judgement) -> float:
-    """How far a judgement is beyond its band's centre in the direction its feature alarms."""
-    d = DIRECTION[j.feature]
+    """How far a judgement is beyond its band's centre in the direction its feature alarms
+    (metrics: above it: CPU, memory, queue lengths hurt when they rise)."""
+    d = DIRECTION.get(j.feature, UP)
     return j.z if d == UP else -j.z if d == DOWN else abs(j.z)
 
 

@@ -3,8 +3,10 @@
     read batches (spool or recording), joining parent/child spans across services
       -> preaggregate on numpy: per (service, window) span aggregates with a row per
          (operation, kind), and the service's instances; per (service, window) log counts
+         and metric points
       -> key by service -> per-service state (pipeline/service.py):
-           event-time windows of every operation, closing together (cardinality limit)
+           event-time windows of every operation, closing together (cardinality limit),
+           with the latest value of each of the service's metric series
            -> anomaly detection and alerts -> scaling signal
       -> window results, anomaly/scaling updates -> /metrics state
          window results, alert and scaling events -> --emit-jsonl file
@@ -36,6 +38,7 @@ from bytewax.outputs import Sink
 
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
+from pipeline.metric_model import LateMetrics, MetricBatch, MetricPoints
 from pipeline.model import (
     OVERFLOW_OPERATION,
     AlertEvent,
@@ -51,7 +54,7 @@ from pipeline.model import (
     SpanBatch,
     WindowResult,
 )
-from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs
+from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs, preaggregate_metrics
 from pipeline.selfmetrics import SelfMetrics
 from pipeline.steps import JoinedSource, ServiceStep
 
@@ -77,11 +80,13 @@ class Outputs:
 
 
 def _partials(spec: WindowSpec, dead: DeadLetters):
-    def split(item: SpanBatch | LogBatch | EdgePartial) -> list:
+    def split(item: SpanBatch | LogBatch | MetricBatch | EdgePartial) -> list:
         if isinstance(item, SpanBatch):
             return preaggregate(item, spec)
         if isinstance(item, LogBatch):
             return preaggregate_logs(item, spec, item.step)
+        if isinstance(item, MetricBatch):
+            return preaggregate_metrics(item, spec, item.step)
         return [item]  # an EdgePartial is already an aggregate
 
     return lambda item: dead.run("preaggregate", split, item) or []
@@ -90,7 +95,7 @@ def _partials(spec: WindowSpec, dead: DeadLetters):
 def _progress_counter(metrics: SelfMetrics):
     """What the flow has done, counted where it happens (not by a sink: replay's summary and
     /metrics agree whatever sinks are attached)."""
-    late = {LateSpans: "late_spans", LateLogs: "late_logs", LateEdges: "late_edges"}
+    late = {LateSpans: "late_spans", LateLogs: "late_logs", LateEdges: "late_edges", LateMetrics: "late_metric_points"}
     expired = {KeyExpired: "expired_keys", ServiceExpired: "expired_services"}
 
     def count(_step: str, item) -> None:
@@ -99,6 +104,9 @@ def _progress_counter(metrics: SelfMetrics):
             metrics.inc("processed_spans", item.count)
             if item.operation == OVERFLOW_OPERATION:
                 metrics.inc("overflow_spans", item.count)
+        elif isinstance(item, MetricPoints):
+            metrics.inc("processed_metric_points", item.processed)
+            metrics.inc("overflow_metric_points", item.overflow)
         elif type(item) in late:
             metrics.inc(late[type(item)], item.count)
         elif type(item) in expired:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.metric_model import MetricValues
+
 # OTLP span kinds and status codes as they appear on the wire.
 SPAN_KINDS = (
     "SPAN_KIND_UNSPECIFIED",
@@ -209,7 +211,12 @@ class ServiceWindow:
     server_errors: int
     server_p95: float  # seconds, over all SERVER spans (NaN when none)
     dependencies: tuple[Dependency, ...] = ()  # services this one called (sampled traces)
-    silent_run: int = 0  # windows in a row, this one included, in which the service sent nothing
+    silent_run: int = 0  # windows in a row, this one included, without spans, logs or calls from the service
+    metrics: tuple[MetricValues, ...] = ()  # the service's OTLP metrics at the window's end (metric_model.py)
+    idle_run: int = 0  # windows in a row, this one included, in which the service sent nothing (metrics neither)
+
+    def metric(self, name: str) -> MetricValues | None:
+        return next((m for m in self.metrics if m.name == name), None)
 
     @property
     def calls(self) -> int:
@@ -262,70 +269,6 @@ class ServiceExpired:
 
     service: str
     time: int  # unix ns: start of the window that retired it
-
-
-# OTLP metric point kinds (MetricBatch.kind) and aggregation temporalities.
-METRIC_GAUGE, METRIC_SUM, METRIC_HISTOGRAM, METRIC_EXP_HISTOGRAM, METRIC_SUMMARY = 1, 2, 3, 4, 5
-TEMPORALITY_DELTA, TEMPORALITY_CUMULATIVE = 1, 2
-
-METRIC_COLUMNS = (
-    ("service_idx", np.int32),
-    ("instance_idx", np.int32),
-    ("name_idx", np.int32),
-    ("attrs_idx", np.int32),
-    ("kind", np.int8),
-    ("temporality", np.int8),
-    ("monotonic", np.int8),
-    ("start_ns", np.int64),
-    ("time_ns", np.int64),
-    ("value", np.float64),
-    ("count", np.float64),
-)
-
-
-@dataclass(frozen=True, eq=False)
-class MetricBatch:
-    """Metric data points of one request, as columns: a row per point.
-
-    String tables as in ``SpanBatch``: ``services``, ``instances``, metric ``names`` and
-    ``attrs`` (a point's attributes, canonical: sorted ``key=value`` joined by ``,``; the
-    series is (service, instance, name, attrs)). ``value`` is a gauge's or sum's value, and
-    a histogram's (or summary's) sum of observations (NaN when it carries none); ``count``
-    is a histogram's (or summary's) count of observations, 0 for gauges and sums.
-    """
-
-    services: tuple[str, ...]
-    instances: tuple[str, ...]
-    names: tuple[str, ...]
-    attrs: tuple[str, ...]
-    service_idx: np.ndarray
-    instance_idx: np.ndarray
-    name_idx: np.ndarray
-    attrs_idx: np.ndarray
-    kind: np.ndarray
-    temporality: np.ndarray
-    monotonic: np.ndarray
-    start_ns: np.ndarray
-    time_ns: np.ndarray
-    value: np.ndarray
-    count: np.ndarray
-    received_ns: int = 0  # like SpanBatch.received_ns
-    step: tuple[int, int] = (0, 0)  # set by the source, like SpanBatch.step
-
-    def __len__(self) -> int:
-        return int(self.time_ns.shape[0])
-
-    def select(self, keep: np.ndarray) -> MetricBatch:
-        """The points where ``keep`` (a boolean mask) is true; string tables kept as they are."""
-        return dataclasses.replace(self, **{name: getattr(self, name)[keep] for name, _ in METRIC_COLUMNS})
-
-    def check(self) -> None:
-        """Raise ValueError unless every index points into its string table."""
-        for col, table in (("service_idx", self.services), ("instance_idx", self.instances),
-                           ("name_idx", self.names), ("attrs_idx", self.attrs)):  # fmt: skip
-            idx = getattr(self, col)
-            if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(table)):
-                raise ValueError(f"metric batch: {col} outside its table of {len(table)}")
 
 
 # -- aggregates of one read step (pre-aggregation, the service-graph join) -----------------

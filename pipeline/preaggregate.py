@@ -7,6 +7,9 @@
   sums, sketch buckets, exemplars; and the service's instances.
 - ``preaggregate_logs``: one ``LogBatch`` -> one ``LogPartial`` per (service,
   window): records and ERROR-or-worse records.
+- ``preaggregate_metrics``: one ``MetricBatch`` -> one ``MetricPartial`` per (service,
+  window), its points as rows (metrics are a point per series and export interval:
+  few, so they stay points until the window closes).
 
 Plain functions over arrays: no bytewax, no state. Event times that move windows
 forward are taken as ``progress_ns`` (never past a batch's acceptance time).
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import WindowsConfig
+from pipeline.metric_model import MetricBatch, MetricPartial
 from pipeline.model import LogBatch, LogPartial, Partial, SpanBatch, progress_ns
 from pipeline.sketch import LogMapping
 
@@ -192,4 +196,28 @@ def preaggregate_logs(batch: LogBatch, spec: WindowSpec, step: tuple[int, int]) 
             errors=int(errors[i]),
         )
         for i, g in enumerate(ugroup.tolist())
+    ]
+
+
+def preaggregate_metrics(batch: MetricBatch, spec: WindowSpec, step: tuple[int, int]) -> list[MetricPartial]:
+    if not len(batch):
+        return []
+    windows = (batch.time_ns // spec.length_ns).tolist()
+    cols = (batch.time_ns.tolist(), batch.name_idx.tolist(), batch.instance_idx.tolist(), batch.attrs_idx.tolist(),
+            batch.kind.tolist(), batch.temporality.tolist(), batch.monotonic.tolist(), batch.start_ns.tolist(),
+            batch.value.tolist(), batch.count.tolist())  # fmt: skip
+    groups: dict[tuple[int, int], list[tuple]] = {}
+    for i, (service, window) in enumerate(zip(batch.service_idx.tolist(), windows)):
+        t, name, inst, attrs, kind, temp, mono, start, value, count = (c[i] for c in cols)
+        row = (t, batch.names[name], batch.instances[inst], batch.attrs[attrs], kind, temp, mono, start, value, count)
+        groups.setdefault((service, window), []).append(row)
+    return [
+        MetricPartial(
+            service=batch.services[service],
+            window_start=window * spec.length_ns,
+            max_time_ns=progress_ns(max(r[0] for r in rows), batch.received_ns),
+            step=step,
+            points=rows,
+        )
+        for (service, window), rows in groups.items()
     ]

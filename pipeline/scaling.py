@@ -14,6 +14,10 @@ For each closed service window (see ``../shared/PROTOCOLS.md``, HPA section):
 - predictive: the call rate is forecast ``forecast_horizon_s`` ahead with
   river's Holt (trend) model, and Holt-Winters (seasonal, ``season_s``) once two
   seasons of history exist;
+- OTLP metrics (``[[scaling.metrics]]``): per metric the same formula on the
+  aggregation (avg, max, sum, rate per replica) of the service's live series; a
+  service that sends only metrics is scaled on them; ``reason_code`` is
+  ``metric:<name>`` when one decided;
 - guards: no scale-down while an alert on latency, errors, error logs or silence
   fires on the service (alerts on call rates do not hold it: a drop in traffic is
   when a scale-down is wanted); a window in which the service sent nothing at all
@@ -36,7 +40,8 @@ from dataclasses import dataclass
 
 from river import time_series
 
-from pipeline.config import ScalingConfig
+from pipeline.config import MetricTargetConfig, ScalingConfig
+from pipeline.metric_series import aggregate
 from pipeline.model import KIND_CLIENT, ScalingEvent, ScalingUpdate, ServiceWindow
 
 MIN_DEPENDENCY_CALLS = 10
@@ -50,6 +55,7 @@ class Targets:
     min_replicas: int
     max_replicas: int
     replicas: int  # when no instance ids are seen
+    metrics: tuple[MetricTargetConfig, ...] = ()  # OTLP metrics scaled on (target > 0)
 
     @staticmethod
     def for_service(cfg: ScalingConfig, service: str) -> Targets:
@@ -66,7 +72,17 @@ class Targets:
             min_replicas=pick("min_replicas", cfg.min_replicas),
             max_replicas=pick("max_replicas", cfg.max_replicas),
             replicas=pick("replicas", cfg.default_replicas),
+            metrics=_metric_targets(cfg.metrics, o.metrics if o else ()),
         )
+
+
+def _metric_targets(
+    defaults: tuple[MetricTargetConfig, ...], own: tuple[MetricTargetConfig, ...]
+) -> tuple[MetricTargetConfig, ...]:
+    """The [[scaling.metrics]] with a service's overrides by name (target 0: not scaled on it)."""
+    merged = {m.name: m for m in defaults}
+    merged.update({m.name: m for m in own})
+    return tuple(m for m in merged.values() if m.target > 0)
 
 
 def _ceil(x: float) -> int:
@@ -140,7 +156,7 @@ class ServiceScaler:
             self.initial = observed
 
         candidates = self._candidates(sw, observed, rate, forecast, current)
-        # The largest wins; on a tie the first (call rate, then latency, then errors).
+        # The largest wins; on a tie the first (call rate, then latency, errors, metrics).
         recommendation, reason, code = max(candidates, key=lambda c: c[0])
         recommendation = min(max(recommendation, tg.min_replicas), tg.max_replicas)
         self.recommendations.append((t, recommendation))
@@ -165,8 +181,11 @@ class ServiceScaler:
         """Per metric: (recommended replicas, why, reason code)."""
         tg = self.targets
         candidates: list[tuple[int, str, str]] = []
-        if sw.silent_run:
+        metric = self._metric_candidates(sw, observed)
+        if sw.silent_run and not metric:
             candidates.append((current, "no data from the service in this window: unchanged", "no_data"))
+        elif sw.silent_run:
+            pass  # no spans: the metrics decide (a service may send only metrics)
         elif sw.server_calls or not math.isnan(forecast):
             sizing = max(rate, forecast) if not math.isnan(forecast) else rate
             ratio = (sizing / observed) / tg.rps_per_replica
@@ -193,9 +212,24 @@ class ServiceScaler:
             desired = observed if abs(ratio - 1) <= self.cfg.tolerance else _ceil(observed * ratio)
             share = sw.server_errors / sw.server_calls
             candidates.append((desired, f"error rate {share:.1%}, target {tg.error_rate:.1%}", "error_rate"))
+        candidates.extend(metric)
         if not candidates:
             candidates.append((current, "no SERVER spans in this window: unchanged", "no_traffic"))
         return candidates
+
+    def _metric_candidates(self, sw: ServiceWindow, observed: int) -> list[tuple[int, str, str]]:
+        """Per OTLP metric scaled on, as the HPA does for resource and external metrics:
+        desired = ceil(observed * value / target); a metric without live series says nothing."""
+        out = []
+        for m in self.targets.metrics:
+            value = aggregate(sw.metric(m.name), m.aggregation, observed)
+            if math.isnan(value):
+                continue
+            ratio = value / m.target
+            desired = observed if abs(ratio - 1) <= self.cfg.tolerance else _ceil(observed * ratio)
+            why = f"{m.name} ({m.aggregation}) {value:.4g} on {observed} replicas, target {m.target:g}"
+            out.append((desired, why, f"metric:{m.name}"))
+        return out
 
     def _behaviour(
         self, t: float, recommendation: int, current: int, reason: str, code: str, alert_firing: bool

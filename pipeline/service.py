@@ -20,7 +20,7 @@ and ``bind`` applies the configuration in force after a restart (windows of
 another shape are closed as they are; see ``ServiceWindows.bind``).
 
 A service that sent nothing for ``prometheus.service_stale_after_s`` (counted in
-empty windows, see ``ServiceWindows``) is forgotten: its open alerts resolve
+empty windows, see ``ServiceWindows``; metric points count as something) is forgotten: its open alerts resolve
 (reason "expired"), a ``ServiceExpired`` record tells the sinks, and the keyed
 step drops the state (``expired``). If it comes back later, it starts afresh.
 """
@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 
 from pipeline.anomaly import ServiceAnomaly
-from pipeline.config import Config
+from pipeline.config import Config, MetricTargetConfig
 from pipeline.deadletter import DeadLetters
+from pipeline.metric_series import ServiceMetrics
 from pipeline.model import ServiceExpired, ServiceWindow
 from pipeline.preaggregate import WindowSpec
 from pipeline.scaling import ServiceScaler
@@ -42,6 +43,13 @@ from pipeline.windows import ServiceWindows
 # expiry. Older snapshots (no version) are read and converted; newer ones are refused.
 STATE_VERSION = 2
 __all__ = ["STATE_VERSION", "ServiceState", "SnapshotTooNew"]
+
+
+def judged_metrics(cfg: Config, service: str) -> tuple[MetricTargetConfig, ...]:
+    """The OTLP metrics the service's detector judges: ``[[anomaly.metrics]]``, then the ones it
+    is scaled on (``[[scaling.metrics]]`` and its own overrides with a target)."""
+    own = next((s.metrics for s in cfg.scaling.services if s.name == service), ())
+    return cfg.anomaly.metrics + cfg.scaling.metrics + tuple(m for m in own if m.target > 0)
 
 
 def silent_limit(cfg: Config, spec: WindowSpec) -> int:
@@ -56,9 +64,12 @@ class ServiceState:
         self.windows = ServiceWindows(
             service, spec, cfg.windows.max_operations_per_service, int(cfg.prometheus.stale_after_s * 1e9),
             partition_idle_s, silent_limit(cfg, spec),
+            ServiceMetrics(cfg.metrics.max_series_per_service, int(cfg.metrics.stale_after_s * 1e9)),
         )  # fmt: skip
         self.cfg = cfg
-        self.anomaly = ServiceAnomaly(cfg.anomaly, service, length_s, cfg.prometheus.stale_after_s)
+        self.anomaly = ServiceAnomaly(
+            cfg.anomaly, service, length_s, cfg.prometheus.stale_after_s, judged_metrics(cfg, service)
+        )
         self.scaler = ServiceScaler(cfg.scaling, service, length_s)
         self.pending: list = []  # closed by ``bind``, analyzed with the next call
         self.expired = False
@@ -72,7 +83,8 @@ class ServiceState:
             spec, cfg.windows.max_operations_per_service, int(cfg.prometheus.stale_after_s * 1e9),
             partition_idle_s, silent_limit(cfg, spec),
         ))  # fmt: skip
-        self.anomaly.bind(cfg.anomaly, length_s, cfg.prometheus.stale_after_s)
+        self.windows.metrics.bind(cfg.metrics.max_series_per_service, int(cfg.metrics.stale_after_s * 1e9))
+        self.anomaly.bind(cfg.anomaly, length_s, cfg.prometheus.stale_after_s, judged_metrics(cfg, self.service))
         self.scaler.bind(cfg.scaling, length_s)
 
     def __getstate__(self) -> dict:
@@ -129,7 +141,7 @@ class ServiceState:
                 out.append(event)
         except Exception as exc:
             self._set_aside("scaling", sw, exc)
-        if sw.silent_run >= self.windows.silent_limit:
+        if sw.idle_run >= self.windows.silent_limit:
             self.expired = True
             out.extend(self.anomaly.expire_all(sw.window_start))
             out.append(ServiceExpired(self.service, sw.window_start))
@@ -138,7 +150,9 @@ class ServiceState:
     def _start_afresh(self) -> None:
         length_s = self.windows.spec.length_ns / 1e9
         cfg = self.cfg
-        self.anomaly = ServiceAnomaly(cfg.anomaly, self.service, length_s, cfg.prometheus.stale_after_s)
+        self.anomaly = ServiceAnomaly(
+            cfg.anomaly, self.service, length_s, cfg.prometheus.stale_after_s, judged_metrics(cfg, self.service)
+        )
         self.scaler = ServiceScaler(cfg.scaling, self.service, length_s)
         self.expired = False
 

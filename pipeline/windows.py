@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import math
 
+from pipeline.metric_model import LateMetrics, MetricPartial, MetricPoints
+from pipeline.metric_series import ServiceMetrics
 from pipeline.model import (
     KIND_SERVER,
     OVERFLOW_OPERATION,
@@ -99,11 +101,11 @@ class CardinalityLimiter:
 class _ServiceSlot:
     """Everything one service has in one open window."""
 
-    __slots__ = ("ops", "logs", "error_logs", "instances", "calls_to")
+    __slots__ = ("ops", "logs", "error_logs", "instances", "calls_to", "metric_points")
 
     def __init__(self, nb: int, keep: int) -> None:
         self.ops = _Ops(nb, keep)
-
+        self.metric_points: list[tuple] = []  # rows of MetricPartial
         self.logs = 0
         self.error_logs = 0
         self.instances: set[str] = set()
@@ -129,9 +131,10 @@ class ServiceWindows:
 
     def __init__(
         self, service: str, spec: WindowSpec, max_operations: int, expire_ns: int,
-        partition_idle_s: float | None = None, silent_limit: int = 0,
+        partition_idle_s: float | None = None, silent_limit: int = 0, metrics: ServiceMetrics | None = None,
     ) -> None:  # fmt: skip
         self.service = service
+        self.metrics = metrics if metrics is not None else ServiceMetrics(2000, 180 * 10**9)
         self.spec = spec
         self.limiter = CardinalityLimiter(max_operations, expire_ns)
         self.open: dict[int, _ServiceSlot] = {}
@@ -144,7 +147,8 @@ class ServiceWindows:
         self.last_activity = 0.0  # injected clock, seconds
         self.newest_ns = -math.inf  # newest event time any item moved (``progress_ns``)
         self.silent_limit = silent_limit  # empty windows in a row at most (0: none)
-        self.silent_run = 0  # empty windows closed since the last one with data
+        self.silent_run = 0  # windows without spans, logs or calls closed since the last one with them
+        self.idle_run = 0  # windows without anything (metric points neither) since the last one with data
 
     def bind(
         self, spec: WindowSpec, max_operations: int, expire_ns: int, partition_idle_s: float | None,
@@ -166,7 +170,7 @@ class ServiceWindows:
         self.silent_limit = silent_limit
         return closed
 
-    def on_item(self, item: Partial | LogPartial | EdgePartial, now: float) -> list:
+    def on_item(self, item: Partial | LogPartial | EdgePartial | MetricPartial, now: float) -> list:
         """Merge one item; returns what closed: late counts and ``ServiceWindow`` objects."""
         self.last_activity = now
         partition, step = item.step
@@ -189,6 +193,12 @@ class ServiceWindows:
                 slot = self._slot(item.window_start)
                 slot.ops.merge(item, operations)
                 slot.instances.update(item.instances)
+        elif isinstance(item, MetricPartial):
+            moved = item.max_time_ns
+            if late:
+                out.append(LateMetrics(self.service, len(item.points)))
+            else:
+                self._slot(item.window_start).metric_points.extend(item.points)
         elif isinstance(item, LogPartial):
             moved = item.max_time_ns
             if late:
@@ -218,6 +228,8 @@ class ServiceWindows:
         self.__dict__.setdefault("newest_ns", self.watermark)  # snapshots of earlier versions
         self.__dict__.setdefault("silent_limit", 0)
         self.__dict__.setdefault("silent_run", 0)
+        self.__dict__.setdefault("metrics", ServiceMetrics(2000, 180 * 10**9))
+        self.__dict__.setdefault("idle_run", self.__dict__["silent_run"])
         self.__dict__.pop("late_logs", None)
         for slot in self.open.values():
             if isinstance(slot.ops, dict):  # a recovery snapshot from before the columnar windows
@@ -252,7 +264,7 @@ class ServiceWindows:
         idle = self.spec.idle_timeout_s
         if self.open:
             return self.last_activity + idle
-        if not self.silent_limit or self.silent_run >= self.silent_limit or not math.isfinite(self.closed_until):
+        if not self.silent_limit or self.idle_run >= self.silent_limit or not math.isfinite(self.closed_until):
             return None
         # Event time is taken to run on with the clock from the newest time seen; the next empty
         # window closes when that passes its end plus the lateness and the idle timeout (data
@@ -260,8 +272,8 @@ class ServiceWindows:
         due_ns = self._next_boundary() + self.spec.length_ns + self.spec.lateness_ns - self.newest_ns
         return self.last_activity + idle + max(0.0, due_ns / 1e9)
 
-    def on_idle(self, now: float) -> list[ServiceWindow]:
-        closed: list[ServiceWindow] = []
+    def on_idle(self, now: float) -> list:
+        closed: list = []
         while (deadline := self.idle_deadline()) is not None and now >= deadline:
             if self.open:
                 closed.extend(self.close_all())
@@ -270,7 +282,7 @@ class ServiceWindows:
                 closed.extend(self._empty_until(start + self.spec.length_ns))
         return closed
 
-    def close_all(self) -> list[ServiceWindow]:
+    def close_all(self) -> list:
         return self._close(sorted(self.open))
 
     def _next_boundary(self) -> int:
@@ -286,33 +298,44 @@ class ServiceWindows:
         length = self.spec.length_ns
         out = []
         at = self._next_boundary()
-        while at < start and self.silent_run < self.silent_limit:
+        while at < start and self.idle_run < self.silent_limit:
             self.silent_run += 1
+            self.idle_run += 1
+            metrics, _, _ = self.metrics.close_window([], at + length)  # values hold until stale
             out.append(ServiceWindow(
-                service=self.service, window_start=at, window_end=at + length, results=(), instances=(), logs=0,
-                error_logs=0, server_calls=0, server_errors=0, server_p95=math.nan, silent_run=self.silent_run,
+                service=self.service, window_start=at, window_end=at + length, results=(),
+                instances=tuple(sorted(self.metrics.instances())), logs=0, error_logs=0, server_calls=0,
+                server_errors=0, server_p95=math.nan, silent_run=self.silent_run, metrics=metrics,
+                idle_run=self.idle_run,
             ))  # fmt: skip
             at += length
         self.closed_until = max(self.closed_until, start)
         return out
 
-    def _close(self, starts: list[int]) -> list[ServiceWindow]:
-        closed = []
+    def _close(self, starts: list[int]) -> list:
+        """The windows that start at ``starts``: a ``ServiceWindow`` each (after the empty ones
+        before it), preceded by a ``MetricPoints`` count when metric points went in."""
+        closed: list = []
         length = self.spec.length_ns
         for start in starts:
             closed.extend(self._empty_until(start))
             slot = self.open.pop(start)
             self.closed_until = max(self.closed_until, start + length)
             results, server = _results(self.service, start, length, slot.ops, self.spec.mapping)
+            points = getattr(slot, "metric_points", [])  # slots of older snapshots have none
+            metrics, taken, overflow = self.metrics.close_window(points, start + length)
+            if points:
+                closed.append(MetricPoints(self.service, start, taken, overflow))
             quiet = not results and not slot.logs and not slot.calls_to
             self.silent_run = self.silent_run + 1 if quiet else 0
+            self.idle_run = self.idle_run + 1 if quiet and not points else 0
             closed.append(
                 ServiceWindow(
                     service=self.service,
                     window_start=start,
                     window_end=start + length,
                     results=results,
-                    instances=tuple(sorted(i for i in slot.instances if i)),
+                    instances=tuple(sorted({i for i in slot.instances if i} | self.metrics.instances())),
                     logs=slot.logs,
                     error_logs=slot.error_logs,
                     server_calls=server.count,
@@ -322,6 +345,8 @@ class ServiceWindows:
                         Dependency(callee, c[0], c[1], c[2] / c[0]) for callee, c in sorted(slot.calls_to.items())
                     ),
                     silent_run=self.silent_run,
+                    metrics=metrics,
+                    idle_run=self.idle_run,
                 )
             )
         return closed

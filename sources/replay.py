@@ -3,7 +3,7 @@
 Accepted forms (one partition per path):
 
 - OTLP/JSON lines, as the Collector's file exporter writes them (``.jsonl``,
-  also ``.jsonl.zst`` / ``.jsonl.gz``);
+  also ``.jsonl.zst`` / ``.jsonl.gz``): traces, logs and metrics requests;
 - native recordings: spool segment files (``*.seg``) or a directory of them,
   as written by ``telepipe run --record DIR``.
 
@@ -24,9 +24,10 @@ from pathlib import Path
 import zstandard
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from pipeline.batch_codec import Steps, coalesce
+from pipeline.batch_codec import Batch, Steps, coalesce
 from pipeline.batch_codec import decode as batch_from_bytes
 from pipeline.decode import DecodeLimits, MalformedRequest, decode_json_line
+from pipeline.metric_model import MetricBatch
 from pipeline.model import LogBatch, SpanBatch
 from pipeline.selfmetrics import SelfMetrics
 from sources.spool import list_segments, read_records, segment_name
@@ -56,7 +57,7 @@ def is_native(path: Path) -> bool:
 
 def iter_batches(
     path: Path, metrics: SelfMetrics, limits: DecodeLimits = DecodeLimits()
-) -> Iterator[SpanBatch | LogBatch]:
+) -> Iterator[Batch]:
     """Every batch of one recording, in file order. Bad lines are counted, not fatal."""
     if is_native(path):
         files = [path / segment_name(s) for s in list_segments(path)] if path.is_dir() else [path]
@@ -88,16 +89,16 @@ def iter_batches(
                 metrics.dropped("recording_bad_line", 1, detail=f"{path}:{lineno}: {exc}")
                 continue
             for d in decoded:
-                signal = "spans" if d.batch is None or isinstance(d.batch, SpanBatch) else "logs"
+                signal = {LogBatch: "logs", MetricBatch: "metric_points"}.get(type(d.batch), "spans")
                 if d.rejected:
                     metrics.inc(f"rejected_{signal}", d.rejected, "invalid")
                 if d.batch is not None:
                     yield d.batch
 
 
-def iter_steps(batches: Iterator[SpanBatch | LogBatch]) -> Iterator[list[SpanBatch | LogBatch]]:
+def iter_steps(batches: Iterator[Batch]) -> Iterator[list[Batch]]:
     """Fixed groups of ``RECORDS_PER_STEP`` batches, span batches of a group merged."""
-    group: list[SpanBatch | LogBatch] = []
+    group: list[Batch] = []
     for b in batches:
         group.append(b)
         if len(group) == RECORDS_PER_STEP:
@@ -107,17 +108,17 @@ def iter_steps(batches: Iterator[SpanBatch | LogBatch]) -> Iterator[list[SpanBat
         yield coalesce(group)
 
 
-def _step_time(step: list[SpanBatch | LogBatch]) -> int:
+def _step_time(step: list[Batch]) -> int:
     return max(_event_time(b) for b in step)
 
 
-def _event_time(batch: SpanBatch | LogBatch) -> int:
+def _event_time(batch: Batch) -> int:
     if isinstance(batch, SpanBatch):
         return batch.last_end_ns()
     return int(batch.time_ns.max()) if len(batch) else 0
 
 
-class _ReplayPartition(StatefulSourcePartition[SpanBatch | LogBatch, int]):
+class _ReplayPartition(StatefulSourcePartition[Batch, int]):
     def __init__(self, index: int, path: Path, resume: int | None, speed: float | None, metrics, limits, now) -> None:
         self.steps = iter_steps(iter_batches(path, metrics, limits))
         self.position = resume or 0
@@ -126,11 +127,11 @@ class _ReplayPartition(StatefulSourcePartition[SpanBatch | LogBatch, int]):
             next(self.steps, None)
         self.speed = speed
         self.now = now
-        self.pending: list[SpanBatch | LogBatch] | None = None
+        self.pending: list[Batch] | None = None
         self.origin: tuple[datetime, int] | None = None  # (wall, event ns) of the first batch
         self.wake: datetime | None = None
 
-    def next_batch(self) -> list[SpanBatch | LogBatch]:
+    def next_batch(self) -> list[Batch]:
         if self.pending is None:
             self.pending = next(self.steps, None)
             if self.pending is None:
@@ -159,7 +160,7 @@ class _ReplayPartition(StatefulSourcePartition[SpanBatch | LogBatch, int]):
         return self.position
 
 
-class ReplaySource(FixedPartitionedSource[SpanBatch | LogBatch, int]):
+class ReplaySource(FixedPartitionedSource[Batch, int]):
     """One partition per recording path; resume state: the number of steps emitted."""
 
     def __init__(

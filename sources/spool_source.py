@@ -26,9 +26,9 @@ from datetime import datetime, timedelta, timezone
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from pipeline.batch_codec import Steps, coalesce
+from pipeline.batch_codec import Batch, Steps, coalesce
 from pipeline.batch_codec import decode as batch_from_bytes
-from pipeline.model import LogBatch, SpanBatch
+from pipeline.model import SpanBatch
 from pipeline.snapshots import check_version
 from sources.spool import Spool, read_records
 
@@ -43,7 +43,7 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, ...]]):
+class _SpoolPartition(StatefulSourcePartition[Batch, tuple[int, ...]]):
     def __init__(
         self,
         spool: Spool,
@@ -118,7 +118,7 @@ class _SpoolPartition(StatefulSourcePartition[SpanBatch | LogBatch, tuple[int, .
             self.commits.appendleft((now - self.keep_for, covered))  # still the newest known
             self.spool.retire_before(covered)
 
-    def next_batch(self) -> list[SpanBatch | LogBatch]:
+    def next_batch(self) -> list[Batch]:
         if self.committed is not None:
             self._retire_committed()
         active_seq, active_off = self.spool.committed()
@@ -177,7 +177,7 @@ def _partition_index(name: str, local: list[str]) -> int:
     return int(suffix) if suffix.isdigit() else local.index(name)
 
 
-class SpoolSource(FixedPartitionedSource[SpanBatch | LogBatch, tuple[int, ...]]):
+class SpoolSource(FixedPartitionedSource[Batch, tuple[int, ...]]):
     """Reads the spool shards that live in this process."""
 
     def __init__(

@@ -7,6 +7,7 @@ rejected count with a message (the receiver puts them in ``partial_success``).
 
 - ``spans``: trace requests (the compiled wire reader ``span_wire``, upb, JSON);
 - ``logs``: log requests;
+- ``metrics``: metric requests (a row per data point);
 - ``common``: ``Decoded``, ``MalformedRequest``, ``DecodeLimits``;
 - here: ``accept_times`` (the receiver's clock check) and ``decode_json_line`` (one
   line of an OTLP/JSON recording, either signal).
@@ -23,12 +24,15 @@ import orjson
 
 from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, DecodeLimits, MalformedRequest
 from pipeline.decode.logs import anyvalue_to_python, decode_logs, decode_logs_json, render_value
+from pipeline.decode.metrics import decode_metrics, decode_metrics_json
 from pipeline.decode.spans import decode_traces, decode_traces_json, decode_traces_upb
+from pipeline.metric_model import MetricBatch
 from pipeline.model import SpanBatch
 
 __all__ = [
     "UNKNOWN_SERVICE", "DecodeLimits", "Decoded", "MalformedRequest", "accept_times", "anyvalue_to_python",
-    "decode_json_line", "decode_logs", "decode_logs_json", "decode_traces", "decode_traces_json",
+    "decode_json_line", "decode_logs", "decode_logs_json", "decode_metrics", "decode_metrics_json",
+    "decode_traces", "decode_traces_json",
     "decode_traces_upb", "render_value",
 ]  # fmt: skip
 
@@ -45,7 +49,7 @@ def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:
     future = int(np.count_nonzero(ahead))
     if not future:
         return dataclasses.replace(decoded, batch=dataclasses.replace(batch, received_ns=now_ns))
-    what = "spans" if isinstance(batch, SpanBatch) else "log records"
+    what = {SpanBatch: "spans", MetricBatch: "data points"}.get(type(batch), "log records")
     why = f"{future} {what} ending more than {max_future_ns / 1e9:g} s after the receiver's clock"
     kept = batch.select(~ahead) if future < len(batch) else None
     return Decoded(
@@ -58,7 +62,7 @@ def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:
 
 
 def decode_json_line(line: bytes, limits: DecodeLimits = DecodeLimits()) -> list[Decoded]:
-    """One line of the Collector's file exporter: a trace and/or logs request."""
+    """One line of the Collector's file exporter: a trace, logs and/or metrics request."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -70,4 +74,6 @@ def decode_json_line(line: bytes, limits: DecodeLimits = DecodeLimits()) -> list
         out.append(decode_traces_json(obj))
     if "resourceLogs" in obj:
         out.append(decode_logs_json(obj, limits))
+    if "resourceMetrics" in obj:
+        out.append(decode_metrics_json(obj))
     return out

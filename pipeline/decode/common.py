@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from pipeline.metric_model import MetricBatch
 from pipeline.model import LogBatch, SpanBatch
 
 UNKNOWN_SERVICE = "unknown_service"
@@ -20,7 +21,7 @@ class MalformedRequest(ValueError):
 class Decoded:
     """Outcome of decoding one request."""
 
-    batch: SpanBatch | LogBatch | None  # None when no item was valid (or the request was empty)
+    batch: SpanBatch | LogBatch | MetricBatch | None  # None when no item was valid (or the request was empty)
     received: int
     rejected: int
     message: str  # why items were rejected, or warnings about kept ones ('' when neither)

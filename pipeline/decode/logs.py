@@ -19,7 +19,7 @@ from pipeline.decode.common import (
     MalformedRequest,
     _reason_message,
 )
-from pipeline.decode.spans import _hex, _json_resource_ids, _resource_ids
+from pipeline.decode.spans import _hex, _json_resource_ids, _json_str, _json_strings, _resource_ids
 from pipeline.model import LogBatch
 
 
@@ -197,29 +197,38 @@ def decode_logs(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
 
 
 def _json_attribute(kv: dict) -> tuple[str, object]:
-    return kv.get("key", ""), _json_anyvalue_to_python(kv.get("value"))
+    return _json_str(kv.get("key"), "attribute key"), _json_anyvalue_to_python(kv.get("value"))
 
 
 def decode_logs_json(obj: dict, limits: DecodeLimits = DecodeLimits()) -> Decoded:
-    """One OTLP/JSON ExportLogsServiceRequest -> LogBatch."""
+    """One OTLP/JSON ExportLogsServiceRequest -> LogBatch. Structurally wrong input raises
+    ``MalformedRequest`` (see ``decode_traces_json``)."""
     cols = _LogColumns(limits, _json_attribute)
     try:
         for rl in obj.get("resourceLogs") or ():
             service, instance = _json_resource_ids(rl.get("resource") or {})
             for sl in rl.get("scopeLogs") or ():
                 recs = sl.get("logRecords") or ()
+                severity_text = [r.get("severityText", "") for r in recs]
+                _json_strings(severity_text, "severityText")
                 cols.add_scope(
                     service, instance,
                     [int(r.get("timeUnixNano") or 0) for r in recs],
                     [int(r.get("observedTimeUnixNano") or 0) for r in recs],
                     [int(r.get("severityNumber") or 0) for r in recs],
-                    [r.get("severityText", "") for r in recs],
+                    severity_text,
                     [render_value(_json_anyvalue_to_python(r.get("body"))) for r in recs],
                     [_hex(r.get("traceId")) for r in recs], [_hex(r.get("spanId")) for r in recs],
-                    [r.get("attributes") or () for r in recs],
+                    [_json_list(r.get("attributes")) for r in recs],
                 )  # fmt: skip
         return cols.finish()  # renders the attributes
     except (AttributeError, TypeError, ValueError, OverflowError) as exc:
         raise MalformedRequest(f"malformed OTLP/JSON log request: {exc}") from exc
 
 
+def _json_list(value) -> list | tuple:
+    if not value:
+        return ()
+    if type(value) is not list:
+        raise MalformedRequest("malformed OTLP/JSON: attributes is not a list")
+    return value

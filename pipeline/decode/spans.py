@@ -239,23 +239,42 @@ def _json_resource_ids(resource: dict) -> tuple[str, str]:
     for kv in resource.get("attributes") or ():
         key = kv.get("key")
         if key == "service.name":
-            service = (kv.get("value") or {}).get("stringValue") or UNKNOWN_SERVICE
+            service = _json_str((kv.get("value") or {}).get("stringValue"), "service.name") or UNKNOWN_SERVICE
         elif key == "service.instance.id":
-            instance = (kv.get("value") or {}).get("stringValue") or ""
+            instance = _json_str((kv.get("value") or {}).get("stringValue"), "service.instance.id")
     return service, instance
 
 
+def _json_str(value, what: str) -> str:
+    """A JSON string field (absent or null: empty); any other JSON type is malformed."""
+    if value is None:
+        return ""
+    if type(value) is not str:
+        raise MalformedRequest(f"malformed OTLP/JSON: {what} is not a string")
+    return value
+
+
+def _json_strings(values, what: str) -> None:
+    """Every value a string (string tables and columns of a JSON-decoded batch), else malformed."""
+    if not all(type(v) is str for v in values):
+        raise MalformedRequest(f"malformed OTLP/JSON: a {what} that is not a string")
+
+
 def _hex(value: str | None) -> bytes:
+    """An OTLP/JSON id: hex, either case (absent or empty: no id). Not hex: malformed, as the
+    Collector answers; hex of the wrong length is an invalid item, as for protobuf."""
     if not value:
         return b""
     try:
         return bytes.fromhex(value)
-    except ValueError:
-        return b"\x00"  # wrong length on purpose: rejected as an invalid id
+    except (ValueError, TypeError):
+        raise MalformedRequest(f"malformed OTLP/JSON: id {str(value)[:40]!r} is not a hex string") from None
 
 
 def decode_traces_json(obj: dict) -> Decoded:
-    """One OTLP/JSON ExportTraceServiceRequest (hex ids, int64 as strings) -> SpanBatch."""
+    """One OTLP/JSON ExportTraceServiceRequest (hex ids, int64 as strings or numbers, unknown
+    fields ignored) -> SpanBatch. Structurally wrong input (a list where an object belongs, a
+    number where a string belongs, ids that are not hex) raises ``MalformedRequest``."""
     cols = _SpanColumns()
     try:
         for rs in obj.get("resourceSpans") or ():
@@ -279,8 +298,9 @@ def decode_traces_json(obj: dict) -> Decoded:
                 )
             columns = zip(*rows, strict=True) if rows else [()] * len(_COLUMNS)
             cols.add_resource(service, instance, columns, len(rows))
-        return cols.finish()
+        decoded = cols.finish()
     except (AttributeError, TypeError, ValueError, OverflowError) as exc:  # e.g. a kind beyond int64
         raise MalformedRequest(f"malformed OTLP/JSON trace request: {exc}") from exc
-
-
+    if isinstance(decoded.batch, SpanBatch):
+        _json_strings(decoded.batch.operations, "span name")  # the distinct names: cheap
+    return decoded
