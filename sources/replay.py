@@ -9,7 +9,8 @@ Accepted forms (one partition per path):
 
 Both become the same batches as live traffic. Event time is kept as recorded.
 With ``speed`` a factor, batches are paced by their event time (``next_awake``,
-never sleeping); with ``speed=None`` (max) they are read as fast as possible.
+never sleeping), every recording from the same origin (the earliest event time of
+any); with ``speed=None`` (max) they are read as fast as possible.
 The output does not depend on the speed: windows work on event time only.
 """
 
@@ -119,7 +120,9 @@ def _event_time(batch: Batch) -> int:
 
 
 class _ReplayPartition(StatefulSourcePartition[Batch, int]):
-    def __init__(self, index: int, path: Path, resume: int | None, speed: float | None, metrics, limits, now) -> None:
+    def __init__(
+        self, index: int, path: Path, resume: int | None, speed: float | None, metrics, limits, now, start_ns: int
+    ) -> None:  # fmt: skip
         self.steps = iter_steps(iter_batches(path, metrics, limits))
         self.position = resume or 0
         self.stamp = Steps(index, self.position).stamp
@@ -128,7 +131,8 @@ class _ReplayPartition(StatefulSourcePartition[Batch, int]):
         self.speed = speed
         self.now = now
         self.pending: list[Batch] | None = None
-        self.origin: tuple[datetime, int] | None = None  # (wall, event ns) of the first batch
+        self.origin: tuple[datetime, int] | None = None  # (wall, event ns) when reading began
+        self.start_ns = start_ns  # event time of the earliest first step over all the recordings
         self.wake: datetime | None = None
 
     def next_batch(self) -> list[Batch]:
@@ -143,7 +147,9 @@ class _ReplayPartition(StatefulSourcePartition[Batch, int]):
         t = _step_time(self.pending)
         now = self.now()
         if self.origin is None:
-            self.origin = (now, t)
+            # Every recording is paced from the same event time: a metrics file that begins ten
+            # minutes before its traces is read ten minutes (at speed 1) ahead of them, not beside.
+            self.origin = (now, min(t, self.start_ns) if self.start_ns else t)
         due = self.origin[0] + timedelta(seconds=max(0, t - self.origin[1]) / 1e9 / self.speed)
         if due > now:
             self.wake = due
@@ -179,10 +185,17 @@ class ReplaySource(FixedPartitionedSource[Batch, int]):
         self.metrics = metrics or SelfMetrics()
         self.limits = limits
         self.now = now
+        self.start_ns = 0 if speed is None else min(self._first_step_time(p) for p in self.paths)
+
+    def _first_step_time(self, path: Path) -> int:
+        first = next(iter_steps(iter_batches(path, SelfMetrics(), self.limits)), None)
+        return _step_time(first) if first else 2**63 - 1
 
     def list_parts(self) -> list[str]:
         return [f"{i}:{p}" for i, p in enumerate(self.paths)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None):
         index = int(for_part.split(":", 1)[0])
-        return _ReplayPartition(index, self.paths[index], resume_state, self.speed, self.metrics, self.limits, self.now)
+        return _ReplayPartition(
+            index, self.paths[index], resume_state, self.speed, self.metrics, self.limits, self.now, self.start_ns
+        )
