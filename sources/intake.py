@@ -22,6 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from google.protobuf.message import Message
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
 from pipeline import batch_codec
 from pipeline.decode import Decoded, MalformedRequest, accept_times
 from pipeline.selfmetrics import SelfMetrics
@@ -144,3 +149,26 @@ class Intake:
     def _refused(self, reason: str, message: str, retry_after_s: float = 0.0) -> Outcome:
         self.metrics.inc("refused_requests", 1, reason)
         return Outcome(refused=reason, message=message, retry_after_s=retry_after_s)
+
+
+def export_response(signal: str, decoded: Decoded) -> Message:
+    """The Export*ServiceResponse for an accepted request. Full success: no ``partial_success``.
+    Rejected items: their count and why. Warnings only (items kept but cut down): count 0 and a
+    message."""
+    resp: Message
+    if signal == "spans":
+        resp = trace_service_pb2.ExportTraceServiceResponse()
+        if decoded.rejected or decoded.message:
+            resp.partial_success.rejected_spans = decoded.rejected
+            resp.partial_success.error_message = decoded.message
+    elif signal == "logs":
+        resp = logs_service_pb2.ExportLogsServiceResponse()
+        if decoded.rejected or decoded.message:
+            resp.partial_success.rejected_log_records = decoded.rejected
+            resp.partial_success.error_message = decoded.message
+    else:
+        resp = metrics_service_pb2.ExportMetricsServiceResponse()
+        if decoded.rejected or decoded.message:
+            resp.partial_success.rejected_data_points = decoded.rejected
+            resp.partial_success.error_message = decoded.message
+    return resp

@@ -33,11 +33,9 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from pipeline.config import OtlpConfig, TlsConfig
-from pipeline.decode import Decoded, DecodeLimits, decode_logs, decode_traces
+from pipeline.decode import DecodeLimits, decode_logs, decode_traces
 from pipeline.selfmetrics import SelfMetrics
 from sources import intake
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
@@ -161,7 +159,7 @@ class OtlpReceiver:
         if outcome.ok:
             assert outcome.decoded is not None
             self.metrics.inc("requests", 1, signal, "OK")
-            return self._response(signal, outcome.decoded)
+            return intake.export_response(signal, outcome.decoded).SerializeToString()
         reason = outcome.refused
         if reason == intake.UNAUTHENTICATED:
             self.metrics.inc("requests", 1, signal, "UNAUTHENTICATED")
@@ -176,19 +174,3 @@ class OtlpReceiver:
         self.metrics.inc("requests", 1, signal, "UNAVAILABLE")  # memory, spool budget, spool append
         context.abort_with_status(retry_status(code_pb2.UNAVAILABLE, outcome.message, self.retry_after_ms))
         raise AssertionError("unreachable: abort raises")
-
-    @staticmethod
-    def _response(signal: str, decoded: Decoded) -> bytes:
-        # Full success: no partial_success. Rejected items: their count and why. Warnings only
-        # (items kept but cut down): count 0 and a message.
-        if signal == "spans":
-            resp = trace_service_pb2.ExportTraceServiceResponse()
-            if decoded.rejected or decoded.message:
-                resp.partial_success.rejected_spans = decoded.rejected
-                resp.partial_success.error_message = decoded.message
-        else:
-            resp = logs_service_pb2.ExportLogsServiceResponse()
-            if decoded.rejected or decoded.message:
-                resp.partial_success.rejected_log_records = decoded.rejected
-                resp.partial_success.error_message = decoded.message
-        return resp.SerializeToString()

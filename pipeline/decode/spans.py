@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+import orjson
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
@@ -232,6 +233,17 @@ def decode_traces_upb(data: bytes) -> Decoded:
         )  # fmt: skip
         cols.add_resource(service, instance, columns, len(spans))
     return cols.finish()
+
+
+def json_request(data: bytes | str) -> dict:
+    """OTLP/JSON bytes -> the request object; not JSON, or not an object: ``MalformedRequest``."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedRequest("an OTLP/JSON request must be a JSON object")
+    return obj
 
 
 def _json_resource_ids(resource: dict) -> tuple[str, str]:
