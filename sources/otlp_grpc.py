@@ -1,9 +1,9 @@
-"""OTLP/gRPC receiver: TraceService/Export and LogsService/Export.
+"""OTLP/gRPC receiver: TraceService/Export, LogsService/Export and MetricsService/Export.
 
 grpcio hands us raw request bytes (no deserializer), so every answer is ours:
 
 - malformed protobuf -> INVALID_ARGUMENT (grpcio's own deserializer would say INTERNAL);
-- some spans/log records invalid -> OK with ``partial_success`` (count and reason),
+- some spans/log records/data points invalid -> OK with ``partial_success`` (count and reason),
   the valid rest is processed; items ending more than ``otlp.max_future_s`` after the
   receiver's clock are rejected the same way (``rejected{reason="future_timestamp"}``),
   and every accepted batch is stamped with its acceptance time, so no client's clock can
@@ -17,7 +17,8 @@ grpcio hands us raw request bytes (no deserializer), so every answer is ours:
 - a tenant over its ingest rate -> RESOURCE_EXHAUSTED with RetryInfo;
 - OK only after the decoded batch was appended to the spool.
 
-MetricsService is not served: grpcio answers UNIMPLEMENTED for it.
+Everything but the transport (guards, decode, clock check, tenant limit, append, counters)
+is ``sources/intake.py``, shared with the OTLP/HTTP receiver.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pipeline.config import OtlpConfig, TlsConfig
-from pipeline.decode import DecodeLimits, decode_logs, decode_traces
+from pipeline.decode import DecodeLimits, decode_logs, decode_metrics, decode_traces
 from pipeline.selfmetrics import SelfMetrics
 from sources import intake
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
@@ -46,6 +47,7 @@ log = logging.getLogger("telepipe.otlp")
 
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 LOGS_SERVICE = "opentelemetry.proto.collector.logs.v1.LogsService"
+METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
 def retry_status(code: int, message: str, retry_ms: int) -> grpc.Status:
@@ -125,6 +127,9 @@ class OtlpReceiver:
                 grpc.method_handlers_generic_handler(
                     LOGS_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self.export_logs, **raw)}
                 ),
+                grpc.method_handlers_generic_handler(
+                    METRICS_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self.export_metrics, **raw)}
+                ),
             )
         )
         if tls is not None and tls.cert_file:
@@ -153,6 +158,9 @@ class OtlpReceiver:
 
     def export_logs(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return self._export("logs", request, context, lambda data: decode_logs(data, self.limits))
+
+    def export_metrics(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._export("metrics", request, context, decode_metrics)
 
     def _export(self, signal: str, request: bytes, context, decode) -> bytes:
         outcome = self.intake.take(signal, request, decode, lambda: context.invocation_metadata())

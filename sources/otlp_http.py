@@ -49,6 +49,8 @@ from pipeline.decode import (
     MalformedRequest,
     decode_logs,
     decode_logs_json,
+    decode_metrics,
+    decode_metrics_json,
     decode_traces,
     decode_traces_json,
 )
@@ -163,6 +165,8 @@ def decoders(limits: DecodeLimits) -> dict[tuple[str, bool], Callable[[bytes], D
         ("spans", True): json_decoder(decode_traces_json),
         ("logs", False): lambda data: decode_logs(data, limits),
         ("logs", True): json_decoder(lambda obj: decode_logs_json(obj, limits)),
+        ("metrics", False): decode_metrics,
+        ("metrics", True): json_decoder(decode_metrics_json),
     }
     return out
 
