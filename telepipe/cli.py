@@ -11,7 +11,7 @@ from pipeline import config_file as config_mod
 from pipeline.config import Config, ConfigError
 
 SCALE_OUT = (
-    "scale-out: --processes N runs N processes on this machine as one cluster (shared OTLP port, "
+    "scale-out: --processes N runs N processes on this machine as one cluster (shared OTLP ports, "
     "/metrics on the HTTP port + i); --process-id/--addresses join a cluster spanning machines"
 )
 
@@ -21,6 +21,7 @@ def _load(args) -> Config:
     return config_mod.override(
         cfg,
         otlp={"grpc_listen": getattr(args, "otlp_grpc", None)},
+        otlp_http={"listen": getattr(args, "otlp_http", None)},
         http={"listen": getattr(args, "http", None)},
         spool={"data_dir": getattr(args, "data_dir", None)},
         loki={"url": getattr(args, "loki_url", None)},
@@ -77,8 +78,8 @@ def _cluster(args) -> tuple[int, list[str] | None] | str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="telepipe",
-        description="Streaming telemetry pipeline: OTLP traces and logs in; latency percentiles, "
-        "RED metrics on /metrics and logs to Loki out.",
+        description="Streaming telemetry pipeline: OTLP traces, logs and metrics in (gRPC and HTTP); "
+        "latency percentiles, RED metrics on /metrics and logs to Loki out.",
         epilog=SCALE_OUT,
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon", epilog=SCALE_OUT)
     run.add_argument("--config", help="TOML config file (default: embedded defaults)")
     run.add_argument("--otlp-grpc", metavar="HOST:PORT", help="OTLP gRPC listen address (default 127.0.0.1:4317)")
+    run.add_argument("--otlp-http", metavar="HOST:PORT",
+                     help="OTLP/HTTP listen address (default 127.0.0.1:4318; empty: off)")  # fmt: skip
     run.add_argument("--http", metavar="HOST:PORT", help="/metrics, /healthz, /readyz address (default 127.0.0.1:9464)")
     run.add_argument("--data-dir", metavar="DIR", help="spool and state directory (default ./.telepipe)")
     run.add_argument("--loki-url", metavar="URL", help="Loki push URL (default: no Loki sink)")

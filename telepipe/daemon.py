@@ -1,6 +1,6 @@
 """Wiring for ``telepipe run`` and ``telepipe replay``: sources, flow and sinks together.
 
-``Daemon`` owns the long-lived parts (spool, receiver, HTTP server, Loki client)
+``Daemon`` owns the long-lived parts (spool, OTLP receivers, HTTP server, Loki client)
 and runs the dataflow in the calling thread until ``shutdown()``: the receiver
 stops accepting, the source drains what was acknowledged, windows close at EOF,
 sinks flush.
@@ -34,7 +34,9 @@ from sinks.loki import LokiClient, LokiSink
 from sinks.prometheus import MetricsHttpServer, MetricsSink, SeriesState
 from sinks.remote_write import RemoteWriteClient, RemoteWriteSink
 from sources.guards import BearerAuth, MemoryGuard, TenantLimiter
+from sources.intake import Intake
 from sources.otlp_grpc import OtlpReceiver
+from sources.otlp_http import OtlpHttpReceiver
 from sources.replay import ReplaySource
 from sources.spool import Spool
 from sources.spool_source import SpoolSource
@@ -139,11 +141,21 @@ class Daemon:
             )  # fmt: skip
         self.series = SeriesState(cfg.prometheus.buckets, self.metrics, cfg.prometheus.stale_after_s, clock)
         self.stop_event = threading.Event()
-        self.receiver = OtlpReceiver(
-            cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, recorder=self.recorder,
-            auth=BearerAuth.from_config(cfg.auth), memory=MemoryGuard(cfg.limits.max_rss_bytes),
-            tenants=TenantLimiter(cfg.limits), tls=cfg.tls, reuse_port=processes > 1, clock=clock,
+        # One intake for both transports: one tenant table, one memory guard, one spool.
+        self.intake = Intake(
+            self.spool, self.metrics, max_future_s=cfg.otlp.max_future_s, retry_after_ms=sp.retry_after_ms,
+            recorder=self.recorder, auth=BearerAuth.from_config(cfg.auth),
+            memory=MemoryGuard(cfg.limits.max_rss_bytes), tenants=TenantLimiter(cfg.limits), clock=clock,
         )  # fmt: skip
+        self.receiver = OtlpReceiver(
+            cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, tls=cfg.tls,
+            reuse_port=processes > 1, intake=self.intake,
+        )  # fmt: skip
+        self.http_receiver = (
+            OtlpHttpReceiver(cfg.otlp_http, cfg.otlp, self.intake, self.metrics, tls=cfg.tls, reuse_port=processes > 1)
+            if cfg.otlp_http.listen
+            else None
+        )
         host, port = _host_port(cfg.http.listen)
         self.http = MetricsHttpServer(host, port, self.series.render, self.ready)
         self.loki = LokiClient(cfg.loki, self.metrics) if cfg.loki.url else None
@@ -207,10 +219,13 @@ class Daemon:
         if seconds > 1.0:
             log.info("compiled the span wire reader and span index in %.1f s (cached for the next start)", seconds)
         self.receiver.start()
+        if self.http_receiver is not None:
+            self.http_receiver.start()
         self._started = True
         log.info(
-            "telepipe running: OTLP gRPC %s, HTTP %s, data dir %s, spool shards %s%s",
-            self.cfg.otlp.grpc_listen, self.cfg.http.listen, self.cfg.spool.data_dir, ", ".join(self.spools),
+            "telepipe running: OTLP gRPC %s, OTLP/HTTP %s, HTTP %s, data dir %s, spool shards %s%s",
+            self.cfg.otlp.grpc_listen, self.cfg.otlp_http.listen or "off", self.cfg.http.listen,
+            self.cfg.spool.data_dir, ", ".join(self.spools),
             f", process {self.process_id} of {len(self.addresses)}" if self.addresses else "",
         )  # fmt: skip
         epoch = timedelta(seconds=self.cfg.recovery.snapshot_interval_s)
@@ -243,6 +258,10 @@ class Daemon:
         with self._shutdown_lock:
             if self.stop_event.is_set():
                 return
+            # Both receivers stop accepting and finish what is in flight (acknowledged =
+            # appended) before the source is told to drain the spool.
+            if self.http_receiver is not None:
+                self.http_receiver.stop()
             self.receiver.stop(self.cfg.otlp.shutdown_grace_s)
             self.stop_event.set()
 
