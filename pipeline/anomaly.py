@@ -106,6 +106,7 @@ class ServiceAnomaly:
         self.silence = 0  # empty windows in the current silent run, not learned yet
         self.quiet = 0.0  # the longest silence (windows) it came back from, fading (QUIET_HALF_LIFE_S)
         self.downstream_seen: dict[str, int] = {}  # callee -> start of its newest window with calls
+        self.downstream_ranking: tuple[dict, ...] = ()  # the last window's, for the incident tracker
         self.bind(cfg, length_s, stale_after_s, metrics)
 
     def bind(
@@ -134,6 +135,7 @@ class ServiceAnomaly:
         self.__dict__.setdefault("downstream_seen", {})
         self.__dict__.setdefault("silence", 0)
         self.__dict__.setdefault("quiet", 0.0)
+        self.__dict__.setdefault("downstream_ranking", ())
         self.__dict__.setdefault("stale_ns", 600 * 10**9)
         service_key = self.keys.get(SERVICE_KEY)
         if service_key is not None and "service_rate" not in service_key.baselines:
@@ -196,7 +198,8 @@ class ServiceAnomaly:
         updates.append(upd)
         events.extend(ev)
         events.extend(self._rules(SERVICE_KEY, service, t, None))
-        ranking = _ranking(scored) + self._downstream(sw)
+        self.downstream_ranking = self._downstream(sw)
+        ranking = _ranking(scored) + self.downstream_ranking
         events = [_with_ranking(e, ranking) if e.state == "firing" else e for e in events]
         return updates, events
 

@@ -8,6 +8,8 @@
            event-time windows of every operation, closing together (cardinality limit),
            with the latest value of each of the service's metric series
            -> anomaly detection and alerts -> scaling signal
+      -> every service's window summary -> one incident tracker: alerts on linked
+         services grouped, root causes ranked
       -> window results, anomaly/scaling updates -> /metrics state
          window results, alert and scaling events -> --emit-jsonl file
          scaling updates of every service -> the KEDA process
@@ -38,6 +40,7 @@ from bytewax.outputs import Sink
 
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
+from pipeline.incident_model import IncidentEvent, ServiceSummary
 from pipeline.metric_model import LateMetrics, MetricBatch, MetricPoints
 from pipeline.model import (
     OVERFLOW_OPERATION,
@@ -56,7 +59,7 @@ from pipeline.model import (
 )
 from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs, preaggregate_metrics
 from pipeline.selfmetrics import SelfMetrics
-from pipeline.steps import JoinedSource, ServiceStep
+from pipeline.steps import IncidentStep, JoinedSource, ServiceStep
 
 Clock = Callable[[], float]  # seconds since the epoch
 
@@ -67,8 +70,8 @@ class Outputs:
 
     ``result_sinks`` get every item the per-service step emits (``WindowResult``,
     ``LateSpans``, ``AnomalyUpdate``, ``AlertEvent``, ``ScalingUpdate``,
-    ``ScalingEvent``); ``file_sinks`` get the same keyed as ``("results", item)``;
-    ``loki_sinks`` get ``LogBatch`` items and the alert and scaling events;
+    ``ScalingEvent``) and the ``IncidentEvent`` items; ``file_sinks`` get the same keyed as ``("results", item)``;
+    ``loki_sinks`` get ``LogBatch`` items and the alert, scaling and incident events;
     ``scaling_sinks`` get every ``ScalingUpdate`` keyed as ``("scaling", item)`` (one
     partition: the process serving KEDA sees every service).
     """
@@ -115,6 +118,20 @@ def _progress_counter(metrics: SelfMetrics):
     return count
 
 
+def _incident_counter(metrics: SelfMetrics):
+    open_ids: set[str] = set()
+
+    def count(_step: str, event: IncidentEvent) -> None:
+        metrics.inc("incidents", 1, event.state)
+        if event.state == "resolved":
+            open_ids.discard(event.id)
+        else:
+            open_ids.add(event.id)
+        metrics.set_gauge("incidents_open", len(open_ids))
+
+    return count
+
+
 def build_flow(
     cfg: Config,
     source: FixedPartitionedSource,
@@ -145,8 +162,19 @@ def build_flow(
         "services", by_service, lambda resume: ServiceStep(cfg, spec, clock, idle_close, close_at_eof, dead, resume)
     )
     # Window results, late counts, anomaly and scaling updates and events, per service in order.
-    results = op.key_rm("unkey", per_service)
-    op.inspect("count_progress", results, _progress_counter(metrics))
+    per_service_out = op.key_rm("unkey", per_service)
+    op.inspect("count_progress", per_service_out, _progress_counter(metrics))
+
+    # Incidents: every service's window summary, to one tracker that groups alerts on linked
+    # services and ranks root causes (pipeline/incidents.py).
+    summaries = op.filter("summaries", per_service_out, lambda x: isinstance(x, ServiceSummary))
+    to_tracker = op.key_on("key_for_incidents", summaries, lambda _: "incidents")
+    incidents = op.key_rm("incidents_out", op.stateful(
+        "incidents", to_tracker, lambda resume: IncidentStep(spec, clock, idle_close, close_at_eof, resume)
+    ))  # fmt: skip
+    op.inspect("count_incidents", incidents, _incident_counter(metrics))
+    others = op.filter("not_summaries", per_service_out, lambda x: not isinstance(x, ServiceSummary))
+    results = op.merge("results_and_incidents", others, incidents)
 
     for i, sink in enumerate(outputs.result_sinks):
         op.output(f"results_out_{i}", results, sink)
@@ -170,7 +198,7 @@ def build_flow(
 
     op.inspect("count_logs", logs, count_logs)
     if outputs.loki_sinks:
-        events = op.filter("events", results, lambda x: isinstance(x, AlertEvent | ScalingEvent))
+        events = op.filter("events", results, lambda x: isinstance(x, AlertEvent | ScalingEvent | IncidentEvent))
         to_loki = op.merge("logs_and_events", logs, events)
         for i, sink in enumerate(outputs.loki_sinks):
             op.output(f"loki_out_{i}", to_loki, sink)

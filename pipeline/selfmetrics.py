@@ -38,6 +38,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "expired_keys": ("(service, operation, kind) keys retired after prometheus.stale_after_s without spans", ()),
     "expired_services": ("Services forgotten after prometheus.service_stale_after_s without any data", ()),
     "overflow_spans": ("Spans folded into a service's overflow series (cardinality limit)", ()),
+    "incidents": ("Incident events, by state (opened, updated, resolved)", ("state",)),
     "windows_closed": ("Event-time windows closed", ()),
     "sink_errors": ("Sink request failures, by sink and reason", ("sink", "reason")),
     "sink_sent": ("Items delivered by sinks", ("sink",)),
@@ -51,6 +52,7 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "spool_unread_bytes": ("Acknowledged bytes the dataflow has not read yet (its backlog)", ()),
     "pipeline_lag_seconds": ("Wall-clock time minus the newest span end time that closed a window", ()),
     "closed_window_end_seconds": ("End (unix seconds) of the newest window on /metrics", ()),
+    "incidents_open": ("Incidents open now (alerts on linked services grouped; see --emit-jsonl or Loki)", ()),
     "series": ("Active per-operation series on /metrics", ()),
     "loki_queue_batches": ("Batches waiting in the Loki sink's queue", ()),
 }

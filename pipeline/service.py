@@ -32,8 +32,10 @@ import math
 from pipeline.anomaly import ServiceAnomaly
 from pipeline.config import Config, MetricTargetConfig
 from pipeline.deadletter import DeadLetters
+from pipeline.detectors import _strength as strength
+from pipeline.incident_model import Evidence, ServiceSummary
 from pipeline.metric_series import ServiceMetrics
-from pipeline.model import ServiceExpired, ServiceWindow
+from pipeline.model import KIND_CLIENT, KIND_SERVER, AnomalyUpdate, ServiceExpired, ServiceWindow
 from pipeline.preaggregate import WindowSpec
 from pipeline.scaling import ServiceScaler
 from pipeline.snapshots import SnapshotTooNew, check_version
@@ -50,6 +52,29 @@ def judged_metrics(cfg: Config, service: str) -> tuple[MetricTargetConfig, ...]:
     is scaled on (``[[scaling.metrics]]`` and its own overrides with a target)."""
     own = next((s.metrics for s in cfg.scaling.services if s.name == service), ())
     return cfg.anomaly.metrics + cfg.scaling.metrics + tuple(m for m in own if m.target > 0)
+
+
+_WHAT = {KIND_SERVER: "server", KIND_CLIENT: "client", 4: "client", 5: "consumer", -1: "service"}
+_WORSE = {"ok": 0, "pending": 1, "firing": 2}
+
+
+def summarize(sw: ServiceWindow, updates: list, downstream: tuple[dict, ...], k: float) -> ServiceSummary:
+    """What the incident tracker needs of one window: alert state, callees, anomalies (every
+    judged feature beyond its band, scored |z| / k)."""
+    evidence = []
+    state = "ok"
+    for u in updates:
+        if not isinstance(u, AnomalyUpdate):
+            continue
+        if _WORSE[u.state] > _WORSE[state]:
+            state = u.state
+        for j in u.judgements:
+            if j.judged and strength(j) > k:
+                what = _WHAT.get(u.span_kind, "internal")
+                evidence.append(Evidence(what, u.operation, j.feature, round(strength(j) / k, 6)))
+    calls = tuple((d["downstream_service"], d["score"], d["feature"]) for d in downstream)
+    return ServiceSummary(sw.service, sw.window_start, state, tuple(d.callee for d in sw.dependencies),
+                          tuple(evidence), calls)  # fmt: skip
 
 
 def silent_limit(cfg: Config, spec: WindowSpec) -> int:
@@ -132,6 +157,7 @@ class ServiceState:
             updates, alerts = self.anomaly.on_window(sw)
             out.extend(updates)
             out.extend(alerts)
+            out.append(summarize(sw, updates, self.anomaly.downstream_ranking, self.cfg.anomaly.band_k))
         except Exception as exc:  # the window's results are out already; its analysis is set aside
             self._set_aside("anomaly", sw, exc)
         try:

@@ -6,6 +6,9 @@
 - ``ServiceStep`` is the keyed state of one service: a ``ServiceState``
   (``pipeline/service.py``) fed with its pre-aggregates, woken on the injected
   clock for idle closing, snapshotted as a pickle.
+- ``IncidentStep`` holds the one ``IncidentTracker`` (``pipeline/incidents.py``),
+  fed every service's window summaries; live, it takes what it buffered after an
+  idle timeout on the injected clock.
 
 State restored from a recovery snapshot gets the configuration in force (``bind``):
 snapshots hold state, never configuration. A service forgotten after
@@ -27,6 +30,7 @@ from bytewax.operators import StatefulLogic
 from pipeline import servicegraph
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
+from pipeline.incidents import IncidentTracker
 from pipeline.model import SpanBatch
 from pipeline.preaggregate import WindowSpec
 from pipeline.service import ServiceState
@@ -85,6 +89,34 @@ class ServiceStep(StatefulLogic[object, object, bytes]):
         # bytewax snapshots every touched key at every epoch end; a pickle is both the
         # immutable copy it asks for and much cheaper than copy.deepcopy of river objects.
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class IncidentStep(StatefulLogic[object, object, bytes]):
+    """bytewax wrapper of the ``IncidentTracker`` (one key for the whole flow)."""
+
+    def __init__(self, spec: WindowSpec, clock: Clock, idle: bool, close_at_eof: bool, resume: bytes | None) -> None:
+        self.clock, self.idle, self.close_at_eof = clock, idle, close_at_eof
+        self.idle_s = spec.idle_timeout_s
+        self.tracker = pickle.loads(resume) if resume is not None else IncidentTracker(spec.length_ns)
+        self.last = clock()
+
+    def on_item(self, value):
+        self.last = self.clock()
+        return self.tracker.on_summary(value), StatefulLogic.RETAIN
+
+    def on_notify(self):
+        return self.tracker.flush(), StatefulLogic.RETAIN
+
+    def on_eof(self):
+        return (self.tracker.flush() if self.close_at_eof else []), StatefulLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if not self.idle or not self.tracker.buffer:
+            return None
+        return datetime.now(timezone.utc) + timedelta(seconds=self.last + self.idle_s - self.clock())
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps(self.tracker, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class _JoinedPartition(StatefulSourcePartition):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import orjson
 
+from pipeline.incident_model import IncidentEvent
 from pipeline.model import AlertEvent, ScalingEvent, WindowResult
 
-WRITTEN = (WindowResult, AlertEvent, ScalingEvent)
-_RANK = {"window": 0, "alert": 1, "scaling": 2}
+WRITTEN = (WindowResult, AlertEvent, ScalingEvent, IncidentEvent)
+_RANK = {"window": 0, "alert": 1, "scaling": 2, "incident": 3}
 
 
 def encode_line(item) -> bytes | None:

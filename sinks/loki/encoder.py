@@ -107,7 +107,8 @@ def encode_push(streams: list[dict]) -> bytes:
 
 
 def encode_events(events: list, source: str = "telepipe") -> list[dict]:
-    """telepipe's own events (alerts, scaling changes) -> streams labelled source, kind, service.
+    """telepipe's own events (alerts, scaling changes, incidents) -> streams labelled source, kind,
+    service (an incident's: the first of its services).
 
     The line is the event's JSON (as ``--emit-jsonl`` writes it); its time is the
     event time of the window that caused it.
@@ -115,7 +116,8 @@ def encode_events(events: list, source: str = "telepipe") -> list[dict]:
     groups: dict[tuple, list[tuple[int, list]]] = {}
     for e in events:
         doc = e.to_json()
-        service, _ = _cut_utf8(doc.get("service") or UNKNOWN_SERVICE, MAX_LABEL_VALUE_BYTES)
+        first = doc.get("service") or next(iter(doc.get("services") or ()), None)
+        service, _ = _cut_utf8(first or UNKNOWN_SERVICE, MAX_LABEL_VALUE_BYTES)
         labels = (("kind", doc["type"]), ("service", service), ("source", source))
         groups.setdefault(labels, []).append((int(doc["time"]), [str(int(doc["time"])), orjson.dumps(doc).decode()]))
     streams = []

@@ -1,0 +1,206 @@
+"""Incidents: alerts on linked services grouped into one, with ranked root-cause candidates.
+
+``IncidentTracker`` (one for the whole flow, a single key) is fed every service's
+``ServiceSummary`` per closed window. Services' windows close at different moments
+(each service has its own watermark, and items of several workers interleave), so
+summaries are buffered by window and a window is taken only once summaries
+``LAG_WINDOWS`` windows newer have arrived (or at the end of input, or after an idle
+timeout live): the services of a window are then seen together, in name order, and
+what comes out depends on the input alone.
+
+- **Graph.** Who calls whom comes from the summaries' callees (the service-graph
+  join); an edge not seen for ``EDGE_TTL_S`` is forgotten.
+- **Grouping.** A service whose alert fires joins an open incident that has a service
+  linked to it (caller or callee, up to ``LINK_HOPS`` calls apart) and was active in
+  the last ``JOIN_S``; otherwise it opens one. An incident resolves once none of its
+  services has had a pending or firing alert for ``RESOLVE_WINDOWS`` windows.
+- **Root causes.** Candidates are the incident's services and everything they call
+  (transitively) that shows anomalies of its own in the last ``EVIDENCE_S``: SERVER,
+  INTERNAL or CONSUMER latency and errors, error logs, resource metrics, silence.
+  Anomalous CLIENT calls point at their callee (its latency and errors as seen by the
+  callers, from the join), adding to the callee's score. A candidate whose anomaly is
+  explained by a callee that is itself anomalous and called anomalously (a slow callee
+  makes its callers slow) is ranked below it: the deepest anomalous service comes
+  first. Each candidate says why (``evidence``).
+
+Plain, picklable state: no clock, no bytewax (``pipeline/steps.py`` wraps it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pipeline.incident_model import Evidence, IncidentEvent, ServiceSummary
+
+LAG_WINDOWS = 3  # a window is taken once summaries this many windows newer arrived
+EDGE_TTL_S = 3600.0
+LINK_HOPS = 2
+JOIN_S = 120.0
+EVIDENCE_S = 60.0
+RESOLVE_WINDOWS = 3
+TOP = 5
+OWN = ("server", "internal", "consumer", "service")
+EXPLAINED = 0.3  # a candidate explained by an anomalous callee keeps this share of its score
+CALLER_WEIGHT = 0.5  # what anomalous calls from callers add to a callee's score (each capped)
+CAP = 5.0  # one piece of evidence counts at most this much (scores are |z| / k)
+
+
+class _Incident:
+    def __init__(self, id_: str, service: str, t: int) -> None:
+        self.id = id_
+        self.services: list[str] = [service]
+        self.last_active = t
+        self.quiet = 0  # windows in a row with none of its services pending or firing
+        self.root_causes: tuple[dict, ...] = ()
+
+
+class IncidentTracker:
+    def __init__(self, length_ns: int) -> None:
+        self.length_ns = length_ns
+        self.buffer: dict[int, dict[str, ServiceSummary]] = {}
+        self.newest = -1
+        self.taken_until = -1  # windows up to here were taken; later summaries for them are dropped
+        self.edges: dict[str, dict[str, int]] = {}  # caller -> callee -> last window seen
+        self.recent: dict[str, deque[ServiceSummary]] = {}  # per service, summaries of the last EVIDENCE_S
+        self.states: dict[str, str] = {}  # service -> alert state in its latest window
+        self.open: list[_Incident] = []
+
+    def on_summary(self, s: ServiceSummary) -> list[IncidentEvent]:
+        if s.window_start <= self.taken_until:
+            return []  # its window was already taken (a late summary): nothing to add
+        self.buffer.setdefault(s.window_start, {})[s.service] = s
+        self.newest = max(self.newest, s.window_start)
+        ready = sorted(w for w in self.buffer if w <= self.newest - LAG_WINDOWS * self.length_ns)
+        return [e for w in ready for e in self._take(w)]
+
+    def flush(self) -> list[IncidentEvent]:
+        return [e for w in sorted(self.buffer) for e in self._take(w)]
+
+    # -- one window
+    def _take(self, w: int) -> list[IncidentEvent]:
+        summaries = self.buffer.pop(w)
+        self.taken_until = max(self.taken_until, w)
+        horizon = w - int(EVIDENCE_S * 1e9)
+        for name in sorted(summaries):
+            s = summaries[name]
+            self.states[name] = s.state
+            for callee in s.callees:
+                self.edges.setdefault(name, {})[callee] = w
+            q = self.recent.setdefault(name, deque())
+            q.append(s)
+        for q in self.recent.values():
+            while q and q[0].window_start < horizon:
+                q.popleft()
+        self._forget_edges(w)
+        events: list[IncidentEvent] = []
+        changed: dict[str, str] = {}  # incident id -> "opened" | "updated"
+        for name in sorted(n for n, s in summaries.items() if s.state == "firing"):
+            if any(name in inc.services for inc in self.open):
+                continue
+            inc = self._linked(name, w)
+            if inc is None:
+                inc = _Incident(f"{w // 10**9}-{name}", name, w)
+                self.open.append(inc)
+                changed[inc.id] = "opened"
+            else:
+                inc.services.append(name)
+                changed.setdefault(inc.id, "updated")
+            inc.last_active = w
+        for inc in list(self.open):
+            active = any(self.states.get(s) in ("pending", "firing") for s in inc.services)
+            if active:
+                inc.last_active, inc.quiet = w, 0
+            else:
+                inc.quiet += 1
+            causes = self._rank(inc)
+            if inc.quiet >= RESOLVE_WINDOWS:
+                self.open.remove(inc)
+                events.append(IncidentEvent(inc.id, "resolved", w, tuple(inc.services), inc.root_causes))
+                continue
+            top = [c["service"] for c in causes[:3]]
+            if inc.id in changed or top != [c["service"] for c in inc.root_causes[:3]]:
+                inc.root_causes = causes
+                events.append(IncidentEvent(inc.id, changed.get(inc.id, "updated"), w, tuple(inc.services), causes))
+        return events
+
+    def _forget_edges(self, w: int) -> None:
+        horizon = w - int(EDGE_TTL_S * 1e9)
+        for caller in list(self.edges):
+            callees = {c: t for c, t in self.edges[caller].items() if t >= horizon}
+            if callees:
+                self.edges[caller] = callees
+            else:
+                del self.edges[caller]
+
+    def _neighbours(self, service: str) -> set[str]:
+        out = set(self.edges.get(service, {}))
+        out.update(caller for caller, callees in self.edges.items() if service in callees)
+        return out
+
+    def _linked(self, service: str, w: int) -> _Incident | None:
+        """The open incident, active lately, with a service at most LINK_HOPS calls away."""
+        near, frontier = {service}, {service}
+        for _ in range(LINK_HOPS):
+            frontier = {n for f in frontier for n in self._neighbours(f)} - near
+            near |= frontier
+        for inc in self.open:
+            if w - inc.last_active <= JOIN_S * 1e9 and near.intersection(inc.services):
+                return inc
+        return None
+
+    # -- root causes
+    def _own(self, service: str) -> tuple[float, list[str]]:
+        """The strongest anomalies of the service's own work lately, and what they were."""
+        best: dict[tuple[str, str, str], float] = {}
+        for s in self.recent.get(service, ()):
+            for e in s.evidence:
+                if e.what in OWN:
+                    k = (e.what, e.operation, e.feature)
+                    best[k] = max(best.get(k, 0.0), e.score)
+        top = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        return min(top[0][1], CAP) if top else 0.0, [_describe(k, v) for k, v in top]
+
+    def _called_anomalously(self, callee: str) -> dict[str, tuple[float, str]]:
+        """Callers whose calls to ``callee`` were slow or failing lately: caller -> (score, feature)."""
+        out: dict[str, tuple[float, str]] = {}
+        for caller, q in self.recent.items():
+            for s in q:
+                for name, score, feature in s.downstream:
+                    if name == callee and score >= 1.0 and score > out.get(caller, (0.0, ""))[0]:
+                        out[caller] = (score, feature)
+        return out
+
+    def _rank(self, inc: _Incident) -> tuple[dict, ...]:
+        candidates = set(inc.services)
+        frontier = set(inc.services)
+        for _ in range(4):  # what the incident's services call, a few calls deep
+            frontier = {c for f in frontier for c in self.edges.get(f, {})} - candidates
+            candidates |= frontier
+        scored: dict[str, tuple[float, list[str]]] = {}
+        for c in sorted(candidates):
+            own, why = self._own(c)
+            callers = self._called_anomalously(c)
+            support = sum(min(score, CAP) for score, _ in callers.values())
+            if own <= 0 and not callers:
+                continue
+            if callers:
+                names = ", ".join(sorted(callers))
+                why.append(f"calls from {names} anomalous ({', '.join(sorted({f for _, f in callers.values()}))})")
+            scored[c] = (own + CALLER_WEIGHT * support, why)
+        for c, (score, why) in list(scored.items()):
+            deeper = [d for d in self.edges.get(c, {}) if d in scored and self._own(d)[0] > 0
+                      and c in self._called_anomalously(d)]  # fmt: skip
+            if deeper:
+                why.append(f"explained by anomalous callee {sorted(deeper)[0]}")
+                scored[c] = (score * EXPLAINED, why)
+        ranked = sorted(scored.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP]
+        return tuple({"service": c, "score": round(v[0], 6), "evidence": v[1]} for c, v in ranked)
+
+
+def _describe(key: tuple[str, str, str], score: float) -> str:
+    what, operation, feature = key
+    where = f"{what.upper()} {operation}" if operation else "service"
+    return f"{where}: {feature} beyond its band ({score:.1f}x)"
+
+
+__all__ = ["Evidence", "IncidentTracker"]
