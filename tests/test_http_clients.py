@@ -39,26 +39,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from .conftest import ROOT, free_port, samples, total, wait_for
+from .conftest import DaemonProc, free_port, total, wait_for
 from .loki_server import LokiServer
 
 pytestmark = pytest.mark.integration
 
 NODE_DIR = Path(__file__).resolve().parent / "clients" / "node"
 WINDOW_NS = 10_000_000_000
-
-
-def _mentions(path: str, word: str) -> bool:
-    return (ROOT / path).exists() and word in (ROOT / path).read_text()
-
-
-# Until issue 13's receiver and metrics decoding land (then these two go):
-needs_receiver = pytest.mark.skipif(
-    not _mentions("telepipe/daemon.py", "otlp_http"), reason="telepipe run does not start the OTLP/HTTP receiver yet"
-)
-needs_metrics = pytest.mark.skipif(
-    not _mentions("sources/otlp_http.py", "decode_metrics"), reason="the OTLP/HTTP receiver does not decode metrics yet"
-)
 
 
 def need(what: str, present: bool) -> None:
@@ -88,42 +75,53 @@ def past_window_ns() -> int:
     return (time.time_ns() // WINDOW_NS - 6) * WINDOW_NS
 
 
-def http_daemon(daemon_factory, origins: tuple[str, ...] = (), headers: tuple[str, ...] = (), extra=None):
-    """``telepipe run`` with its OTLP/HTTP receiver on a free loopback port: (daemon, base URL)."""
-    port = free_port()
+@pytest.fixture(scope="module")
+def telepipe(tmp_path_factory):
+    """One ``telepipe run`` for this module (each test sends its own services and counts deltas): OTLP/HTTP on
+    a free loopback port, pages from ``http://127.0.0.1:*`` allowed with an ``X-Client`` header, logs to a
+    strict Loki receiver. Yields (daemon, receiver base URL, Loki receiver)."""
+    loki, port = LokiServer(), free_port()
     config = f"""
 [windows]
 idle_timeout_s = 1.0
 
 [otlp_http]
 listen = "127.0.0.1:{port}"
-allowed_origins = {json.dumps(list(origins))}
-allowed_headers = {json.dumps(list(headers))}
+allowed_origins = ["http://127.0.0.1:*"]
+allowed_headers = ["X-Client"]
 """
-    d = daemon_factory(config, extra)
+    d = DaemonProc(tmp_path_factory.mktemp("telepipe"), config, ["--loki-url", loki.url])
     base = f"http://127.0.0.1:{port}"
-
-    def listening():
-        try:
-            return httpx.post(f"{base}/v1/traces", content=b"", headers={"Content-Type": "application/x-protobuf"})
-        except httpx.HTTPError:
-            return None
-
-    assert wait_for(listening, timeout=15).status_code == 200  # an empty request is a success
-    return d, base
+    try:
+        empty = httpx.post(f"{base}/v1/traces", content=b"", headers={"Content-Type": "application/x-protobuf"})
+        assert empty.status_code == 200  # an empty request is a success
+        yield d, base, loki
+    finally:
+        d.stop()  # before the Loki receiver goes: the daemon flushes its sinks on the way out
+        loki.stop()
 
 
 def metric(d, name: str, **labels: str) -> float:
     return total(d.metrics_text(), name, **labels)
 
 
-def wait_metric(d, name: str, want: float, timeout: float = 30.0, **labels: str) -> None:
-    """Wait until the counter reaches ``want``; then it must be exactly ``want``."""
+def since(d, name: str):
+    """How much the counter ``name`` has grown since this call."""
+    start = metric(d, name)
+    return lambda: metric(d, name) - start
+
+
+def wait_value(get, want: float, timeout: float = 30.0) -> None:
+    """Wait until ``get()`` reaches ``want``; then it must be exactly ``want``."""
     try:
-        wait_for(lambda: metric(d, name, **labels) >= want, timeout)
+        wait_for(lambda: get() >= want, timeout)
     except TimeoutError:
         pass
-    assert metric(d, name, **labels) == want, (name, labels)
+    assert get() == want
+
+
+def wait_metric(d, name: str, want: float, **labels: str) -> None:
+    wait_value(lambda: metric(d, name, **labels), want)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,63 +321,54 @@ def test_clients_send_what_they_count(recorder):
 # The clients against ``telepipe run``
 
 
-def calls(d, service: str, op: str) -> float:
-    return metric(d, "telepipe_calls_total", service_name=service, span_name=op)
+def test_python_sdk_traces_and_logs_over_http_protobuf(telepipe):
+    d, base, loki = telepipe
+    spans, logs = since(d, "telepipe_accepted_spans_total"), since(d, "telepipe_accepted_logs_total")
+    processed, late = since(d, "telepipe_processed_spans_total"), since(d, "telepipe_late_spans_total")
+    sent, lines, trace_ids = python_traces_and_logs(base, per_op=60, log_every=10)
+    n = sum(sent.values())
+    assert n == 300 and len(lines) == 12
+    assert spans() == n and logs() == len(lines)  # acknowledged = appended: exact at once
+    wait_value(processed, n)
+    for (service, op), k in sent.items():
+        wait_metric(d, "telepipe_calls_total", k, service_name=service, span_name=op)
+    assert late() == 0
+
+    def log_entries():
+        streams = [st for doc in loki.accepted for st in doc["streams"] if "level" in st["stream"]]
+        got = [v for st in streams if st["stream"]["service"] == "checkout" for v in st["values"]]
+        return got if len(got) >= len(lines) else None
+
+    entries = wait_for(log_entries)
+    assert sorted(v[1] for v in entries) == sorted(lines)
+    assert sorted(v[2]["trace_id"] for v in entries) == sorted(trace_ids)
+    assert logs() == len(lines) and loki.violations == []
 
 
-@needs_receiver
-def test_python_sdk_traces_and_logs_over_http_protobuf(daemon_factory):
-    loki = LokiServer()
-    try:
-        d, base = http_daemon(daemon_factory, extra=["--loki-url", loki.url])
-        sent, lines, trace_ids = python_traces_and_logs(base, per_op=60, log_every=10)
-        n = sum(sent.values())
-        assert n == 300 and len(lines) == 12
-        s = samples(d.metrics_text())
-        assert s[("telepipe_accepted_spans_total", ())] == n  # acknowledged = appended: exact at once
-        assert s[("telepipe_accepted_logs_total", ())] == len(lines)
-        wait_metric(d, "telepipe_processed_spans_total", n)
-        for (service, op), k in sent.items():
-            wait_metric(d, "telepipe_calls_total", k, service_name=service, span_name=op)
-        assert metric(d, "telepipe_late_spans_total") == 0
-
-        def log_entries():
-            got = [v for doc in loki.accepted for st in doc["streams"] if "level" in st["stream"] for v in st["values"]]
-            return got if len(got) >= len(lines) else None
-
-        entries = wait_for(log_entries)
-        assert sorted(v[1] for v in entries) == sorted(lines)
-        assert sorted(v[2]["trace_id"] for v in entries) == sorted(trace_ids)
-        assert metric(d, "telepipe_accepted_logs_total") == len(lines)
-        assert loki.violations == []
-        d.stop()  # before the Loki receiver goes: the daemon flushes its sinks on the way out
-    finally:
-        loki.stop()
-
-
-@needs_receiver
-@needs_metrics
-def test_python_sdk_metrics_over_http_protobuf(daemon_factory):
-    d, base = http_daemon(daemon_factory)
+def test_python_sdk_metrics_over_http_protobuf(telepipe):
+    d, base, _ = telepipe
+    accepted, rejected = (
+        since(d, "telepipe_accepted_metric_points_total"),
+        since(d, "telepipe_rejected_metric_points_total"),
+    )
     points = python_metrics(base, flushes=3)
     assert points == 16
-    assert metric(d, "telepipe_accepted_metric_points_total") == points
-    assert metric(d, "telepipe_rejected_metric_points_total") == 0
+    assert accepted() == points and rejected() == 0
 
 
-@needs_receiver
-def test_node_sdk_exporters_json_and_protobuf(daemon_factory):
-    d, base = http_daemon(daemon_factory)
+def test_node_sdk_exporters_json_and_protobuf(telepipe):
+    d, base, _ = telepipe
+    processed = since(d, "telepipe_processed_spans_total")
     end_ms = (past_window_ns() + 1_000_000_000) // 1_000_000
     for protocol, count in (("json", 301), ("proto", 257)):
-        before = metric(d, "telepipe_accepted_spans_total")
+        accepted = since(d, "telepipe_accepted_spans_total")
         out = run_node(f"{base}/v1/traces", protocol, f"node-{protocol}", count, end_ms)
         assert out["exported"] == count and out["requests"] == -(-count // 128)
-        assert metric(d, "telepipe_accepted_spans_total") - before == count, protocol
+        assert accepted() == count, protocol
     for protocol, count in (("json", 301), ("proto", 257)):
         wait_metric(d, "telepipe_calls_total", (count + 1) // 2, service_name=f"node-{protocol}", span_name="GET /a")
         wait_metric(d, "telepipe_calls_total", count // 2, service_name=f"node-{protocol}", span_name="GET /b")
-    assert metric(d, "telepipe_processed_spans_total") == 301 + 257
+    assert processed() == 301 + 257
 
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>OTLP/JSON from a page</title></head><body>
@@ -421,22 +410,21 @@ def load_page(url: str, profile: Path) -> str:
     return m.group(1)
 
 
-@needs_receiver
-def test_browser_page_posts_otlp_json_cross_origin(daemon_factory, recorder, tmp_path):
+def test_browser_page_posts_otlp_json_cross_origin(telepipe, recorder, tmp_path):
     """Chromium loads a page from one origin that POSTs OTLP/JSON to the receiver on another origin (the
     custom header and the JSON content type make it a preflighted request). An allowed origin gets 200 and
     every span counted; an origin outside ``allowed_origins`` is stopped by the browser, nothing counted."""
-    d, base = http_daemon(daemon_factory, origins=("http://127.0.0.1:*",), headers=("X-Client",))
+    d, base, _ = telepipe
     allowed, other = recorder("127.0.0.1"), recorder("127.0.0.2")  # two origins; only the first matches
     k = 37
     for rec, service in ((allowed, "browser-app"), (other, "blocked-app")):
         rec.pages["/page.html"] = PAGE % (json.dumps(browser_request(service, k)), base)
 
-    before = metric(d, "telepipe_accepted_spans_total")
+    accepted = since(d, "telepipe_accepted_spans_total")
     assert load_page(f"{allowed.base}/page.html", tmp_path / "profile-a") == "status 200"
-    assert metric(d, "telepipe_accepted_spans_total") - before == k
+    assert accepted() == k
     assert load_page(f"{other.base}/page.html", tmp_path / "profile-b") == "error TypeError"
-    assert metric(d, "telepipe_accepted_spans_total") - before == k
+    assert accepted() == k
     wait_metric(d, "telepipe_calls_total", (k + 2) // 3, service_name="browser-app", span_name="documentLoad")
     wait_metric(d, "telepipe_calls_total", k - (k + 2) // 3, service_name="browser-app", span_name="fetch")
     assert metric(d, "telepipe_calls_total", service_name="blocked-app") == 0
