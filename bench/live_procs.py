@@ -47,7 +47,8 @@ class Daemon:
         self.grpc_port = _port()
         self.http_ports = _http_ports(processes)
         cmd = [sys.executable, "-m", "telepipe.cli", "--log-level", "WARNING", "run", "--data-dir", str(tmp / "data"),
-               "--otlp-grpc", f"127.0.0.1:{self.grpc_port}", "--http", f"127.0.0.1:{self.http_ports[0]}"]  # fmt: skip
+               "--otlp-grpc", f"127.0.0.1:{self.grpc_port}", "--http", f"127.0.0.1:{self.http_ports[0]}",
+               "--otlp-http", ""]  # fmt: skip
         if config is not None:
             cmd += ["--config", str(config)]
         if processes > 1:

@@ -55,7 +55,7 @@ def main() -> None:
     grpc_port, http_port = _port(), _port()
     daemon = subprocess.Popen(
         [sys.executable, "-m", "telepipe.cli", "--log-level", "WARNING", "run", "--data-dir", str(tmp / "data"),
-         "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}"],
+         "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}", "--otlp-http", ""],
         cwd=ROOT, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     metrics_url = f"http://127.0.0.1:{http_port}/metrics"

@@ -167,7 +167,7 @@ def build_flow(
 
     # Incidents: every service's window summary, to one tracker that groups alerts on linked
     # services and ranks root causes (pipeline/incidents.py).
-    summaries = op.filter("summaries", per_service_out, lambda x: isinstance(x, ServiceSummary))
+    summaries = op.filter("summaries", per_service_out, lambda x: isinstance(x, ServiceSummary | ServiceExpired))
     to_tracker = op.key_on("key_for_incidents", summaries, lambda _: "incidents")
     incidents = op.key_rm("incidents_out", op.stateful(
         "incidents", to_tracker, lambda resume: IncidentStep(spec, clock, idle_close, close_at_eof, resume)

@@ -28,6 +28,7 @@ class ServiceSummary:
     callees: tuple[str, ...]  # services it called in the window (sampled traces)
     evidence: tuple[Evidence, ...]  # its keys beyond their bands
     downstream: tuple[tuple[str, float, str], ...]  # (callee, score, feature) of calls slower/failing
+    server_ops: tuple[str, ...] = ()  # SERVER operations it has not told the tracker of before
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,16 @@
 ``IncidentTracker`` (one for the whole flow, a single key) is fed every service's
 ``ServiceSummary`` per closed window. Services' windows close at different moments
 (each service has its own watermark, and items of several workers interleave), so
-summaries are buffered by window and a window is taken only once summaries
-``LAG_WINDOWS`` windows newer have arrived (or at the end of input, or after an idle
-timeout live): the services of a window are then seen together, in name order, and
-what comes out depends on the input alone.
+summaries are buffered by window and windows are taken in order, the services of a
+window together, in name order:
+
+- in replay (``hold``), all at the end of the input: what comes out then depends on
+  the input alone, whatever the speed or the number of workers (summaries are small:
+  a replay of a day of 100 services holds a few hundred MB at most);
+- live, a window once every service heard from in the last ``ALIVE_S`` has summarized
+  it (a service summarizes every window while it is known: silent ones close empty on
+  the clock), or after an idle timeout (``flush``); a summary for a window already
+  taken is too late and left out (``late``).
 
 - **Graph.** Who calls whom comes from the summaries' callees (the service-graph
   join); an edge not seen for ``EDGE_TTL_S`` is forgotten.
@@ -32,7 +38,7 @@ from collections import deque
 
 from pipeline.incident_model import Evidence, IncidentEvent, ServiceSummary
 
-LAG_WINDOWS = 3  # a window is taken once summaries this many windows newer arrived
+ALIVE_S = 3600.0  # live: a service not heard from for this long holds no window back
 EDGE_TTL_S = 3600.0
 LINK_HOPS = 2
 JOIN_S = 120.0
@@ -43,6 +49,8 @@ OWN = ("server", "internal", "consumer", "service")
 EXPLAINED = 0.3  # a candidate explained by an anomalous callee keeps this share of its score
 CALLER_WEIGHT = 0.5  # what anomalous calls from callers add to a callee's score (each capped)
 CAP = 5.0  # one piece of evidence counts at most this much (scores are |z| / k)
+MAX_OPERATIONS = 100_000  # SERVER operation names known (to name the callee of CLIENT calls)
+WEIGHT = {"server": 1.0, "service": 1.0, "consumer": 1.0, "internal": 0.5}  # INTERNAL: often traffic mix
 
 
 class _Incident:
@@ -55,23 +63,40 @@ class _Incident:
 
 
 class IncidentTracker:
-    def __init__(self, length_ns: int) -> None:
+    def __init__(self, length_ns: int, hold: bool = False) -> None:
         self.length_ns = length_ns
+        self.hold = hold
         self.buffer: dict[int, dict[str, ServiceSummary]] = {}
-        self.newest = -1
+        self.latest: dict[str, int] = {}  # service -> its newest window summarized
+        self.late = 0  # summaries for windows already taken (live only)
         self.taken_until = -1  # windows up to here were taken; later summaries for them are dropped
         self.edges: dict[str, dict[str, int]] = {}  # caller -> callee -> last window seen
         self.recent: dict[str, deque[ServiceSummary]] = {}  # per service, summaries of the last EVIDENCE_S
         self.states: dict[str, str] = {}  # service -> alert state in its latest window
         self.open: list[_Incident] = []
+        self.server_ops: dict[str, set[str]] = {}  # SERVER operation name -> services that serve it
 
     def on_summary(self, s: ServiceSummary) -> list[IncidentEvent]:
+        self.latest[s.service] = max(self.latest.get(s.service, s.window_start), s.window_start)
         if s.window_start <= self.taken_until:
-            return []  # its window was already taken (a late summary): nothing to add
+            self.late += 1  # its window was already taken (a service just heard of): nothing to add
+            return []
         self.buffer.setdefault(s.window_start, {})[s.service] = s
-        self.newest = max(self.newest, s.window_start)
-        ready = sorted(w for w in self.buffer if w <= self.newest - LAG_WINDOWS * self.length_ns)
+        if self.hold:
+            return []
+        newest = max(self.latest.values())
+        alive = [w for w in self.latest.values() if w >= newest - int(ALIVE_S * 1e9)]
+        ready = sorted(w for w in self.buffer if w <= min(alive))
         return [e for w in ready for e in self._take(w)]
+
+    def forget(self, service: str) -> list[IncidentEvent]:
+        """The service was forgotten (no data for prometheus.service_stale_after_s): it holds nothing back."""
+        self.latest.pop(service, None)
+        return [] if self.hold or not self.latest else self.on_idle_check()
+
+    def on_idle_check(self) -> list[IncidentEvent]:
+        bound = min(self.latest.values())
+        return [e for w in sorted(self.buffer) if w <= bound for e in self._take(w)]
 
     def flush(self) -> list[IncidentEvent]:
         return [e for w in sorted(self.buffer) for e in self._take(w)]
@@ -84,6 +109,9 @@ class IncidentTracker:
         for name in sorted(summaries):
             s = summaries[name]
             self.states[name] = s.state
+            for op in s.server_ops:
+                if len(self.server_ops) < MAX_OPERATIONS or op in self.server_ops:
+                    self.server_ops.setdefault(op, set()).add(name)
             for callee in s.callees:
                 self.edges.setdefault(name, {})[callee] = w
             q = self.recent.setdefault(name, deque())
@@ -149,6 +177,13 @@ class IncidentTracker:
         return None
 
     # -- root causes
+    def _calls_of(self, service: str) -> set[str]:
+        """Whom the service calls: from the join, and from its CLIENT operations' names."""
+        out = set(self.edges.get(service, {}))
+        for s in self.recent.get(service, ()):
+            out.update(c for e in s.evidence if e.what == "client" and (c := self._callee(service, e.operation)))
+        return out
+
     def _own(self, service: str) -> tuple[float, list[str]]:
         """The strongest anomalies of the service's own work lately, and what they were."""
         best: dict[tuple[str, str, str], float] = {}
@@ -156,33 +191,46 @@ class IncidentTracker:
             for e in s.evidence:
                 if e.what in OWN:
                     k = (e.what, e.operation, e.feature)
-                    best[k] = max(best.get(k, 0.0), e.score)
+                    best[k] = max(best.get(k, 0.0), e.score * WEIGHT[e.what])
         top = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         return min(top[0][1], CAP) if top else 0.0, [_describe(k, v) for k, v in top]
 
     def _called_anomalously(self, callee: str) -> dict[str, tuple[float, str]]:
-        """Callers whose calls to ``callee`` were slow or failing lately: caller -> (score, feature)."""
+        """Callers whose calls to ``callee`` were slow or failing lately: caller -> (score, feature).
+        From the join (the callee's spans under the callers' calls) and from the callers' own
+        CLIENT spans, named like one of the callee's SERVER operations."""
         out: dict[str, tuple[float, str]] = {}
         for caller, q in self.recent.items():
             for s in q:
-                for name, score, feature in s.downstream:
+                calls: list[tuple[str | None, float, str]] = list(s.downstream)
+                calls += [(self._callee(caller, e.operation), e.score, e.feature)
+                          for e in s.evidence if e.what == "client"]  # fmt: skip
+                for name, score, feature in calls:
                     if name == callee and score >= 1.0 and score > out.get(caller, (0.0, ""))[0]:
                         out[caller] = (score, feature)
         return out
+
+    def _callee(self, caller: str, operation: str) -> str | None:
+        """The service a CLIENT operation calls: the one serving a SERVER operation of that name
+        (among the caller's callees when several do)."""
+        serving = self.server_ops.get(operation, set()) - {caller}
+        if len(serving) > 1:
+            serving &= set(self.edges.get(caller, {}))
+        return next(iter(serving)) if len(serving) == 1 else None
 
     def _rank(self, inc: _Incident) -> tuple[dict, ...]:
         candidates = set(inc.services)
         frontier = set(inc.services)
         for _ in range(4):  # what the incident's services call, a few calls deep
-            frontier = {c for f in frontier for c in self.edges.get(f, {})} - candidates
+            frontier = {c for f in frontier for c in self._calls_of(f)} - candidates
             candidates |= frontier
         scored: dict[str, tuple[float, list[str]]] = {}
         for c in sorted(candidates):
             own, why = self._own(c)
             callers = self._called_anomalously(c)
             support = sum(min(score, CAP) for score, _ in callers.values())
-            if own <= 0 and not callers:
-                continue
+            if (own <= 0 and not callers) or (c not in inc.services and not callers):
+                continue  # not alerting itself, and nothing points at it: its anomalies are its own business
             if callers:
                 names = ", ".join(sorted(callers))
                 why.append(f"calls from {names} anomalous ({', '.join(sorted({f for _, f in callers.values()}))})")

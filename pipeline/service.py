@@ -58,7 +58,9 @@ _WHAT = {KIND_SERVER: "server", KIND_CLIENT: "client", 4: "client", 5: "consumer
 _WORSE = {"ok": 0, "pending": 1, "firing": 2}
 
 
-def summarize(sw: ServiceWindow, updates: list, downstream: tuple[dict, ...], k: float) -> ServiceSummary:
+def summarize(
+    sw: ServiceWindow, updates: list, downstream: tuple[dict, ...], k: float, told: set[str]
+) -> ServiceSummary:
     """What the incident tracker needs of one window: alert state, callees, anomalies (every
     judged feature beyond its band, scored |z| / k)."""
     evidence = []
@@ -73,8 +75,12 @@ def summarize(sw: ServiceWindow, updates: list, downstream: tuple[dict, ...], k:
                 what = _WHAT.get(u.span_kind, "internal")
                 evidence.append(Evidence(what, u.operation, j.feature, round(strength(j) / k, 6)))
     calls = tuple((d["downstream_service"], d["score"], d["feature"]) for d in downstream)
+    # SERVER operation names, each told once: a caller's CLIENT span of the same name (gRPC and
+    # most HTTP instrumentations name both sides alike) is a call to this service.
+    new_ops = sorted({r.operation for r in sw.results if r.span_kind == KIND_SERVER} - told)
+    told.update(new_ops)
     return ServiceSummary(sw.service, sw.window_start, state, tuple(d.callee for d in sw.dependencies),
-                          tuple(evidence), calls)  # fmt: skip
+                          tuple(evidence), calls, tuple(new_ops))  # fmt: skip
 
 
 def silent_limit(cfg: Config, spec: WindowSpec) -> int:
@@ -97,6 +103,7 @@ class ServiceState:
         )
         self.scaler = ServiceScaler(cfg.scaling, service, length_s)
         self.pending: list = []  # closed by ``bind``, analyzed with the next call
+        self.told: set[str] = set()  # SERVER operations the incident tracker was told of
         self.expired = False
         self.dead: DeadLetters | None = None
 
@@ -123,6 +130,7 @@ class ServiceState:
         self.__dict__.setdefault("service", self.windows.service)
         self.__dict__.setdefault("pending", [])
         self.__dict__.setdefault("expired", False)
+        self.__dict__.setdefault("told", set())
         self.dead = None
 
     def on_item(self, item, now: float) -> list:
@@ -157,7 +165,7 @@ class ServiceState:
             updates, alerts = self.anomaly.on_window(sw)
             out.extend(updates)
             out.extend(alerts)
-            out.append(summarize(sw, updates, self.anomaly.downstream_ranking, self.cfg.anomaly.band_k))
+            out.append(summarize(sw, updates, self.anomaly.downstream_ranking, self.cfg.anomaly.band_k, self.told))
         except Exception as exc:  # the window's results are out already; its analysis is set aside
             self._set_aside("anomaly", sw, exc)
         try:

@@ -31,7 +31,7 @@ from pipeline import servicegraph
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
 from pipeline.incidents import IncidentTracker
-from pipeline.model import SpanBatch
+from pipeline.model import ServiceExpired, SpanBatch
 from pipeline.preaggregate import WindowSpec
 from pipeline.service import ServiceState
 
@@ -97,11 +97,15 @@ class IncidentStep(StatefulLogic[object, object, bytes]):
     def __init__(self, spec: WindowSpec, clock: Clock, idle: bool, close_at_eof: bool, resume: bytes | None) -> None:
         self.clock, self.idle, self.close_at_eof = clock, idle, close_at_eof
         self.idle_s = spec.idle_timeout_s
-        self.tracker = pickle.loads(resume) if resume is not None else IncidentTracker(spec.length_ns)
+        # replay (no idle closing) holds every window until the end: the same output whatever
+        # the order summaries of several workers arrive in
+        self.tracker = pickle.loads(resume) if resume is not None else IncidentTracker(spec.length_ns, hold=not idle)
         self.last = clock()
 
     def on_item(self, value):
         self.last = self.clock()
+        if isinstance(value, ServiceExpired):
+            return self.tracker.forget(value.service), StatefulLogic.RETAIN
         return self.tracker.on_summary(value), StatefulLogic.RETAIN
 
     def on_notify(self):

@@ -71,12 +71,14 @@ class DaemonProc:
     def __init__(self, tmp: Path, config_text: str = "", extra_args: list[str] | None = None) -> None:
         self.grpc_port = free_port()
         self.http_port = free_port()
+        self.otlp_http_port = free_port()
         self.data_dir = tmp / "data"
         cfg = tmp / "telepipe.toml"
         cfg.write_text(config_text)
         args = [
             sys.executable, "-m", "telepipe.cli", "run", "--config", str(cfg),
             "--otlp-grpc", f"127.0.0.1:{self.grpc_port}", "--http", f"127.0.0.1:{self.http_port}",
+            "--otlp-http", f"127.0.0.1:{self.otlp_http_port}",
             "--data-dir", str(self.data_dir), *(extra_args or []),
         ]  # fmt: skip
         self.args = args

@@ -55,6 +55,7 @@ def test_two_processes_share_the_port_split_the_services_and_lose_nothing(tmp_pa
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "telepipe.cli", "run", "--config", str(cfg), "--processes", "2",
          "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
+         "--otlp-http", f"127.0.0.1:{free_port()}",
          "--keda", f"127.0.0.1:{keda_port}", "--data-dir", str(tmp_path / "data")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip

@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import orjson
 
 from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, DecodeLimits, MalformedRequest
 from pipeline.decode.logs import anyvalue_to_python, decode_logs, decode_logs_json, render_value
 from pipeline.decode.metrics import decode_metrics, decode_metrics_json
-from pipeline.decode.spans import decode_traces, decode_traces_json, decode_traces_upb
+from pipeline.decode.spans import decode_traces, decode_traces_json, decode_traces_upb, json_request
 from pipeline.metric_model import MetricBatch
 from pipeline.model import SpanBatch
 
@@ -63,12 +62,7 @@ def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:
 
 def decode_json_line(line: bytes, limits: DecodeLimits = DecodeLimits()) -> list[Decoded]:
     """One line of the Collector's file exporter: a trace, logs and/or metrics request."""
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedRequest(f"not JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise MalformedRequest("an OTLP/JSON line must be a JSON object")
+    obj = json_request(line)
     out = []
     if "resourceSpans" in obj:
         out.append(decode_traces_json(obj))
