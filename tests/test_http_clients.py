@@ -39,7 +39,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from .conftest import DaemonProc, free_port, total, wait_for
+from .conftest import DaemonProc, total, wait_for
 from .loki_server import LokiServer
 
 pytestmark = pytest.mark.integration
@@ -80,18 +80,17 @@ def telepipe(tmp_path_factory):
     """One ``telepipe run`` for this module (each test sends its own services and counts deltas): OTLP/HTTP on
     a free loopback port, pages from ``http://127.0.0.1:*`` allowed with an ``X-Client`` header, logs to a
     strict Loki receiver. Yields (daemon, receiver base URL, Loki receiver)."""
-    loki, port = LokiServer(), free_port()
-    config = f"""
+    loki = LokiServer()
+    config = """
 [windows]
 idle_timeout_s = 1.0
 
 [otlp_http]
-listen = "127.0.0.1:{port}"
 allowed_origins = ["http://127.0.0.1:*"]
 allowed_headers = ["X-Client"]
 """
     d = DaemonProc(tmp_path_factory.mktemp("telepipe"), config, ["--loki-url", loki.url])
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{d.otlp_http_port}"  # DaemonProc gives OTLP/HTTP a free port
     try:
         empty = httpx.post(f"{base}/v1/traces", content=b"", headers={"Content-Type": "application/x-protobuf"})
         assert empty.status_code == 200  # an empty request is a success
