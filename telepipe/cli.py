@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="telepipe",
         description="Streaming telemetry pipeline: OTLP traces, logs and metrics in (gRPC and HTTP); "
-        "latency percentiles, RED metrics on /metrics and logs to Loki out.",
+        "latency percentiles, RED metrics, anomalies, incidents and scaling signals on /metrics, logs and "
+        "events to Loki out. Not built yet: span attributes (dimensions, sampling weights, database analytics).",
         epilog=SCALE_OUT,
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
