@@ -178,3 +178,29 @@ def test_real_cpu_contention_alerts_on_the_faulty_service(tmp_path: Path, name: 
     assert [e["service"] for e in firing] == [label["service"]]
     assert firing[0]["time"] >= label["inject_unix_s"] * S - 10 * S
     assert metrics.counter("processed_metric_points") > 600
+
+
+def test_per_service_overrides_and_the_largest_recommendation_wins() -> None:
+    from pipeline.config import ServiceScalingConfig
+    from pipeline.model import ServiceWindow
+    from pipeline.scaling import ServiceScaler
+
+    cpu = MetricTargetConfig(name="cpu", target=0.5)
+    mem = MetricTargetConfig(name="mem", target=0.8, aggregation="max")
+    cfg = ScalingConfig(metrics=(cpu, mem), forecast_horizon_s=0.0, services=(
+        ServiceScalingConfig(name="calm", metrics=(MetricTargetConfig(name="cpu", target=0.0),)),
+        ServiceScalingConfig(name="busy", metrics=(MetricTargetConfig(name="cpu", target=0.25),)),
+    ))  # fmt: skip
+    metrics = (MetricValues("cpu", (0.5, 0.5), (math.nan,) * 2, ("a", "b"), True),
+               MetricValues("mem", (0.4, 1.2), (math.nan,) * 2, ("a", "b"), True))  # fmt: skip
+    sw = ServiceWindow("x", 0, L10, (), ("a", "b"), 0, 0, 0, 0, math.nan, silent_run=1, metrics=metrics)
+    want = {"plain": (3, "metric:mem"),  # cpu 0.5/0.5 -> 2; mem max 1.2/0.8 -> 3: the largest wins
+            "calm": (3, "metric:mem"),  # not scaled on cpu
+            "busy": (4, "metric:cpu")}  # cpu 0.5/0.25 -> 4
+    for service, (desired, code) in want.items():
+        update, _ = ServiceScaler(cfg, service, 10.0).on_window(sw.__class__(**{**sw.__dict__, "service": service}),
+                                                               False)  # fmt: skip
+        assert (update.desired, update.reason_code) == (desired, code), service
+
+
+L10 = 10 * S
