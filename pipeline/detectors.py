@@ -34,6 +34,7 @@ DIRECTION = {"latency_p50": UP, "latency_p95": UP, "latency_p99": UP, "error_rat
 # scale-down (a drop in traffic is when one is wanted). Silence does: no data is not "no load".
 TRAFFIC_FEATURES = ("call_rate",)
 RATE_FEATURES = ("call_rate", "error_log_rate", "service_rate")  # judged whatever the number of calls
+TAIL_QUANTILES = {"latency_p95": 0.95, "latency_p99": 0.99}
 METRIC_PREFIX = "metric:"  # features from OTLP metrics: "metric:<name>", on the service-level key
 METRIC_NOISE = 0.25  # a metric's sigma is never below this share of its expected value
 # ... and a utilization (OTel semantic conventions: "*.utilization", a fraction 0..1) never below
@@ -186,6 +187,13 @@ class KeyDetector:
             del self.baselines[f]
         self.features = base + features
 
+    def _min_calls(self, f: str) -> int:
+        """Calls a window needs before ``f`` is judged (and learned): ``anomaly.min_calls``, and
+        for a tail quantile enough calls that 5 lie beyond it (p95: 100, p99: 500). With fewer,
+        the "p99" is the window's maximum: one slow call, not a slow service."""
+        tail = TAIL_QUANTILES.get(f)
+        return max(self.cfg.min_calls, math.ceil(5 / (1 - tail))) if tail else self.cfg.min_calls
+
     def _metric_ready(self, f: str) -> bool:
         return self.baselines[f].n >= self.cfg.metric_warmup_points
 
@@ -199,8 +207,8 @@ class KeyDetector:
         """Score a window (before learning from it): judgements, HST score, anomalous?"""
         k = self.cfg.band_k
         judgements = []
-        enough = calls >= self.cfg.min_calls
         for f in self.features:
+            enough = calls >= self._min_calls(f)
             x = values.get(f, math.nan)
             b = self.baselines[f]
             if not b.n or math.isnan(x):
@@ -233,8 +241,8 @@ class KeyDetector:
     def learn(self, values: dict[str, float], calls: int, length_s: float, skip: tuple[str, ...] = ()) -> None:
         """Learn a window judged normal. Metric features are learned when ``values`` has them
         (their fresh points: a value held over from an earlier window is not learned again)."""
-        enough = calls >= self.cfg.min_calls
         for f in self.features:
+            enough = calls >= self._min_calls(f)
             if is_metric(f):
                 x = values.get(f, math.nan)
                 if not math.isnan(x) and f not in skip:

@@ -90,7 +90,7 @@ def _partials(spec: WindowSpec, dead: DeadLetters):
             return preaggregate_logs(item, spec, item.step)
         if isinstance(item, MetricBatch):
             return preaggregate_metrics(item, spec, item.step)
-        return [item]  # an EdgePartial is already an aggregate
+        return [item]  # an EdgePartial is already an aggregate; a Tick goes as it is
 
     return lambda item: dead.run("preaggregate", split, item) or []
 

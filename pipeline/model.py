@@ -214,6 +214,7 @@ class ServiceWindow:
     silent_run: int = 0  # windows in a row, this one included, without spans, logs or calls from the service
     metrics: tuple[MetricValues, ...] = ()  # the service's OTLP metrics at the window's end (metric_model.py)
     idle_run: int = 0  # windows in a row, this one included, in which the service sent nothing (metrics neither)
+    blind: bool = False  # an empty window in which nobody sent anything either (a gap in the input): not judged
 
     def metric(self, name: str) -> MetricValues | None:
         return next((m for m in self.metrics if m.name == name), None)
@@ -222,6 +223,17 @@ class ServiceWindow:
     def calls(self) -> int:
         """Spans of every operation of the service in this window."""
         return sum(r.count for r in self.results)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A source step read data from other services over ``[first_ns, last_ns]`` while this one
+    sent nothing in it: its empty windows there are silence, not a gap in the input."""
+
+    service: str
+    first_ns: int
+    last_ns: int
+    step: tuple[int, int]
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,8 @@ class ServiceState:
 
     def _analysis(self, sw: ServiceWindow) -> list:
         out: list = []
+        if sw.blind:  # a gap in the input (nobody sent anything): nothing to judge, nothing to learn
+            return out
         try:
             updates, alerts = self.anomaly.on_window(sw)
             out.extend(updates)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulLogic
 
@@ -31,7 +32,8 @@ from pipeline import servicegraph
 from pipeline.config import Config
 from pipeline.deadletter import DeadLetters
 from pipeline.incidents import IncidentTracker
-from pipeline.model import ServiceExpired, SpanBatch
+from pipeline.metric_model import MetricBatch
+from pipeline.model import LogBatch, ServiceExpired, SpanBatch, Tick
 from pipeline.preaggregate import WindowSpec
 from pipeline.service import ServiceState
 
@@ -123,6 +125,56 @@ class IncidentStep(StatefulLogic[object, object, bytes]):
         return pickle.dumps(self.tracker, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+TICK_TTL_NS = 3600 * 10**9  # services absent from a partition this long get no more ticks
+MAX_TICKED = 10_000  # services a partition ticks for at most
+
+
+class _Ticks:
+    """Which services a partition has read lately, to tell each one absent from a step that the
+    step read others' data over its time span (``Tick``): its empty windows there are its own
+    silence, not a gap in the input. At most one tick per service and window."""
+
+    def __init__(self, window_ns: int) -> None:
+        self.window_ns = window_ns
+        self.seen: dict[str, int] = {}  # service -> newest event time read from it
+        self.ticked: dict[str, int] = {}  # service -> last window it got a tick for
+
+    def step(self, items: list) -> list[Tick]:
+        present: dict[str, int] = {}
+        spans: list[tuple[int, int]] = []
+        for item in items:
+            if isinstance(item, SpanBatch) and len(item):
+                t0, t1 = int(item.end_ns.min()), int(item.end_ns.max())
+                names = [item.services[i] for i in np.unique(item.service_idx).tolist()]  # not the whole table
+            elif isinstance(item, MetricBatch) and len(item):
+                t0, t1 = int(item.time_ns.min()), int(item.time_ns.max())
+                names = [item.services[i] for i in np.unique(item.service_idx).tolist()]
+            elif isinstance(item, LogBatch) and len(item):
+                t0, t1 = int(item.time_ns.min()), int(item.time_ns.max())
+                names = list(set(item.service))
+            else:
+                continue
+            spans.append((t0, t1))
+            for name in names:
+                present[name] = max(present.get(name, t1), t1)
+        if not spans:
+            return []
+        lo, hi = min(t for t, _ in spans), max(t for _, t in spans)
+        step = next(i.step for i in items if isinstance(i, SpanBatch | LogBatch | MetricBatch))
+        self.seen.update(present)
+        if len(self.seen) > MAX_TICKED or any(t < hi - TICK_TTL_NS for t in self.seen.values()):
+            keep = sorted(self.seen.items(), key=lambda kv: -kv[1])[:MAX_TICKED]
+            self.seen = {k: t for k, t in keep if t >= hi - TICK_TTL_NS}
+            self.ticked = {k: w for k, w in self.ticked.items() if k in self.seen}
+        window = hi // self.window_ns
+        out = []
+        for name in self.seen:
+            if name not in present and self.ticked.get(name) != window:
+                self.ticked[name] = window
+                out.append(Tick(name, lo, hi, step))
+        return out
+
+
 class _JoinedPartition(StatefulSourcePartition):
     def __init__(
         self, inner: StatefulSourcePartition, joiner: servicegraph.LinkJoiner, dead: DeadLetters | None
@@ -131,10 +183,12 @@ class _JoinedPartition(StatefulSourcePartition):
         self.joiner = joiner
         self.dead = dead
         self.logged_at = -1e9
+        self.ticks = _Ticks(joiner.window_ns)
 
     def next_batch(self) -> list:
         items = self.inner.next_batch()
-        out = []
+        items = list(items)
+        out: list = list(self.ticks.step(items))
         before = (self.joiner.unjoined, self.joiner.unstored)
         for item in items:
             out.append(item)

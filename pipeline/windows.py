@@ -47,6 +47,7 @@ from pipeline.model import (
     LogPartial,
     Partial,
     ServiceWindow,
+    Tick,
 )
 from pipeline.preaggregate import WindowSpec
 from pipeline.window_ops import _Ops, _ops_from_windows, _results, _Window
@@ -149,6 +150,7 @@ class ServiceWindows:
         self.silent_limit = silent_limit  # empty windows in a row at most (0: none)
         self.silent_run = 0  # windows without spans, logs or calls closed since the last one with them
         self.idle_run = 0  # windows without anything (metric points neither) since the last one with data
+        self.covered: set[int] = set()  # starts of windows not closed yet in which others' data was read (Tick)
 
     def bind(
         self, spec: WindowSpec, max_operations: int, expire_ns: int, partition_idle_s: float | None,
@@ -170,8 +172,11 @@ class ServiceWindows:
         self.silent_limit = silent_limit
         return closed
 
-    def on_item(self, item: Partial | LogPartial | EdgePartial | MetricPartial, now: float) -> list:
+    def on_item(self, item: Partial | LogPartial | EdgePartial | MetricPartial | Tick, now: float) -> list:
         """Merge one item; returns what closed: late counts and ``ServiceWindow`` objects."""
+        if isinstance(item, Tick):
+            self._cover(item.first_ns, item.last_ns)
+            return []
         self.last_activity = now
         partition, step = item.step
         st = self.partitions.get(partition)
@@ -230,6 +235,7 @@ class ServiceWindows:
         self.__dict__.setdefault("silent_run", 0)
         self.__dict__.setdefault("metrics", ServiceMetrics(2000, 180 * 10**9))
         self.__dict__.setdefault("idle_run", self.__dict__["silent_run"])
+        self.__dict__.setdefault("covered", set())
         self.__dict__.pop("late_logs", None)
         for slot in self.open.values():
             if isinstance(slot.ops, dict):  # a recovery snapshot from before the columnar windows
@@ -251,6 +257,16 @@ class ServiceWindows:
         live = [st[0] for st in self.partitions.values() if idle is None or now - st[3] <= idle]
         if live:
             self.watermark = max(self.watermark, min(live))
+
+    def _cover(self, first_ns: int, last_ns: int) -> None:
+        """Others' data was read over this stretch: windows of it are not a gap in the input."""
+        if not self.silent_limit or not (self.open or math.isfinite(self.closed_until)):
+            return  # a service not seen yet has no windows to cover
+        length = self.spec.length_ns
+        base = self._next_boundary() if math.isfinite(self.closed_until) else min(self.open)
+        lo = max(first_ns // length * length, base)
+        hi = min(last_ns, base + (self.silent_limit + len(self.open)) * length)
+        self.covered.update(range(lo, hi + 1, length))
 
     def _slot(self, start: int) -> _ServiceSlot:
         slot = self.open.get(start)
@@ -279,7 +295,7 @@ class ServiceWindows:
                 closed.extend(self.close_all())
             else:
                 start = self._next_boundary()
-                closed.extend(self._empty_until(start + self.spec.length_ns))
+                closed.extend(self._empty_until(start + self.spec.length_ns, on_clock=True))
         return closed
 
     def close_all(self) -> list:
@@ -290,26 +306,37 @@ class ServiceWindows:
         length = self.spec.length_ns
         return -(-int(self.closed_until) // length) * length
 
-    def _empty_until(self, start: int) -> list[ServiceWindow]:
+    def _empty_until(self, start: int, on_clock: bool = False) -> list[ServiceWindow]:
         """Empty windows from the first one not closed up to ``start`` (at most up to the silent
-        limit; a longer gap is skipped: the service was forgotten by then)."""
+        limit; a longer gap is skipped: the service was forgotten by then).
+
+        Filling a gap when data returns, a window in which no source step read anyone's data
+        (no ``Tick`` covered it) was a gap in the input, not this service's silence: it is
+        ``blind`` and counts in no silent run. Windows closed on the clock (live, nothing
+        arriving at all) are silence: the daemon was there to receive."""
         if not self.silent_limit or not math.isfinite(self.closed_until):
             return []
         length = self.spec.length_ns
         out = []
         at = self._next_boundary()
-        while at < start and self.idle_run < self.silent_limit:
-            self.silent_run += 1
-            self.idle_run += 1
+        made = 0
+        while at < start and self.idle_run < self.silent_limit and made < self.silent_limit:
+            made += 1
+            blind = not on_clock and at not in self.covered
+            if not blind:
+                self.silent_run += 1
+                self.idle_run += 1
             metrics, _, _ = self.metrics.close_window([], at + length)  # values hold until stale
             out.append(ServiceWindow(
                 service=self.service, window_start=at, window_end=at + length, results=(),
                 instances=tuple(sorted(self.metrics.instances())), logs=0, error_logs=0, server_calls=0,
                 server_errors=0, server_p95=math.nan, silent_run=self.silent_run, metrics=metrics,
-                idle_run=self.idle_run,
+                idle_run=self.idle_run, blind=blind,
             ))  # fmt: skip
             at += length
         self.closed_until = max(self.closed_until, start)
+        if self.covered:
+            self.covered = {w for w in self.covered if w >= self.closed_until}
         return out
 
     def _close(self, starts: list[int]) -> list:
@@ -321,6 +348,7 @@ class ServiceWindows:
             closed.extend(self._empty_until(start))
             slot = self.open.pop(start)
             self.closed_until = max(self.closed_until, start + length)
+            self.covered.discard(start)
             results, server = _results(self.service, start, length, slot.ops, self.spec.mapping)
             points = getattr(slot, "metric_points", [])  # slots of older snapshots have none
             metrics, taken, overflow = self.metrics.close_window(points, start + length)

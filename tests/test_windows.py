@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DEFAULT_BUCKETS, WindowsConfig
-from pipeline.model import OVERFLOW_OPERATION, LateSpans, LogBatch, ServiceWindow, SpanBatch
+from pipeline.model import OVERFLOW_OPERATION, LateSpans, LogBatch, ServiceWindow, SpanBatch, Tick
 from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs
 from pipeline.windows import CardinalityLimiter, ServiceWindows
 
@@ -318,6 +318,7 @@ def test_a_silent_service_closes_empty_windows_on_gaps_and_on_the_clock():
     sp = spec(length_s=10, allowed_lateness_s=0, idle_timeout_s=15)
     sw = ServiceWindows("svc", sp, 100, 600 * S, silent_limit=6)
     sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], now=0.0)
+    sw.on_item(Tick("svc", 11 * S, 38 * S, (0, 2)), now=1.0)  # others' data was read meanwhile
     sw.on_item(preaggregate(batch([(0, 0, 2, 0, 41 * S, 1)], step=2), sp)[0], now=1.0)
     out = sw.on_item(preaggregate(batch([(0, 0, 2, 0, 42 * S, 1)], step=3), sp)[0], now=2.0)
     assert [(w.window_start // S, len(w.results)) for w in out] == [(0, 1)]
@@ -333,6 +334,20 @@ def test_a_silent_service_closes_empty_windows_on_gaps_and_on_the_clock():
     assert [(w.window_start // S, w.silent_run) for w in silent] == [(50 + 10 * i, i + 1) for i in range(6)]
     assert all(not w.results and w.logs == 0 for w in silent)
     assert sw.idle_deadline() is None and sw.on_idle(5000.0) == []
+
+
+def test_a_gap_in_everyone_s_data_is_blind_not_silence():
+    """Filling a gap when data returns: windows in which nobody's data was read (no Tick) are a
+    gap in the input, not judged, counted in no silent run; covered ones are silence."""
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = ServiceWindows("svc", sp, 100, 600 * S, silent_limit=6)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], now=0.0)
+    sw.on_item(Tick("svc", 31 * S, 33 * S, (0, 2)), now=0.0)  # others sent in [30, 40) only
+    out = []
+    for k, end in ((3, 51), (4, 62), (5, 75)):
+        out += sw.on_item(preaggregate(batch([(0, 0, 2, 0, end * S, 1)], step=k), sp)[0], now=0.0)
+    assert [(w.window_start // S, w.blind, w.silent_run) for w in out] == [
+        (0, False, 0), (10, True, 0), (20, True, 0), (30, False, 1), (40, True, 1), (50, False, 0)]  # fmt: skip
 
 
 def test_bind_closes_windows_of_another_shape_and_applies_limits():
