@@ -108,8 +108,12 @@ def copy_of(batch, shift_ns: int, k: int):
 
 
 def loop_period(batches: list, window_ns: int = WINDOW) -> int:
+    """Back to back: the next copy's first span ends one mean span spacing after this copy's last
+    (a period rounded up to whole windows left up to a window without spans at every loop, a dip
+    in every call rate that made its learned spread, and so any drop, several times too wide)."""
     first, last = _span_bounds(batches)
-    return max(1, math.ceil((last - first) / window_ns)) * window_ns
+    spans = sum(len(b) for b in batches if isinstance(b, SpanBatch))
+    return (last - first) + max(1, (last - first) // max(spans, 1))
 
 
 def looped(batches: list, copies: int, first_shift_ns: int, window_ns: int = WINDOW) -> Iterator:

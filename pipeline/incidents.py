@@ -109,7 +109,7 @@ class IncidentTracker:
         for name in sorted(summaries):
             s = summaries[name]
             self.states[name] = s.state
-            for op in s.server_ops:
+            for op in map(op_key, s.server_ops):
                 if len(self.server_ops) < MAX_OPERATIONS or op in self.server_ops:
                     self.server_ops.setdefault(op, set()).add(name)
             for callee in s.callees:
@@ -213,7 +213,7 @@ class IncidentTracker:
     def _callee(self, caller: str, operation: str) -> str | None:
         """The service a CLIENT operation calls: the one serving a SERVER operation of that name
         (among the caller's callees when several do)."""
-        serving = self.server_ops.get(operation, set()) - {caller}
+        serving = self.server_ops.get(op_key(operation), set()) - {caller}
         if len(serving) > 1:
             serving &= set(self.edges.get(caller, {}))
         return next(iter(serving)) if len(serving) == 1 else None
@@ -243,6 +243,13 @@ class IncidentTracker:
                 scored[c] = (score * EXPLAINED, why)
         ranked = sorted(scored.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP]
         return tuple({"service": c, "score": round(v[0], 6), "evidence": v[1]} for c, v in ranked)
+
+
+def op_key(name: str) -> str:
+    """An operation name as both sides of a call name it: gRPC instrumentations write
+    ``pkg.Service/Method``, ``/pkg.Service/Method`` or ``grpc.pkg.Service/Method``."""
+    key = name.strip().lower().lstrip("/")
+    return key[5:] if key.startswith("grpc.") else key
 
 
 def _describe(key: tuple[str, str, str], score: float) -> str:

@@ -113,12 +113,13 @@ def metric_at(t_ns: int) -> MetricBatch:
 
 def test_scenario_loops_end_before_the_fault_with_fresh_ids_and_monotone_times() -> None:
     base_t0 = T - 10_000 * S  # the fault-free recording is from another time
-    base = [spans([0, 5, 12], base_t0), logs([6, 13], base_t0), spans([20, 31.5], base_t0)]  # 31.5 s: period 40 s
+    # 5 spans over 31.5 s: back to back, the next copy begins one mean spacing (6.3 s) after: period 37.8 s
+    base = [spans([0, 5, 12], base_t0), logs([6, 13], base_t0), spans([20, 31.5], base_t0)]
     fault = [spans([0, 4], T - 30 * S, trace_byte=9), spans([8, 40], T - 30 * S, trace_byte=9)]
     metrics = [metric_at(T - 200 * S), metric_at(T - 100 * S), metric_at(T + 5 * S)]
     sc = build_scenario(LABEL, base, fault, metrics, loops=3)
 
-    assert sc.period_ns == 40 * S
+    assert sc.period_ns == 37_800_000_000
     assert sc.loops_last_ns == sc.fault_first_ns - WINDOW  # the last loop ends one window before the fault
     assert sc.loops_first_ns == sc.loops_last_ns - 31_500_000_000 - 2 * sc.period_ns
     span_batches = [b for b in sc.batches if isinstance(b, SpanBatch)]
@@ -152,6 +153,6 @@ def test_scenario_loops_end_before_the_fault_with_fresh_ids_and_monotone_times()
 def test_quiet_loops_are_shifted_by_the_phase() -> None:
     base = [spans([0, 5, 12], T), spans([20, 31.5], T)]
     batches, hours = quiet_batches(base, 0.1, int(3.3 * S))
-    assert hours == pytest.approx(9 * 40 / 3600) and len(batches) == 2 * 9  # ceil(360 s / 40 s) loops
+    assert hours == pytest.approx(10 * 37.8 / 3600) and len(batches) == 2 * 10  # ceil(360 s / 37.8 s) loops
     assert int(batches[0].end_ns[0]) == T + int(3.3 * S)
-    assert int(batches[2].end_ns[0]) == T + int(3.3 * S) + 40 * S
+    assert int(batches[2].end_ns[0]) == T + int(3.3 * S) + 37_800_000_000
