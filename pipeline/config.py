@@ -80,11 +80,13 @@ class OtlpHttpConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS: origins (fnmatch wildcards) a browser page may send from
     allowed_headers: tuple[str, ...] = ()  # CORS: request headers allowed besides Content-Type
     cors_max_age_s: int = 7200
+    max_in_flight: int = 64  # requests read or being decoded at once; more: 503 with Retry-After
 
     def __post_init__(self) -> None:
         if self.listen:
             _host_port("otlp_http.listen", self.listen)
         _positive("otlp_http.server_threads", self.server_threads)
+        _positive("otlp_http.max_in_flight", self.max_in_flight)
         _positive("otlp_http.cors_max_age_s", self.cors_max_age_s, zero_ok=True)
 
 

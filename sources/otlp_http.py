@@ -258,6 +258,7 @@ class OtlpHttpReceiver:
         self.sock = listen_socket(cfg.listen, reuse_port)
         self.port = self.sock.getsockname()[1]
         self.pool = ThreadPoolExecutor(cfg.server_threads, thread_name_prefix="otlp-http")
+        self.in_flight = 0  # requests past admission, on the event loop's thread only
         self.loop = asyncio.new_event_loop()
         self.runner: web.AppRunner | None = None
         self.thread = threading.Thread(target=self._serve, name="otlp-http", daemon=True)
@@ -335,6 +336,20 @@ class OtlpHttpReceiver:
         refused = self.intake.admit(metadata)
         if refused is not None:
             return self._refused(signal, refused, as_json, cors)
+        if self.in_flight >= self.cfg.max_in_flight:  # every body held costs memory: the client retries
+            self.metrics.inc("refused_requests", 1, "in_flight")
+            wait = max(1, math.ceil(self.intake.retry_after_ms / 1000))
+            message = f"{self.in_flight} requests in flight (otlp_http.max_in_flight); retry later"
+            return self._answer(signal, 503, code_pb2.UNAVAILABLE, message, as_json, {**cors, "Retry-After": str(wait)},
+                                wait)  # fmt: skip
+        self.in_flight += 1
+        try:
+            return await self._ingest(request, signal, as_json, cors, metadata)
+        finally:
+            self.in_flight -= 1
+
+    async def _ingest(self, request: web.Request, signal: str, as_json: bool, cors: dict[str, str],
+                      metadata) -> web.Response:  # fmt: skip
         try:
             body = await read_body(request, self.limit)
         except BodyTooLarge:

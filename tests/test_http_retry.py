@@ -62,3 +62,38 @@ def test_429_retry_after_is_honoured(make):  # noqa: F811
     refused = rx.metrics.counter("requests", "spans", "429")
     assert refused >= 1 and rx.metrics.counter("refused_requests", "tenant_rate") == refused
     assert took >= 1.5  # one span a second: the exporter waited as told
+
+
+def test_requests_over_max_in_flight_are_503_and_memory_stays_bounded(make):  # noqa: F811
+    import threading
+
+    import httpx
+
+    from pipeline.config import OtlpHttpConfig
+
+    from .test_decode import trace_request
+
+    rx = make(OtlpHttpConfig(listen="127.0.0.1:0", server_threads=2, max_in_flight=1))
+    body = trace_request([{}] * 3)
+    release = threading.Event()
+
+    def slow_body():  # the first request holds its slot while its body trickles in
+        yield body[:10]
+        release.wait(10)
+        yield body[10:]
+
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(httpx.post(
+        f"{rx.url}/v1/traces", content=slow_body(), headers={"Content-Type": "application/x-protobuf"}, timeout=30)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while rx.rx.in_flight < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = rx.post("/v1/traces", body)
+    assert second.status_code == 503 and int(second.headers["retry-after"]) >= 1
+    assert rx.metrics.counter("refused_requests", "in_flight") == 1
+    release.set()
+    t.join(20)
+    assert first[0].status_code == 200
+    assert rx.post("/v1/traces", body).status_code == 200  # the slot is free again
+    assert _spans(rx) == 6
