@@ -264,7 +264,7 @@ class AnomalyConfig:
     band_k: float = 4.0
     fading_factor: float = 0.05
     warmup_windows: int = 12
-    min_calls: int = 20
+    min_calls: int = 10
     pending_windows: int = 2
     resolve_windows: int = 3
     hst_threshold: float = 0.95
