@@ -227,12 +227,11 @@ class ServiceWindow:
 
 @dataclass(frozen=True)
 class Tick:
-    """A source step read data from other services over ``[first_ns, last_ns]`` while this one
-    sent nothing in it: its empty windows there are silence, not a gap in the input."""
+    """A source step read data from other services in these windows while this one sent nothing
+    in that step: its empty windows there are silence, not a gap in the input."""
 
     service: str
-    first_ns: int
-    last_ns: int
+    windows: tuple[int, ...]  # window starts (unix ns) the step read data in
     step: tuple[int, int]
 
 

@@ -132,47 +132,49 @@ MAX_TICKED = 10_000  # services a partition ticks for at most
 class _Ticks:
     """Which services a partition has read lately, to tell each one absent from a step that the
     step read others' data over its time span (``Tick``): its empty windows there are its own
-    silence, not a gap in the input. At most one tick per service and window."""
+    silence, not a gap in the input. Ticks go out with the first step of each window (the one
+    whose newest event time enters it), to every service seen lately that is not in that step."""
 
     def __init__(self, window_ns: int) -> None:
         self.window_ns = window_ns
         self.seen: dict[str, int] = {}  # service -> newest event time read from it
-        self.ticked: dict[str, int] = {}  # service -> last window it got a tick for
+        self.window = -1  # the window of the last step that sent ticks
 
     def step(self, items: list) -> list[Tick]:
         present: dict[str, int] = {}
-        spans: list[tuple[int, int]] = []
+        times: list[np.ndarray] = []
         for item in items:
             if isinstance(item, SpanBatch) and len(item):
-                t0, t1 = int(item.end_ns.min()), int(item.end_ns.max())
+                t = item.end_ns
                 names = [item.services[i] for i in np.unique(item.service_idx).tolist()]  # not the whole table
             elif isinstance(item, MetricBatch) and len(item):
-                t0, t1 = int(item.time_ns.min()), int(item.time_ns.max())
+                t = item.time_ns
                 names = [item.services[i] for i in np.unique(item.service_idx).tolist()]
             elif isinstance(item, LogBatch) and len(item):
-                t0, t1 = int(item.time_ns.min()), int(item.time_ns.max())
+                t = item.time_ns
                 names = list(set(item.service))
             else:
                 continue
-            spans.append((t0, t1))
+            times.append(t)
+            newest = int(t.max())
             for name in names:
-                present[name] = max(present.get(name, t1), t1)
-        if not spans:
+                present[name] = max(present.get(name, newest), newest)
+        if not times:
             return []
-        lo, hi = min(t for t, _ in spans), max(t for _, t in spans)
-        step = next(i.step for i in items if isinstance(i, SpanBatch | LogBatch | MetricBatch))
+        hi = max(int(t.max()) for t in times)
         self.seen.update(present)
+        window = hi // self.window_ns
+        if window == self.window:  # once per window: a scan of every service seen lately
+            return []
+        self.window = window
         if len(self.seen) > MAX_TICKED or any(t < hi - TICK_TTL_NS for t in self.seen.values()):
             keep = sorted(self.seen.items(), key=lambda kv: -kv[1])[:MAX_TICKED]
             self.seen = {k: t for k, t in keep if t >= hi - TICK_TTL_NS}
-            self.ticked = {k: w for k, w in self.ticked.items() if k in self.seen}
-        window = hi // self.window_ns
-        out = []
-        for name in self.seen:
-            if name not in present and self.ticked.get(name) != window:
-                self.ticked[name] = window
-                out.append(Tick(name, lo, hi, step))
-        return out
+        # the windows this step read data in (not the stretch between its first and last time: a
+        # step across a hole in the input must not cover the hole)
+        starts = tuple((np.unique(np.concatenate(times) // self.window_ns) * self.window_ns).tolist())
+        step = next(i.step for i in items if isinstance(i, SpanBatch | LogBatch | MetricBatch))
+        return [Tick(name, starts, step) for name in self.seen if name not in present]
 
 
 class _JoinedPartition(StatefulSourcePartition):

@@ -175,7 +175,7 @@ class ServiceWindows:
     def on_item(self, item: Partial | LogPartial | EdgePartial | MetricPartial | Tick, now: float) -> list:
         """Merge one item; returns what closed: late counts and ``ServiceWindow`` objects."""
         if isinstance(item, Tick):
-            self._cover(item.first_ns, item.last_ns)
+            self._cover(item.windows)
             return []
         self.last_activity = now
         partition, step = item.step
@@ -258,15 +258,14 @@ class ServiceWindows:
         if live:
             self.watermark = max(self.watermark, min(live))
 
-    def _cover(self, first_ns: int, last_ns: int) -> None:
-        """Others' data was read over this stretch: windows of it are not a gap in the input."""
+    def _cover(self, windows: tuple[int, ...]) -> None:
+        """Others' data was read in these windows: they are not a gap in the input."""
         if not self.silent_limit or not (self.open or math.isfinite(self.closed_until)):
             return  # a service not seen yet has no windows to cover
         length = self.spec.length_ns
         base = self._next_boundary() if math.isfinite(self.closed_until) else min(self.open)
-        lo = max(first_ns // length * length, base)
-        hi = min(last_ns, base + (self.silent_limit + len(self.open)) * length)
-        self.covered.update(range(lo, hi + 1, length))
+        top = base + (self.silent_limit + len(self.open)) * length
+        self.covered.update(w // length * length for w in windows if base <= w < top)
 
     def _slot(self, start: int) -> _ServiceSlot:
         slot = self.open.get(start)

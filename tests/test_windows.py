@@ -318,7 +318,7 @@ def test_a_silent_service_closes_empty_windows_on_gaps_and_on_the_clock():
     sp = spec(length_s=10, allowed_lateness_s=0, idle_timeout_s=15)
     sw = ServiceWindows("svc", sp, 100, 600 * S, silent_limit=6)
     sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], now=0.0)
-    sw.on_item(Tick("svc", 11 * S, 38 * S, (0, 2)), now=1.0)  # others' data was read meanwhile
+    sw.on_item(Tick("svc", (10 * S, 20 * S, 30 * S), (0, 2)), now=1.0)  # others' data was read meanwhile
     sw.on_item(preaggregate(batch([(0, 0, 2, 0, 41 * S, 1)], step=2), sp)[0], now=1.0)
     out = sw.on_item(preaggregate(batch([(0, 0, 2, 0, 42 * S, 1)], step=3), sp)[0], now=2.0)
     assert [(w.window_start // S, len(w.results)) for w in out] == [(0, 1)]
@@ -342,7 +342,7 @@ def test_a_gap_in_everyone_s_data_is_blind_not_silence():
     sp = spec(length_s=10, allowed_lateness_s=0)
     sw = ServiceWindows("svc", sp, 100, 600 * S, silent_limit=6)
     sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], now=0.0)
-    sw.on_item(Tick("svc", 31 * S, 33 * S, (0, 2)), now=0.0)  # others sent in [30, 40) only
+    sw.on_item(Tick("svc", (30 * S,), (0, 2)), now=0.0)  # others sent in [30, 40) only
     out = []
     for k, end in ((3, 51), (4, 62), (5, 75)):
         out += sw.on_item(preaggregate(batch([(0, 0, 2, 0, end * S, 1)], step=k), sp)[0], now=0.0)
@@ -364,3 +364,17 @@ def test_bind_closes_windows_of_another_shape_and_applies_limits():
     (w,) = sw.close_all()
     assert (w.window_start, w.window_end) == (15 * S, 30 * S)  # the new length, on its own boundaries
     assert [r.operation for r in w.results] == [OVERFLOW_OPERATION, "op"]  # the new limit of 1
+
+
+def test_ticks_name_the_windows_a_step_read_data_in_once_per_window():
+    from pipeline.steps import _Ticks
+
+    ticks = _Ticks(10 * S)
+    two = ("a", "b")
+    assert ticks.step([batch([(0, 0, 2, 0, 1 * S, 1), (1, 0, 2, 0, 2 * S, 1)], services=two, step=1)]) == []
+    # only a sends, across a hole from 3 s to 61 s: b is told of windows 0 and 60, not of the hole
+    (tick,) = ticks.step([batch([(0, 0, 2, 0, 3 * S, 1), (0, 0, 2, 0, 61 * S, 1)], services=two, step=2)])
+    assert (tick.service, tick.windows, tick.step) == ("b", (0, 60 * S), (0, 2))
+    # the same window again: no tick; b itself present: none for b; a string table entry alone is no data
+    assert ticks.step([batch([(0, 0, 2, 0, 62 * S, 1)], services=two, step=3)]) == []
+    assert ticks.step([batch([(1, 0, 2, 0, 71 * S, 1)], services=two, step=4)])[0].service == "a"
