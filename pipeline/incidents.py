@@ -92,7 +92,14 @@ class IncidentTracker:
     def forget(self, service: str) -> list[IncidentEvent]:
         """The service was forgotten (no data for prometheus.service_stale_after_s): it holds nothing back."""
         self.latest.pop(service, None)
-        return [] if self.hold or not self.latest else self.on_idle_check()
+        if self.hold:  # replay: taken in order at the end; forgetting now would depend on arrival order
+            return []
+        self.states.pop(service, None)
+        for op in [op for op, names in self.server_ops.items() if service in names]:
+            self.server_ops[op].discard(service)
+            if not self.server_ops[op]:
+                del self.server_ops[op]
+        return self.on_idle_check() if self.latest else []
 
     def on_idle_check(self) -> list[IncidentEvent]:
         bound = min(self.latest.values())
@@ -116,9 +123,12 @@ class IncidentTracker:
                 self.edges.setdefault(name, {})[callee] = w
             q = self.recent.setdefault(name, deque())
             q.append(s)
-        for q in self.recent.values():
+        for name in list(self.recent):
+            q = self.recent[name]
             while q and q[0].window_start < horizon:
                 q.popleft()
+            if not q:
+                del self.recent[name]  # services come and go: nothing is kept for one gone quiet
         self._forget_edges(w)
         events: list[IncidentEvent] = []
         changed: dict[str, str] = {}  # incident id -> "opened" | "updated"
