@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+from pipeline.config import MetricsConfig
 from pipeline.metric_model import METRIC_GAUGE, METRIC_SUM, METRIC_SUMMARY, TEMPORALITY_CUMULATIVE, MetricValues
 
 _T, _VALUE, _RATE, _START, _TOTAL, _COUNT = range(6)  # fields of a series' state (a list)
@@ -39,6 +40,10 @@ class ServiceMetrics:
         # (name, instance, attrs) -> [time, value, rate, start, total, count]
         self.series: dict[tuple[str, str, str], list] = {}
         self.bind(max_series, stale_ns)
+
+    @staticmethod
+    def from_config(cfg: MetricsConfig) -> ServiceMetrics:
+        return ServiceMetrics(cfg.max_series_per_service, int(cfg.stale_after_s * 1e9))
 
     def bind(self, max_series: int, stale_ns: int) -> None:
         self.max_series, self.stale_ns = max_series, stale_ns

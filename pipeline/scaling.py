@@ -182,10 +182,9 @@ class ServiceScaler:
         tg = self.targets
         candidates: list[tuple[int, str, str]] = []
         metric = self._metric_candidates(sw, observed)
-        if sw.silent_run and not metric:
-            candidates.append((current, "no data from the service in this window: unchanged", "no_data"))
-        elif sw.silent_run:
-            pass  # no spans: the metrics decide (a service may send only metrics)
+        if sw.silent_run:  # no spans: the metrics decide (a service may send only metrics), if any
+            if not metric:
+                candidates.append((current, "no data from the service in this window: unchanged", "no_data"))
         elif sw.server_calls or not math.isnan(forecast):
             sizing = max(rate, forecast) if not math.isnan(forecast) else rate
             ratio = (sizing / observed) / tg.rps_per_replica

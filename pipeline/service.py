@@ -95,7 +95,7 @@ class ServiceState:
         self.windows = ServiceWindows(
             service, spec, cfg.windows.max_operations_per_service, int(cfg.prometheus.stale_after_s * 1e9),
             partition_idle_s, silent_limit(cfg, spec),
-            ServiceMetrics(cfg.metrics.max_series_per_service, int(cfg.metrics.stale_after_s * 1e9)),
+            ServiceMetrics.from_config(cfg.metrics),
         )  # fmt: skip
         self.cfg = cfg
         self.anomaly = ServiceAnomaly(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+from pipeline.config import MetricsConfig
 from pipeline.metric_model import LateMetrics, MetricPartial, MetricPoints
 from pipeline.metric_series import ServiceMetrics
 from pipeline.model import (
@@ -135,7 +136,7 @@ class ServiceWindows:
         partition_idle_s: float | None = None, silent_limit: int = 0, metrics: ServiceMetrics | None = None,
     ) -> None:  # fmt: skip
         self.service = service
-        self.metrics = metrics if metrics is not None else ServiceMetrics(2000, 180 * 10**9)
+        self.metrics = metrics if metrics is not None else ServiceMetrics.from_config(MetricsConfig())
         self.spec = spec
         self.limiter = CardinalityLimiter(max_operations, expire_ns)
         self.open: dict[int, _ServiceSlot] = {}
@@ -233,7 +234,7 @@ class ServiceWindows:
         self.__dict__.setdefault("newest_ns", self.watermark)  # snapshots of earlier versions
         self.__dict__.setdefault("silent_limit", 0)
         self.__dict__.setdefault("silent_run", 0)
-        self.__dict__.setdefault("metrics", ServiceMetrics(2000, 180 * 10**9))
+        self.__dict__.setdefault("metrics", ServiceMetrics.from_config(MetricsConfig()))
         self.__dict__.setdefault("idle_run", self.__dict__["silent_run"])
         self.__dict__.setdefault("covered", set())
         self.__dict__.pop("late_logs", None)

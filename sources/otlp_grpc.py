@@ -107,12 +107,10 @@ class OtlpReceiver:
         here from the other arguments when not given."""
         self.cfg = cfg
         self.metrics = metrics
-        self.retry_after_ms = retry_after_ms
         self.intake = intake or Intake(
             spool, metrics, max_future_s=cfg.max_future_s, retry_after_ms=retry_after_ms, recorder=recorder,
             auth=auth, memory=memory, tenants=tenants, clock=clock,
         )  # fmt: skip
-        self.memory = self.intake.memory
         self.limits = DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server_threads, thread_name_prefix="otlp"),
@@ -175,10 +173,9 @@ class OtlpReceiver:
         if reason == intake.INVALID:
             self.metrics.inc("requests", 1, signal, "INVALID_ARGUMENT")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, outcome.message)
-        if reason == intake.TENANT_RATE:
-            self.metrics.inc("requests", 1, signal, "RESOURCE_EXHAUSTED")
-            wait_ms = max(1, math.ceil(outcome.retry_after_s * 1000))
-            context.abort_with_status(retry_status(code_pb2.RESOURCE_EXHAUSTED, outcome.message, wait_ms))
-        self.metrics.inc("requests", 1, signal, "UNAVAILABLE")  # memory, spool budget, spool append
-        context.abort_with_status(retry_status(code_pb2.UNAVAILABLE, outcome.message, self.retry_after_ms))
+        # the tenant's wait, or spool.retry_after_ms (memory, spool budget, spool append): the intake says
+        wait_ms = max(1, math.ceil(outcome.retry_after_s * 1000))
+        code = code_pb2.RESOURCE_EXHAUSTED if reason == intake.TENANT_RATE else code_pb2.UNAVAILABLE
+        self.metrics.inc("requests", 1, signal, code_pb2.Code.Name(code))
+        context.abort_with_status(retry_status(code, outcome.message, wait_ms))
         raise AssertionError("unreachable: abort raises")

@@ -148,8 +148,7 @@ class Daemon:
             memory=MemoryGuard(cfg.limits.max_rss_bytes), tenants=TenantLimiter(cfg.limits), clock=clock,
         )  # fmt: skip
         self.receiver = OtlpReceiver(
-            cfg.otlp, self.spool, self.metrics, retry_after_ms=sp.retry_after_ms, tls=cfg.tls,
-            reuse_port=processes > 1, intake=self.intake,
+            cfg.otlp, self.spool, self.metrics, tls=cfg.tls, reuse_port=processes > 1, intake=self.intake,
         )  # fmt: skip
         self.http_receiver = (
             OtlpHttpReceiver(cfg.otlp_http, cfg.otlp, self.intake, self.metrics, tls=cfg.tls, reuse_port=processes > 1)

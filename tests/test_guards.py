@@ -157,7 +157,7 @@ def test_memory_over_limit_is_unavailable_with_retryinfo(tmp_path):
     ch = grpc.insecure_channel(addr)
     try:
         call(ch, TRACES, trace_request([{}]))
-        rx.memory._next = 0.0
+        rx.intake.memory._next = 0.0
         rss[0] = 5000
         with pytest.raises(grpc.RpcError) as err:
             call(ch, TRACES, trace_request([{}]))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from pipeline.metric_model import MetricBatch
 from pipeline.model import LogBatch, SpanBatch
 
@@ -32,6 +34,15 @@ class Decoded:
 class DecodeLimits:
     max_log_attributes: int = 16
     max_attribute_value_bytes: int = 4096
+
+
+def parse(message, data: bytes, name: str):
+    """``data`` parsed into ``message`` (upb); not that message: ``MalformedRequest``."""
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, RecursionError) as exc:
+        raise MalformedRequest(f"malformed {name}: {exc}") from exc
+    return message
 
 
 def _reason_message(reasons: Counter[str]) -> str:

@@ -9,7 +9,6 @@ from collections import Counter
 
 import numpy as np
 import orjson
-from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
 from pipeline.decode.common import (
@@ -18,6 +17,7 @@ from pipeline.decode.common import (
     DecodeLimits,
     MalformedRequest,
     _reason_message,
+    parse,
 )
 from pipeline.decode.spans import _hex, _json_resource_ids, _json_str, _json_strings, _resource_ids
 from pipeline.model import LogBatch
@@ -170,11 +170,7 @@ def _proto_attribute(kv) -> tuple[str, object]:
 
 def decode_logs(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
     """ExportLogsServiceRequest bytes -> LogBatch of the valid records."""
-    req = ExportLogsServiceRequest()
-    try:
-        req.ParseFromString(data)
-    except (DecodeError, RecursionError) as exc:
-        raise MalformedRequest(f"malformed ExportLogsServiceRequest: {exc}") from exc
+    req = parse(ExportLogsServiceRequest(), data, "ExportLogsServiceRequest")
     cols = _LogColumns(limits, _proto_attribute)
     time_, observed, sev, sev_text, body, tid, sid, attrs = _LOG_GETTERS
     try:

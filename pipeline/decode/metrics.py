@@ -19,10 +19,9 @@ import math
 from collections import Counter
 
 import numpy as np
-from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from pipeline.decode.common import Decoded, MalformedRequest, _reason_message
+from pipeline.decode.common import Decoded, MalformedRequest, _reason_message, parse
 from pipeline.decode.logs import _json_anyvalue_to_python, anyvalue_to_python, render_value
 from pipeline.decode.spans import _json_resource_ids, _resource_ids
 from pipeline.metric_model import (
@@ -105,11 +104,7 @@ def _point(cols: _MetricColumns, ids: tuple[str, str, str], kind: int, temporali
 
 def decode_metrics(data: bytes) -> Decoded:
     """ExportMetricsServiceRequest bytes -> MetricBatch of the valid points."""
-    req = ExportMetricsServiceRequest()
-    try:
-        req.ParseFromString(data)
-    except (DecodeError, RecursionError) as exc:
-        raise MalformedRequest(f"malformed ExportMetricsServiceRequest: {exc}") from exc
+    req = parse(ExportMetricsServiceRequest(), data, "ExportMetricsServiceRequest")
     cols = _MetricColumns()
     for rm in req.resource_metrics:
         service, instance = _resource_ids(rm.resource.attributes)

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from pipeline.decode import span_wire
-from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, MalformedRequest, _reason_message
+from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, MalformedRequest, _reason_message, parse
 from pipeline.decode.span_schema import TraceRequestSubset
 from pipeline.model import SpanBatch
 
@@ -215,11 +215,7 @@ def decode_traces_upb(data: bytes) -> Decoded:
     """``decode_traces`` through upb: parsed with the subset schema of the fields telepipe
     reads (``pipeline/decode/span_schema.py``), each field read from the span objects. The
     reference the wire reader is tested against, and its fallback."""
-    req = TraceRequestSubset()
-    try:
-        req.ParseFromString(data)
-    except (DecodeError, RecursionError) as exc:
-        raise MalformedRequest(f"malformed ExportTraceServiceRequest: {exc}") from exc
+    req = parse(TraceRequestSubset(), data, "ExportTraceServiceRequest")
     cols = _SpanColumns()
     name, start, end, kind, status, tid, sid, pid = _SPAN_GETTERS
     for rs in req.resource_spans:
