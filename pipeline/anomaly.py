@@ -56,6 +56,7 @@ from pipeline.detectors import (
     AlertLifecycle,
     FeatureBaseline,
     KeyDetector,
+    _beyond,
     _features,
     _noise,
     _score,
@@ -107,6 +108,7 @@ class ServiceAnomaly:
         self.quiet = 0.0  # the longest silence (windows) it came back from, fading (QUIET_HALF_LIFE_S)
         self.downstream_seen: dict[str, int] = {}  # callee -> start of its newest window with calls
         self.downstream_ranking: tuple[dict, ...] = ()  # the last window's, for the incident tracker
+        self.metric_seen: dict[str, int] = {}  # metric feature -> window start of its latest fresh point
         self.bind(cfg, length_s, stale_after_s, metrics)
 
     def bind(
@@ -136,6 +138,7 @@ class ServiceAnomaly:
         self.__dict__.setdefault("silence", 0)
         self.__dict__.setdefault("quiet", 0.0)
         self.__dict__.setdefault("downstream_ranking", ())
+        self.__dict__.setdefault("metric_seen", {})
         self.__dict__.setdefault("stale_ns", 600 * 10**9)
         service_key = self.keys.get(SERVICE_KEY)
         if service_key is not None and "service_rate" not in service_key.baselines:
@@ -193,8 +196,8 @@ class ServiceAnomaly:
                 events.extend(ev)
         length = self.length_s
         service = {"service_rate": (sw.calls + sw.logs) / length, "error_log_rate": sw.error_logs / length}
-        held = self._metric_values(sw, service)
-        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run, held)
+        held, spans = self._metric_values(sw, service)
+        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run, held, spans)
         updates.append(upd)
         events.extend(ev)
         events.extend(self._rules(SERVICE_KEY, service, t, None))
@@ -203,17 +206,26 @@ class ServiceAnomaly:
         events = [_with_ranking(e, ranking) if e.state == "firing" else e for e in events]
         return updates, events
 
-    def _metric_values(self, sw: ServiceWindow, values: dict[str, float]) -> tuple[str, ...]:
+    def _metric_values(self, sw: ServiceWindow, values: dict[str, float]) -> tuple[tuple[str, ...], dict[str, int]]:
         """Put the configured metrics' values into ``values``; returns the features whose value is
-        held from an earlier point (judged again, not learned again)."""
-        held = []
+        held from an earlier point (judged again, not learned again), and for each fresh one the
+        windows since its previous point (what the point summarizes: its export interval)."""
+        held, spans = [], {}
         replicas = len(sw.instances) or 1
         for m in self.metrics:
+            f = METRIC_PREFIX + m.name
             mv = sw.metric(m.name)
-            values[METRIC_PREFIX + m.name] = aggregate(mv, m.aggregation, replicas)
+            values[f] = aggregate(mv, m.aggregation, replicas)
             if mv is None or not mv.fresh:
-                held.append(METRIC_PREFIX + m.name)
-        return tuple(held)
+                held.append(f)
+                continue
+            previous = self.metric_seen.get(f)
+            self.metric_seen[f] = sw.window_start
+            if previous is not None and previous < sw.window_start:
+                spans[f] = round((sw.window_start - previous) / (self.length_s * 1e9))
+        for f in [f for f in self.metric_seen if f not in values]:
+            del self.metric_seen[f]  # no longer configured
+        return tuple(held), spans
 
     def _learn_silence(self) -> None:
         """A silence that ended without an alert was normal for this service: its empty windows
@@ -304,10 +316,11 @@ class ServiceAnomaly:
 
     def _judge_key(
         self, key, values, calls, time, r: WindowResult | None, silent_run: int = 0, judged_run: int = 0,
-        held: tuple[str, ...] = (),
+        held: tuple[str, ...] = (), spans: dict[str, int] | None = None,
     ):  # fmt: skip
         """``silent_run``: empty windows in a row up to this one; ``judged_run``: the same when
-        the silence is to be judged, else 0; ``held``: features judged but not learned."""
+        the silence is to be judged, else 0; ``held``: features judged but not learned;
+        ``spans``: fresh metric features -> windows their point summarizes."""
         det = self.keys.get(key)
         if det is None:
             feats = SERVICE_FEATURES if key == SERVICE_KEY else KEY_FEATURES
@@ -320,7 +333,7 @@ class ServiceAnomaly:
         else:
             judgements, hst, anomalous = det.judge(values, calls, self.length_s, judged_run)
         learning = det.learning
-        change = det.lifecycle.observe(anomalous)
+        change = det.lifecycle.observe(anomalous, _evidence_windows(judgements, self.cfg.band_k, spans or {}))
         if change in ("pending", "firing"):
             det.lifecycle.feature = _worst(judgements, self.cfg.band_k).feature
         if not anomalous:  # never learn from a window judged anomalous
@@ -371,6 +384,18 @@ class ServiceAnomaly:
                     )  # fmt: skip
                 )
         return events
+
+
+def _evidence_windows(judgements, k: float, spans: dict[str, int]) -> int:
+    """Windows of evidence an anomalous window stands for: 1, or, when only fresh metric points
+    are beyond their bands, the fewest windows those points summarize (a CPU point exported
+    once a minute is a minute of high CPU, not ten seconds of it). A held point is judged again
+    every window, so one high point would fire a window later anyway; this makes it fire when
+    it arrives, in replay too, where no window may follow the last point."""
+    beyond = [j.feature for j in judgements if _beyond(j, k)]
+    if not beyond or any(f not in spans for f in beyond):
+        return 1
+    return min(spans[f] for f in beyond)
 
 
 def _matches(rule: RuleConfig, service: str, key: tuple[str, int]) -> bool:

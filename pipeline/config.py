@@ -265,6 +265,7 @@ class AnomalyConfig:
     fading_factor: float = 0.05
     warmup_windows: int = 12
     min_calls: int = 10
+    latency_resolution_s: float = 0.0002
     pending_windows: int = 2
     resolve_windows: int = 3
     hst_threshold: float = 0.95
@@ -284,6 +285,7 @@ class AnomalyConfig:
         for key in ("warmup_windows", "pending_windows", "resolve_windows", "hst_window", "metric_warmup_points"):
             _positive(f"anomaly.{key}", getattr(self, key))
         _positive("anomaly.min_calls", self.min_calls, zero_ok=True)
+        _positive("anomaly.latency_resolution_s", self.latency_resolution_s, zero_ok=True)
         if not 0 < self.hst_threshold < 1:
             raise ConfigError(f"anomaly.hst_threshold: allowed (0, 1), got {self.hst_threshold}")
 

@@ -97,10 +97,12 @@ class AlertLifecycle:
         self.__dict__.update(state)
         self.__dict__.setdefault("feature", "")
 
-    def observe(self, anomalous: bool) -> str | None:
-        """Feed one window; returns the event state on a change (pending, firing, resolved)."""
+    def observe(self, anomalous: bool, windows: int = 1) -> str | None:
+        """Feed one window; returns the event state on a change (pending, firing, resolved).
+        ``windows``: how many windows of evidence an anomalous one stands for (a metric point
+        summarizes its whole export interval)."""
         if anomalous:
-            self.anomalous_run += 1
+            self.anomalous_run += max(1, windows)
             self.normal_run = 0
         else:
             self.normal_run += 1
@@ -133,8 +135,11 @@ def _features(r: WindowResult, length_s: float) -> dict[str, float]:
     }
 
 
-def _noise(feature: str, expected: float, calls: int, length_s: float) -> float:
-    """Sampling noise of a feature in one window (a floor for sigma)."""
+def _noise(feature: str, expected: float, calls: int, length_s: float, resolution_s: float = 0.0) -> float:
+    """Sampling noise of a feature in one window (a floor for sigma). ``resolution_s``
+    (``anomaly.latency_resolution_s``): latency changes smaller than this are timing noise of a
+    real system (a context switch, a GC pause, a timer tick), so a sub-millisecond operation's
+    band is at least +-k * ln(1 + resolution / expected) wide."""
     if is_metric(feature):  # resource metrics wander: a band at least +-k * 25 % wide
         floor = UTILIZATION_NOISE if feature.endswith(".utilization") else 0.0
         return max(METRIC_NOISE * abs(expected), floor)
@@ -143,7 +148,8 @@ def _noise(feature: str, expected: float, calls: int, length_s: float) -> float:
     if feature == "error_rate":
         p = min(max(expected, 0.01), 0.5)
         return math.sqrt(p * (1 - p) / max(calls, 1))
-    return 0.05 + 0.5 / math.sqrt(max(calls, 1))  # log latency: ~5 % plus quantile noise
+    # log latency: ~5 % plus quantile noise, and never finer than the timing resolution
+    return max(0.05 + 0.5 / math.sqrt(max(calls, 1)), math.log1p(resolution_s / math.exp(min(expected, 50.0))))
 
 
 class KeyDetector:
@@ -214,7 +220,7 @@ class KeyDetector:
             if not b.n or math.isnan(x):
                 judgements.append(Judgement(f, x, math.nan, math.nan, math.nan, 0.0, False))
                 continue
-            expected, lo, hi = b.band(k, _noise(f, b.mean.get(), calls, length_s))
+            expected, lo, hi = b.band(k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s))
             sigma = (hi - expected) / k
             # A metric is judged once it has learned its own points (one per export interval).
             judged = self._metric_ready(f) if is_metric(f) else not self.learning and (enough or f in RATE_FEATURES)
@@ -247,10 +253,10 @@ class KeyDetector:
                 x = values.get(f, math.nan)
                 if not math.isnan(x) and f not in skip:
                     b = self.baselines[f]
-                    b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), self._metric_ready(f))
+                    b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s), self._metric_ready(f))
             elif (enough or f in RATE_FEATURES) and f not in skip:
                 b = self.baselines[f]
-                b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
+                b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s), not self.learning)
         if self.hst is not None:
             self.hst.learn_one({f: v for f, v in values.items() if not is_metric(f)})
         self.windows += 1
@@ -258,7 +264,7 @@ class KeyDetector:
     def learn_feature(self, f: str, x: float, calls: int, length_s: float) -> None:
         """Learn one value of one feature (what a window skipped, learned later)."""
         b = self.baselines[f]
-        b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s), not self.learning)
+        b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s), not self.learning)
 
 
 def _silence_sigma(expected: float, sigma: float, n: int, length_s: float) -> float:

@@ -249,3 +249,21 @@ def test_downstream_baselines_of_a_callee_no_longer_called_are_forgotten():
                                  dependencies=(Dependency(f"db-{i}", 10, 0, 0.01), Dependency("cache", 10, 0, 0.001)))
         det.on_window(sw)
     assert len(det.downstream) <= 8 and "cache" in det.downstream  # ~60 s of callees, not all 21
+
+
+def _sub_ms_windows(rng, n, p95_s):
+    return [[result("SELECT", kind=1, count=int(rng.poisson(400)), p95=p95_s * rng.lognormal(0, 0.03))]
+            for _ in range(n)]  # fmt: skip
+
+
+def test_sub_millisecond_shifts_below_the_timing_resolution_do_not_alert():
+    """A 0.75 ms query at 1.2 ms (+0.45 ms) is timing noise; the same query at 3x (2.25 ms)
+    is not, and with anomaly.latency_resolution_s = 0 the +0.45 ms alerts too."""
+    rng = np.random.default_rng(11)
+    base = _sub_ms_windows(rng, 120, 0.00075)
+    for resolution, p95, fires in ((0.0002, 0.0012, False), (0.0002, 0.00225, True), (0.0, 0.0012, True)):
+        det = ServiceAnomaly(AnomalyConfig(latency_resolution_s=resolution), "svc", 10.0)
+        _, events = run(det, base + _sub_ms_windows(rng, 4, p95))
+        firing = [e for e in events if e.state == "firing"]
+        assert bool(firing) == fires, (resolution, p95, firing)
+        assert all(e.feature.startswith("latency_") for e in firing)

@@ -124,11 +124,11 @@ def test_aggregations() -> None:
     assert math.isnan(aggregate(None, "avg", 1))
 
 
-def _cpu_lines(path: Path, minutes: int, values: dict[str, list[float]]) -> None:
+def _cpu_lines(path: Path, minutes: int, values: dict[str, list[float]], every_s: int = 60) -> None:
     with open(path, "wb") as f:
         for i in range(minutes):
             for instance, series in values.items():
-                t = T0 + i * 60 * S
+                t = T0 + i * every_s * S
                 f.write(orjson.dumps(request("api", instance, [gauge("container.cpu.utilization", t, series[i])])))
                 f.write(b"\n")
 
@@ -153,22 +153,34 @@ def test_two_instances_at_90_percent_cpu_scale_to_three_from_metrics_alone(tmp_p
 
 def test_cpu_alert_on_a_metric_only_service(tmp_path: Path) -> None:
     """A service's CPU goes from ~20 % to 90 %: the service-level detector alerts on the metric
-    (judged from its 6th point on). Nothing else is in this recording, so the windows between
-    points are a gap in the input (blind, not judged): it fires on the second point after the
-    rise. Live, those windows close on the clock and judge the held value (test_metrics_live)."""
+    (judged from its 6th point on). A point exported once a minute stands for the whole minute
+    (six windows of evidence, more than the two the lifecycle asks for), so it fires on the
+    first high point, in the window the point arrives in."""
     quiet = [0.2, 0.22, 0.18, 0.21, 0.19, 0.2, 0.23, 0.2, 0.21, 0.19]
     rec = tmp_path / "metrics.jsonl"
     _cpu_lines(rec, 12, {"api-1": quiet + [0.9, 0.92]})
     cfg = Config(anomaly=AnomalyConfig(metrics=(MetricTargetConfig(name="container.cpu.utilization"),)))
     events, _ = _replay(cfg, [rec], tmp_path / "out.jsonl")
     alerts = [(e["state"], e["feature"], (e["time"] - T0) // S) for e in events if e["type"] == "alert"]
-    assert alerts[:2] == [("pending", "metric:container.cpu.utilization", 600),
-                          ("firing", "metric:container.cpu.utilization", 660)]  # fmt: skip
+    assert alerts[:1] == [("firing", "metric:container.cpu.utilization", 600)]
+
+
+def test_one_high_point_among_points_every_window_only_goes_pending(tmp_path: Path) -> None:
+    """Exported every window (10 s), a point is one window of evidence: one high point goes
+    pending and back, two in a row fire."""
+    quiet = [0.2, 0.22, 0.18, 0.21, 0.19, 0.2, 0.23, 0.2, 0.21, 0.19]
+    cfg = Config(anomaly=AnomalyConfig(metrics=(MetricTargetConfig(name="container.cpu.utilization"),)))
+    for name, tail, want in (("one", [0.9, 0.2, 0.21], ["pending"]),
+                             ("two", [0.9, 0.92, 0.2, 0.21, 0.2], ["pending", "firing", "resolved"])):  # fmt: skip
+        rec = tmp_path / f"{name}.jsonl"
+        _cpu_lines(rec, len(quiet) + len(tail), {"api-1": quiet + tail}, every_s=10)
+        events, _ = _replay(cfg, [rec], tmp_path / f"{name}.out.jsonl")
+        assert [e["state"] for e in events if e["type"] == "alert"] == want
 
 
 @pytest.mark.skipif(not FAULTS.exists(), reason="../shared/data/faults is not beside the checkout")
 @pytest.mark.parametrize("name", ["ob-cpu-contention-ad-1631", "ob-cpu-contention-payment-1421",
-                                  "ob-cpu-contention-recommendation-1521"])  # fmt: skip
+                                  "ob-cpu-contention-recommendation-1521", "ob-cpu-contention-email-1345"])  # fmt: skip
 def test_real_cpu_contention_alerts_on_the_faulty_service(tmp_path: Path, name: str) -> None:
     label = next(f for f in json.loads((FAULTS / "faults.json").read_text()) if f["name"] == name)
     target = MetricTargetConfig(name="container.cpu.utilization", target=0.7)
