@@ -200,6 +200,9 @@ class KeyDetector:
         tail = TAIL_QUANTILES.get(f)
         return max(self.cfg.min_calls, math.ceil(5 / (1 - tail))) if tail else self.cfg.min_calls
 
+    def _noise(self, f: str, calls: int, length_s: float) -> float:
+        return _noise(f, self.baselines[f].mean.get(), calls, length_s, self.cfg.latency_resolution_s)
+
     def _metric_ready(self, f: str) -> bool:
         return self.baselines[f].n >= self.cfg.metric_warmup_points
 
@@ -220,7 +223,7 @@ class KeyDetector:
             if not b.n or math.isnan(x):
                 judgements.append(Judgement(f, x, math.nan, math.nan, math.nan, 0.0, False))
                 continue
-            expected, lo, hi = b.band(k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s))
+            expected, lo, hi = b.band(k, self._noise(f, calls, length_s))
             sigma = (hi - expected) / k
             # A metric is judged once it has learned its own points (one per export interval).
             judged = self._metric_ready(f) if is_metric(f) else not self.learning and (enough or f in RATE_FEATURES)
@@ -253,10 +256,10 @@ class KeyDetector:
                 x = values.get(f, math.nan)
                 if not math.isnan(x) and f not in skip:
                     b = self.baselines[f]
-                    b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s), self._metric_ready(f))
+                    b.learn(x, self.cfg.band_k, self._noise(f, calls, length_s), self._metric_ready(f))
             elif (enough or f in RATE_FEATURES) and f not in skip:
                 b = self.baselines[f]
-                b.learn(values[f], self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s), not self.learning)
+                b.learn(values[f], self.cfg.band_k, self._noise(f, calls, length_s), not self.learning)
         if self.hst is not None:
             self.hst.learn_one({f: v for f, v in values.items() if not is_metric(f)})
         self.windows += 1
@@ -264,7 +267,7 @@ class KeyDetector:
     def learn_feature(self, f: str, x: float, calls: int, length_s: float) -> None:
         """Learn one value of one feature (what a window skipped, learned later)."""
         b = self.baselines[f]
-        b.learn(x, self.cfg.band_k, _noise(f, b.mean.get(), calls, length_s, self.cfg.latency_resolution_s), not self.learning)
+        b.learn(x, self.cfg.band_k, self._noise(f, calls, length_s), not self.learning)
 
 
 def _silence_sigma(expected: float, sigma: float, n: int, length_s: float) -> float:
