@@ -91,15 +91,24 @@ def _encode_spans(batch: SpanBatch) -> bytes:
     head: dict[str, object] = {"s": batch.services, "o": batch.operations, "i": batch.instances}
     if batch.received_ns:
         head["r"] = batch.received_ns
+    if batch.weight is not None:
+        head["w"] = 1  # an adjusted-count column follows the others
     raw = orjson.dumps(head)
     parts = [_HEADER.pack(_MAGIC_SPANS, len(raw), len(batch)), raw]
     for name, _dtype in SPAN_COLUMNS:
         parts.append(getattr(batch, name).tobytes())
+    if batch.weight is not None:
+        parts.append(np.ascontiguousarray(batch.weight, dtype=np.int32).tobytes())
     return b"".join(parts)
+
+
+_WEIGHTED_COLUMNS = (*SPAN_COLUMNS, ("weight", np.int32))
 
 
 def _decode_spans(data: bytes | memoryview) -> SpanBatch:
     head, cols = _read_columns(data, SPAN_COLUMNS, "span")
+    if head.get("w"):
+        head, cols = _read_columns(data, _WEIGHTED_COLUMNS, "span")
     batch = SpanBatch(
         services=tuple(head["s"]),
         operations=tuple(head["o"]),
@@ -176,11 +185,13 @@ def concat(batches: list[SpanBatch]) -> SpanBatch:
         for name, _ in SPAN_COLUMNS:
             if name not in remap.values():
                 cols[name].append(getattr(b, name))
+    weighted = any(b.weight is not None for b in batches)
     return SpanBatch(
         services=tuple(tables["services"]),
         operations=tuple(tables["operations"]),
         instances=tuple(tables["instances"]),
         received_ns=max(b.received_ns for b in batches),
+        weight=np.concatenate([b.weights() for b in batches]) if weighted else None,
         **{name: np.concatenate(parts) for name, parts in cols.items()},  # type: ignore[arg-type]
     )
 

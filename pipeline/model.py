@@ -78,6 +78,9 @@ class SpanBatch:
     # When the receiver accepted the request (unix ns, its clock; 0: unknown, as in OTLP/JSON
     # recordings). Stored with the batch, so replaying a native recording sees the same value.
     received_ns: int = 0
+    # Adjusted counts (int32, ``pipeline/sampling.py``): how many spans each one stands for, from
+    # its tracestate's ``ot=th`` sampling threshold. None: every span stands for itself.
+    weight: np.ndarray | None = None
     # Set by the source, not stored: (partition, step number) of the read step this
     # batch came in. Watermarks advance only between steps (see pipeline/windows.py).
     step: tuple[int, int] = (0, 0)
@@ -87,7 +90,8 @@ class SpanBatch:
 
     def select(self, keep: np.ndarray) -> SpanBatch:
         """The spans where ``keep`` (a boolean mask) is true; string tables kept as they are."""
-        return dataclasses.replace(self, **{name: getattr(self, name)[keep] for name, _ in SPAN_COLUMNS})
+        cols = {name: getattr(self, name)[keep] for name, _ in SPAN_COLUMNS}
+        return dataclasses.replace(self, **cols, weight=None if self.weight is None else self.weight[keep])
 
     def check(self) -> None:
         """Raise ValueError unless every index points into its string table."""
@@ -99,6 +103,10 @@ class SpanBatch:
 
     def last_end_ns(self) -> int:
         return int(self.end_ns.max()) if len(self) else 0
+
+    def weights(self) -> np.ndarray:
+        """Each span's adjusted count (ones when the batch has none)."""
+        return self.weight if self.weight is not None else np.ones(len(self), dtype=np.int32)
 
 
 def progress_ns(event_ns: int, received_ns: int) -> int:

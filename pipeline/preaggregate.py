@@ -89,14 +89,16 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     nb = spec.bounds.size + 1
     bucket = np.searchsorted(spec.bounds, dur, side="left")
     cell = gid * 3 + status
-    status_counts = np.bincount(cell, minlength=rows * 3).reshape(rows, 3)
-    bucket_counts = np.bincount(cell * nb + bucket, minlength=rows * 3 * nb).reshape(rows, 3, nb)
-    status_sums = np.bincount(cell, weights=dur, minlength=rows * 3).reshape(rows, 3)
+    # sampled spans count as many spans as they stand for (tracestate ot=th: pipeline/sampling.py)
+    w = None if batch.weight is None else batch.weight[order].astype(np.float64)
+    status_counts = _count(cell, w, rows * 3).reshape(rows, 3)
+    bucket_counts = _count(cell * nb + bucket, w, rows * 3 * nb).reshape(rows, 3, nb)
+    status_sums = np.bincount(cell, weights=dur if w is None else dur * w, minlength=rows * 3).reshape(rows, 3)
     vmin = np.minimum.reduceat(dur, row_starts)
     vmax = np.maximum.reduceat(dur, row_starts)
     row_end = np.maximum.reduceat(batch.end_ns[order], row_starts)
 
-    zero, urow, uidx, ucnt = _sketch_buckets(dur, gid, rows, spec.mapping)
+    zero, urow, uidx, ucnt = _sketch_buckets(dur, gid, rows, spec.mapping, w)
     # Exemplars: the slowest spans of each row (sorted slowest first) and its error spans.
     trace_s = batch.trace_id[order]
     slow_at = np.flatnonzero(np.arange(n) - row_starts[gid] < spec.exemplars)
@@ -147,14 +149,30 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     return out
 
 
-def _sketch_buckets(dur: np.ndarray, gid: np.ndarray, rows: int, mapping: LogMapping) -> tuple[np.ndarray, ...]:
+def _count(cells: np.ndarray, w: np.ndarray | None, size: int) -> np.ndarray:
+    """Spans per cell (int64), each counted ``w`` times when weighted (whole numbers: exact)."""
+    if w is None:
+        return np.bincount(cells, minlength=size)
+    return np.bincount(cells, weights=w, minlength=size).astype(np.int64)
+
+
+def _sketch_buckets(
+    dur: np.ndarray, gid: np.ndarray, rows: int, mapping: LogMapping, w: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
     """Sketch buckets of every row at once: spans of zero duration per row, and the unique
-    (row, bucket index) pairs with their counts, sorted by row then index."""
+    (row, bucket index) pairs with their counts (weighted: ``w``), sorted by row then index."""
     positive = dur > 0
-    zero = np.bincount(gid[~positive], minlength=rows) if not positive.all() else np.zeros(rows, np.int64)
+    if positive.all():
+        zero = np.zeros(rows, np.int64)
+    else:
+        zero = _count(gid[~positive], None if w is None else w[~positive], rows)
     sk = mapping.index(dur[positive])
     pair = gid[positive] * 1_000_000 + (sk + 500_000)  # bucket indices stay well inside +-500k
-    upair, ucnt = np.unique(pair, return_counts=True)
+    if w is None:
+        upair, ucnt = np.unique(pair, return_counts=True)
+    else:
+        upair, inverse = np.unique(pair, return_inverse=True)
+        ucnt = _count(inverse, w[positive], upair.size)
     return zero, upair // 1_000_000, upair % 1_000_000 - 500_000, ucnt
 
 

@@ -49,6 +49,9 @@ def assert_same(data: bytes) -> Decoded | str:
                      "trace_id", "span_id", "parent_span_id"):  # fmt: skip
             a, b = getattr(fast.batch, name), getattr(ref.batch, name)
             assert a.dtype == b.dtype and np.array_equal(a, b), name
+        assert (fast.batch.weight is None) == (ref.batch.weight is None)
+        if ref.batch.weight is not None:
+            assert np.array_equal(fast.batch.weight, ref.batch.weight)
     return ref
 
 
@@ -143,6 +146,10 @@ CRAFTED = {
     "bad status": request(span("s", b"\x01" * 16, b"\x02" * 8, field(15, 2, b"\x18"))),
     "status message not utf-8": request(span("s", b"\x01" * 16, b"\x02" * 8, field(15, 2, field(2, 2, b"\xc3")))),
     "unicode names": request(span("é"), span("日本"), span("🙂"), span("é")),
+    "trace states": request(*(span("t", b"\x01" * 16, bytes([0, 0, 0, 0, 0, 0, 0, i + 1]), field(3, 2, ts))
+                              for i, ts in enumerate((b"ot=th:c", b"", b"k=v,ot=th:8;rv:ab", b"ot=th:zz", "é=1".encode(),
+                                                      b"ot=th:4", b"ot=th:c")))),  # fmt: skip
+    "invalid utf-8 trace state": request(span("t", b"\x01" * 16, b"\x02" * 8, field(3, 2, b"\xc3"))),
     "invalid utf-8 name": request(msg(2, field(5, 2, b"\xc0\x80"))),
     "surrogate name": request(msg(2, field(5, 2, b"\xed\xa0\x80"))),
     "beyond U+10FFFF": request(msg(2, field(5, 2, b"\xf4\x90\x80\x80"))),
@@ -186,13 +193,18 @@ def test_the_fast_path_handles_what_exporters_send():
     """Crafted cases that stay on the fast path (the others give up and use upb)."""
     for case in ("empty request", "unknown fields everywhere", "duplicated fields, last wins", "long name and long span",
                  "kinds beyond int32", "status forms", "unicode names", "service twice, resource twice", "bad ids",
-                 "an id, then an id of another length"):  # fmt: skip
+                 "an id, then an id of another length", "trace states"):  # fmt: skip
         assert walked(CRAFTED[case]), case
-    for case in ("group in a span", "known field, other wire type", "truncated", "invalid utf-8 name"):
+    for case in ("group in a span", "known field, other wire type", "truncated", "invalid utf-8 name",
+                 "invalid utf-8 trace state"):  # fmt: skip
         assert not walked(CRAFTED[case]), case
 
 
 def test_results_of_the_crafted_cases():
+    states = decode_traces(CRAFTED["trace states"]).batch
+    # th:c -> 4, none -> 1, th:8 -> 2, malformed th -> 1, no ot -> 1, th:4 -> 4/3: 1 or 2 by span id
+    assert states.weight.tolist()[:4] + states.weight.tolist()[6:] == [4, 1, 2, 1, 4]
+    assert states.weight[4] == 1 and states.weight[5] in (1, 2)
     dup = decode_traces(CRAFTED["duplicated fields, last wins"]).batch
     assert dup.operations == ("second",) and dup.trace_id[0] == b"\x05" * 16
     assert dup.kind.tolist() == [3] and dup.status.tolist() == [1] and dup.duration_ns.tolist() == [8_000]
@@ -222,7 +234,12 @@ def unknown_fields(numbers):
     )
 
 
-unknown = unknown_fields([3, 9, 10, 11, 12, 13, 14, 16, 40, 1000])
+unknown = unknown_fields([9, 10, 11, 12, 13, 14, 16, 40, 1000])
+trace_states = st.one_of(
+    st.sampled_from(["", "ot=th:c", "ot=th:8;rv:abcdef01234567", "vendor=x, ot=th:4", "ot=th:fffffffffffffff",
+                     "ot=th:", "ot=rv:01", "ot=th:C"]),
+    texts,
+)  # fmt: skip
 status = st.lists(
     st.one_of(
         st.builds(lambda c: field(3, 0, c), numbers),
@@ -240,6 +257,7 @@ span_field = st.one_of(
     st.builds(lambda v: field(7, 1, v), st.integers(0, 2**64 - 1)),
     st.builds(lambda v: field(8, 1, v), st.integers(0, 2**64 - 1)),
     st.builds(lambda v: field(15, 2, v), status),
+    st.builds(lambda v: field(3, 2, v.encode()), trace_states),
     unknown,
 )
 spans = st.lists(st.lists(span_field, max_size=12).map(lambda fs: field(2, 2, b"".join(fs))), max_size=6)

@@ -1,6 +1,7 @@
 """The part of OTLP's trace schema telepipe reads, as a protobuf message class.
 
-Span metrics need a span's ids, name, kind, times and status code, and the
+Span metrics need a span's ids, name, kind, times, status code and trace state (its
+sampling threshold, ``pipeline/sampling.py``), and the
 resource's ``service.name`` / ``service.instance.id``; nothing else. Parsing a
 request with this schema (same field numbers as ``ExportTraceServiceRequest``)
 lets upb skip everything else as unknown fields without building Python-visible
@@ -29,6 +30,7 @@ _MESSAGES = {
     "Span": [
         ("trace_id", 1, _F.TYPE_BYTES, False, None),
         ("span_id", 2, _F.TYPE_BYTES, False, None),
+        ("trace_state", 3, _F.TYPE_STRING, False, None),  # W3C tracestate: sampling weights
         ("parent_span_id", 4, _F.TYPE_BYTES, False, None),
         ("name", 5, _F.TYPE_STRING, False, None),
         ("kind", 6, _F.TYPE_INT32, False, None),

@@ -9,7 +9,7 @@ for the whole ``decode_traces``; see docs/performance.md). Compiled functions
 release the GIL (``nogil``), so the receiver's threads can decode side by side.
 
 It reads exactly what ``pipeline/decode/span_schema.py`` declares (the ids, name, kind,
-times and status of each span, and ``service.name`` / ``service.instance.id`` of
+times, status and where the trace state is of each span, and ``service.name`` / ``service.instance.id`` of
 each resource) and walks past everything else, checking the wire format as upb
 does: tags, varints, lengths within their message, UTF-8 of the strings the
 schema declares, and the whole ``Status`` message.
@@ -41,7 +41,7 @@ _SERVICE_NAME = np.frombuffer(b"service.name", dtype=np.uint8)
 _INSTANCE_ID = np.frombuffer(b"service.instance.id", dtype=np.uint8)
 
 # Rows of the ``ints`` array returned by ``walk``, one column per span.
-RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS = range(7)
+RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS, STATE_START, STATE_END = range(9)
 # Columns of the ``resources`` array, one row per ResourceSpans.
 SVC_START, SVC_END, INST_START, INST_END, SPANS = range(5)
 
@@ -213,6 +213,14 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                 elif field == 15:
                     status_a = va
                     status_b = vb
+                elif field == 3:  # trace_state: where it is (most spans have none)
+                    for k in range(va, vb):
+                        if buf[k] >= 0x80:
+                            if not _utf8(buf, va, vb):
+                                return -1
+                            break
+                    ints[STATE_START, i] = va
+                    ints[STATE_END, i] = vb
                 elif field == 6 or field == 7 or field == 8:
                     return -1
             elif wt == 0:
@@ -228,7 +236,7 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                     v = _int32(value)
                 if field == 6:
                     ints[KIND, i] = v
-                elif field <= 8 and field != 3 or field == 15:  # ours, with another wire type
+                elif field <= 8 or field == 15:  # ours, with another wire type
                     return -1
             elif wt == 1:
                 if p + 8 > b:
@@ -238,11 +246,11 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                     for k in range(8):
                         value |= np.uint64(buf[p + k]) << np.uint64(8 * k)
                     times[field - 7, i] = value
-                elif field <= 8 and field != 3 or field == 15:
+                elif field <= 8 or field == 15:
                     return -1
                 p += 8
             elif wt == 5:
-                if p + 4 > b or field <= 8 and field != 3 or field == 15:
+                if p + 4 > b or field <= 8 or field == 15:
                     return -1
                 p += 4
             else:
@@ -375,7 +383,7 @@ def walk(buf):
         outcome = GIVE_UP
     else:
         outcome = OK
-    ints = np.zeros((7, n), dtype=np.int64)
+    ints = np.zeros((9, n), dtype=np.int64)
     times = np.zeros((2, n), dtype=np.uint64)
     trace_id = np.zeros((n, 16), dtype=np.uint8)
     span_id = np.zeros((n, 8), dtype=np.uint8)

@@ -17,8 +17,9 @@ from pipeline.decode import span_wire
 from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, MalformedRequest, _reason_message, parse
 from pipeline.decode.span_schema import TraceRequestSubset
 from pipeline.model import SpanBatch
+from pipeline.sampling import adjusted_count, integer_weights
 
-_COLUMNS = ("name", "start", "end", "kind", "status", "trace_id", "span_id", "parent_span_id")
+_COLUMNS = ("name", "start", "end", "kind", "status", "trace_id", "span_id", "parent_span_id", "trace_state")
 
 
 class _SpanColumns:
@@ -45,7 +46,7 @@ class _SpanColumns:
         n = sum(self.spans)
         if n == 0:
             return Decoded(None, 0, 0, "")
-        names, starts, ends, kinds, statuses, tids, sids, pids = self.cols
+        names, starts, ends, kinds, statuses, tids, sids, pids, states = self.cols
         ops = self.operations
         for name in dict.fromkeys(names):  # the distinct names, in order (C speed)
             ops.setdefault(name, len(ops))
@@ -63,12 +64,23 @@ class _SpanColumns:
             trace_id=_id_column(tids, 16, n, allow_empty=False),
             span_id=_id_column(sids, 8, n, allow_empty=False),
             parent=_id_column(pids, 8, n, allow_empty=True),
+            adjusted=_adjusted(states),
         )
+
+
+def _adjusted(states: list[str]) -> np.ndarray | None:
+    """Adjusted counts of spans with these trace states ('' for none); None: all 1."""
+    if not any(states):
+        return None
+    cache: dict[str, float] = {"": 1.0}
+    return np.fromiter(
+        (cache[t] if t in cache else cache.setdefault(t, adjusted_count(t)) for t in states), np.float64, len(states)
+    )
 
 
 def _span_batch(
     *, services, operations, instances, service_idx, instance_idx, op_idx, kinds, statuses, start, end,
-    trace_id, span_id, parent,
+    trace_id, span_id, parent, adjusted=None,
 ) -> Decoded:
     """Validates span columns (ids as ``(fixed-width array, valid mask)``) and makes the batch
     of the valid ones; both decoders end here."""
@@ -103,7 +115,9 @@ def _span_batch(
     }
     if rejected:
         cols = {k: v[ok] for k, v in cols.items()}
-    batch = SpanBatch(services=services, operations=operations, instances=instances, **cols)
+        adjusted = None if adjusted is None else adjusted[ok]
+    weight = None if adjusted is None else integer_weights(adjusted, cols["span_id"])
+    batch = SpanBatch(services=services, operations=operations, instances=instances, weight=weight, **cols)
     return Decoded(batch, n, rejected, _reason_message(reasons))
 
 
@@ -148,7 +162,7 @@ def _resource_ids(attributes) -> tuple[str, str]:
 _SPAN_GETTERS = tuple(
     operator.attrgetter(f) for f in (
         "name", "start_time_unix_nano", "end_time_unix_nano", "kind", "status", "trace_id", "span_id",
-        "parent_span_id",
+        "parent_span_id", "trace_state",
     )
 )  # fmt: skip
 
@@ -193,6 +207,12 @@ def decode_traces(data: bytes) -> Decoded:
     sid = span_id.view("S8").ravel()
     pid = parent.view("S8").ravel()
     parent_len = ints[span_wire.PARENT_LEN]
+    adjusted = None
+    with_state = np.flatnonzero(ints[span_wire.STATE_END] > ints[span_wire.STATE_START])
+    if with_state.size:
+        bounds = ints[span_wire.STATE_START : span_wire.STATE_END + 1, with_state].T.tolist()
+        adjusted = np.ones(n, dtype=np.float64)
+        adjusted[with_state] = _adjusted([data[a:b].decode() for a, b in bounds])
     return _span_batch(
         services=tuple(services),
         operations=tuple(data[a:b].decode() for a, b in names[:n_names].tolist()),
@@ -208,6 +228,7 @@ def decode_traces(data: bytes) -> Decoded:
         trace_id=(tid, (ints[span_wire.TRACE_LEN] == 16) & (tid != b"")),
         span_id=(sid, (ints[span_wire.SPAN_LEN] == 8) & (sid != b"")),
         parent=(pid, (parent_len == 0) | (parent_len == 8)),
+        adjusted=adjusted,
     )
 
 
@@ -217,7 +238,7 @@ def decode_traces_upb(data: bytes) -> Decoded:
     reference the wire reader is tested against, and its fallback."""
     req = parse(TraceRequestSubset(), data, "ExportTraceServiceRequest")
     cols = _SpanColumns()
-    name, start, end, kind, status, tid, sid, pid = _SPAN_GETTERS
+    name, start, end, kind, status, tid, sid, pid, state = _SPAN_GETTERS
     for rs in req.resource_spans:
         service, instance = _resource_ids(rs.resource.attributes)
         scopes = rs.scope_spans
@@ -226,6 +247,7 @@ def decode_traces_upb(data: bytes) -> Decoded:
         columns = (
             map(name, spans), map(start, spans), map(end, spans), map(kind, spans),
             map(_STATUS_CODE, map(status, spans)), map(tid, spans), map(sid, spans), map(pid, spans),
+            map(state, spans),
         )  # fmt: skip
         cols.add_resource(service, instance, columns, len(spans))
     return cols.finish()
@@ -300,6 +322,7 @@ def decode_traces_json(obj: dict) -> Decoded:
                             _hex(s.get("traceId")),
                             _hex(s.get("spanId")),
                             _hex(s.get("parentSpanId")),
+                            _json_str(s.get("traceState"), "traceState"),
                         )
                         for s in ss.get("spans") or ()
                     ]
