@@ -196,13 +196,16 @@ class StageTimes:
         self.wrap("metrics sink", _MetricsPartition, "write_batch")
 
 
-def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes):
-    """A bytewax source doing the receiver's and the spool source's per-request work."""
+def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes, limits=None):
+    """A bytewax source doing the receiver's and the spool source's per-request work
+    (decoding with ``limits``: the span attributes the configuration reads)."""
     from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
     from pipeline.batch_codec import Steps, coalesce, decode, encode
-    from pipeline.decode import decode_logs, decode_traces
+    from pipeline.decode import DecodeLimits, decode_logs, decode_traces
     from sources.spool_source import MAX_RECORDS_PER_BATCH
+
+    limits = limits or DecodeLimits()
 
     class Partition(StatefulSourcePartition):
         def __init__(self) -> None:
@@ -217,7 +220,7 @@ def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes):
             t0 = time.perf_counter()
             batches = []
             for signal, body, _ in chunk:
-                decoded = decode_traces(body) if signal == "spans" else decode_logs(body)
+                decoded = decode_traces(body, limits) if signal == "spans" else decode_logs(body, limits)
                 if decoded.batch is not None:  # as spooled by the receiver and read back
                     batches.append(decode(encode(decoded.batch)))
             out = self.steps.stamp(coalesce(batches))
@@ -237,21 +240,23 @@ def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes):
     return Source()
 
 
-def replay(requests: list[tuple[str, bytes, int]]) -> dict:
+def replay(requests: list[tuple[str, bytes, int]], db: bool = True) -> dict:
+    """The dataflow over ``requests``; ``db``: the database analysis on (the default) or off."""
     from bytewax.testing import run_main
 
-    from pipeline.config import Config
+    from pipeline.config import Config, DbConfig
+    from pipeline.decode import decode_limits
     from pipeline.flow import Outputs, build_flow
     from pipeline.selfmetrics import SelfMetrics
     from sinks.prometheus import MetricsSink, SeriesState
 
-    cfg = Config()
+    cfg = Config(db=DbConfig(enabled=db))
     times = StageTimes()
     times.install()
     metrics = SelfMetrics()
     series = SeriesState(cfg.prometheus.buckets, metrics, stale_after_s=float("inf"))
     outputs = Outputs(result_sinks=[MetricsSink(series)])
-    flow = build_flow(cfg, payload_source(requests, times), outputs, metrics, idle_close=False)
+    flow = build_flow(cfg, payload_source(requests, times, decode_limits(cfg)), outputs, metrics, idle_close=False)
     proc = psutil.Process()
     before = proc.memory_info().rss
     peak = [before]
@@ -298,15 +303,15 @@ def series_payloads(series: int, windows: int = 4) -> list[tuple[str, bytes, int
     ]
 
 
-def run_case(case: str, paths: list[Path], seconds: float) -> dict:
+def run_case(case: str, paths: list[Path], seconds: float, db: bool = True) -> dict:
     """``case``: "x<copies>" (the recordings overlaid) or "<n> pairs" (``series_payloads``)."""
     requests = payloads(paths, int(case[1:])) if case.startswith("x") else series_payloads(int(case.split()[0]))
     traces = [body for signal, body, _ in requests if signal == "spans"]
     sent = sum(n for signal, _, n in requests if signal == "spans")
     ceil = ceiling(requests, seconds)
-    out = replay(requests)
+    out = replay(requests, db)
     assert out["spans"] == sent, (out["spans"], sent)  # every span ends up in a closed window
-    out.update(case=case, spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)
+    out.update(case=case if db else f"{case} (db off)", spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)
     return out
 
 
@@ -317,39 +322,42 @@ def main() -> None:
                     help="high-cardinality cases: numbers of (service, operation) pairs, comma-separated ('' for none)")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum duration of each ceiling measurement")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
+    ap.add_argument("--db", choices=["on", "off", "both"], default="on",
+                    help="the database analysis ([db] enabled, the default: on); both: each case off, then on")
     ap.add_argument("paths", nargs="*", default=[str(RECORDINGS / p) for p in DEFAULT])
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     paths = [Path(p) for p in args.paths]
     if args.case:
-        print(json.dumps(run_case(args.case, paths, args.seconds)))
+        print(json.dumps(run_case(args.case, paths, args.seconds, args.db == "on")))
         return
     rows = []
     cases = [f"x{c}" for c in args.copies.split(",") if c] + [f"{n} pairs" for n in args.series.split(",") if n]
     for case in cases:
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.replay_bench", "--case", case, "--seconds", str(args.seconds),
-             *map(str, paths)],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for db in (["off", "on"] if args.db == "both" else [args.db]):
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.replay_bench", "--case", case, "--seconds", str(args.seconds),
+                 "--db", db, *map(str, paths)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"{'case':<11} {'spans':>10} {'spans/req':>9} {'windows':>8} {'replay spans/s':>15} "
+    print(f"{'case':<20} {'spans':>10} {'spans/req':>9} {'windows':>8} {'replay spans/s':>15} "
           f"{'ceiling spans/s':>16} {'ratio':>6} {'RSS added MiB':>14}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['case']:<11} {r['spans']:>10,} {r['spans_per_request']:>9.0f} {r['windows']:>8,} "
+            f"{r['case']:<20} {r['spans']:>10,} {r['spans_per_request']:>9.0f} {r['windows']:>8,} "
             f"{r['spans_per_s']:>15,.0f} {r['ceiling']:>16,.0f} {r['ratio']:>6.2f} {r['rss_added_mib']:>14.0f}"
         )
     print("\nwhere the replay's time went (% of its wall time)")
     names = [*STAGES, "bytewax and glue"]
-    print(f"{'case':<11} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names))
+    print(f"{'case':<20} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names))
     for r in rows:
         cells = [f"{100 * r['stages'][n] / r['seconds']:>{max(8, len(n))}.1f}" for n in names]
-        print(f"{r['case']:<11} " + " ".join(cells))
+        print(f"{r['case']:<20} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -93,12 +93,16 @@ def _encode_spans(batch: SpanBatch) -> bytes:
         head["r"] = batch.received_ns
     if batch.weight is not None:
         head["w"] = 1  # an adjusted-count column follows the others
+    if batch.attrs is not None:
+        head["ak"], head["av"] = batch.attr_keys, batch.attr_values  # then the attribute columns
     raw = orjson.dumps(head)
     parts = [_HEADER.pack(_MAGIC_SPANS, len(raw), len(batch)), raw]
     for name, _dtype in SPAN_COLUMNS:
         parts.append(getattr(batch, name).tobytes())
     if batch.weight is not None:
         parts.append(np.ascontiguousarray(batch.weight, dtype=np.int32).tobytes())
+    if batch.attrs is not None:
+        parts.append(np.ascontiguousarray(batch.attrs, dtype=np.int32).tobytes())
     return b"".join(parts)
 
 
@@ -109,11 +113,23 @@ def _decode_spans(data: bytes | memoryview) -> SpanBatch:
     head, cols = _read_columns(data, SPAN_COLUMNS, "span")
     if head.get("w"):
         head, cols = _read_columns(data, _WEIGHTED_COLUMNS, "span")
+    attrs = None
+    if "ak" in head:
+        _, hlen, n = _HEADER.unpack_from(data, 0)
+        keys = len(head["ak"])
+        row = sum(np.dtype(d).itemsize for _, d in SPAN_COLUMNS) + (4 if "w" in head else 0)
+        pos = _HEADER.size + hlen + row * n
+        if pos + 4 * keys * n > len(data):
+            raise ValueError("truncated span batch")
+        attrs = np.frombuffer(data, dtype=np.int32, count=keys * n, offset=pos).reshape(keys, n)
     batch = SpanBatch(
         services=tuple(head["s"]),
         operations=tuple(head["o"]),
         instances=tuple(head["i"]),
         received_ns=int(head.get("r", 0)),
+        attr_keys=tuple(head.get("ak", ())),
+        attr_values=tuple(head.get("av", ())),
+        attrs=attrs,
         **cols,  # type: ignore[arg-type]  # the columns, by name
     )
     batch.check()
@@ -186,7 +202,11 @@ def concat(batches: list[SpanBatch]) -> SpanBatch:
             if name not in remap.values():
                 cols[name].append(getattr(b, name))
     weighted = any(b.weight is not None for b in batches)
+    keys, values, attrs = _concat_attributes(batches)
     return SpanBatch(
+        attr_keys=keys,
+        attr_values=values,
+        attrs=attrs,
         services=tuple(tables["services"]),
         operations=tuple(tables["operations"]),
         instances=tuple(tables["instances"]),
@@ -194,6 +214,28 @@ def concat(batches: list[SpanBatch]) -> SpanBatch:
         weight=np.concatenate([b.weights() for b in batches]) if weighted else None,
         **{name: np.concatenate(parts) for name, parts in cols.items()},  # type: ignore[arg-type]
     )
+
+
+def _concat_attributes(batches: list[SpanBatch]) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray | None]:
+    """The attribute columns of several batches as one: keys and value tables merged."""
+    keys: dict[str, int] = {}
+    for b in batches:
+        for k in b.attr_keys:
+            keys.setdefault(k, len(keys))
+    if not keys or all(b.attrs is None for b in batches):
+        return (), (), None
+    values: dict[str, int] = {}
+    parts = []
+    for b in batches:
+        part = np.full((len(keys), len(b)), -1, dtype=np.int32)
+        if b.attrs is not None and len(b):
+            table = np.fromiter((values.setdefault(v, len(values)) for v in b.attr_values), np.int32,
+                                len(b.attr_values))  # fmt: skip
+            for j, k in enumerate(b.attr_keys):
+                col = b.attrs[j]
+                part[keys[k]] = np.where(col >= 0, table[np.maximum(col, 0)] if table.size else -1, -1)
+        parts.append(part)
+    return tuple(keys), tuple(values), np.concatenate(parts, axis=1)
 
 
 def coalesce(batches: list[Batch], max_spans: int = 8192) -> list[Batch]:

@@ -35,6 +35,11 @@ def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
+def _all_positive(section: str, obj: object, keys: tuple[str, ...], *, zero_ok: bool = False) -> None:
+    for key in keys:
+        _positive(f"{section}.{key}", getattr(obj, key), zero_ok=zero_ok)
+
+
 @dataclass(frozen=True)
 class OtlpConfig:
     grpc_listen: str = "127.0.0.1:4317"
@@ -52,20 +57,14 @@ class OtlpConfig:
 
     def __post_init__(self) -> None:
         _host_port("otlp.grpc_listen", self.grpc_listen)
-        _positive("otlp.max_future_s", self.max_future_s)
-        for key in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s"):
-            _positive(f"otlp.{key}", getattr(self, key))
-        _positive("otlp.max_connection_age_s", self.max_connection_age_s, zero_ok=True)
-        _positive("otlp.max_connection_age_grace_s", self.max_connection_age_grace_s, zero_ok=True)
-        _positive("otlp.shutdown_grace_s", self.shutdown_grace_s, zero_ok=True)
+        _all_positive("otlp", self, ("max_future_s", "keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s",
+                                     "server_threads", "max_attribute_value_bytes"))  # fmt: skip
+        _all_positive("otlp", self, ("max_connection_age_s", "max_connection_age_grace_s", "shutdown_grace_s",
+                                     "max_log_attributes"), zero_ok=True)  # fmt: skip
         if not 1024 <= self.max_message_bytes <= 64 * MiB:
             raise ConfigError(
-                f"otlp.max_message_bytes: allowed 1024..{64 * MiB} (64 MiB), "
-                f"got {self.max_message_bytes}"
+                f"otlp.max_message_bytes: allowed 1024..{64 * MiB} (64 MiB), got {self.max_message_bytes}"
             )
-        _positive("otlp.server_threads", self.server_threads)
-        _positive("otlp.max_log_attributes", self.max_log_attributes, zero_ok=True)
-        _positive("otlp.max_attribute_value_bytes", self.max_attribute_value_bytes)
 
 
 @dataclass(frozen=True)
@@ -85,8 +84,7 @@ class OtlpHttpConfig:
     def __post_init__(self) -> None:
         if self.listen:
             _host_port("otlp_http.listen", self.listen)
-        _positive("otlp_http.server_threads", self.server_threads)
-        _positive("otlp_http.max_in_flight", self.max_in_flight)
+        _all_positive("otlp_http", self, ("server_threads", "max_in_flight"))
         _positive("otlp_http.cors_max_age_s", self.cors_max_age_s, zero_ok=True)
 
 
@@ -122,8 +120,7 @@ class SpoolConfig:
                 f"spool.budget_bytes: must be >= spool.segment_bytes ({self.segment_bytes}), "
                 f"got {self.budget_bytes}"
             )
-        _positive("spool.fsync_interval_ms", self.fsync_interval_ms)
-        _positive("spool.retry_after_ms", self.retry_after_ms)
+        _all_positive("spool", self, ("fsync_interval_ms", "retry_after_ms"))
 
 
 @dataclass(frozen=True)
@@ -135,10 +132,8 @@ class WindowsConfig:
     relative_accuracy: float = 0.01
 
     def __post_init__(self) -> None:
-        _positive("windows.length_s", self.length_s)
+        _all_positive("windows", self, ("length_s", "idle_timeout_s", "max_operations_per_service"))
         _positive("windows.allowed_lateness_s", self.allowed_lateness_s, zero_ok=True)
-        _positive("windows.idle_timeout_s", self.idle_timeout_s)
-        _positive("windows.max_operations_per_service", self.max_operations_per_service)
         if not 0.0001 <= self.relative_accuracy <= 0.1:
             raise ConfigError(
                 f"windows.relative_accuracy: allowed 0.0001..0.1, got {self.relative_accuracy}"
@@ -158,8 +153,7 @@ class MetricsConfig:
     stale_after_s: float = 180.0
 
     def __post_init__(self) -> None:
-        _positive("metrics.max_series_per_service", self.max_series_per_service)
-        _positive("metrics.stale_after_s", self.stale_after_s)
+        _all_positive("metrics", self, ("max_series_per_service", "stale_after_s"))
 
 
 @dataclass(frozen=True)
@@ -220,10 +214,7 @@ class LokiConfig:
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"loki.url: must start with http:// or https://, got {self.url!r}")
-        _positive("loki.max_streams", self.max_streams)
-        _positive("loki.stream_idle_s", self.stream_idle_s)
-        _positive("loki.breaker_failures", self.breaker_failures)
-        _positive("loki.breaker_cooldown_s", self.breaker_cooldown_s)
+        _all_positive("loki", self, ("max_streams", "stream_idle_s", "breaker_failures", "breaker_cooldown_s"))
         for key in ("batch_max_bytes", "batch_max_wait_ms", "max_line_bytes", "queue_max_batches",
                     "timeout_s", "retry_min_ms", "retry_max_ms"):  # fmt: skip
             _positive(f"loki.{key}", getattr(self, key))
@@ -282,10 +273,9 @@ class AnomalyConfig:
         _positive("anomaly.band_k", self.band_k)
         if not 0 < self.fading_factor <= 1:
             raise ConfigError(f"anomaly.fading_factor: allowed (0, 1], got {self.fading_factor}")
-        for key in ("warmup_windows", "pending_windows", "resolve_windows", "hst_window", "metric_warmup_points"):
-            _positive(f"anomaly.{key}", getattr(self, key))
-        _positive("anomaly.min_calls", self.min_calls, zero_ok=True)
-        _positive("anomaly.latency_resolution_s", self.latency_resolution_s, zero_ok=True)
+        _all_positive("anomaly", self, ("warmup_windows", "pending_windows", "resolve_windows", "hst_window",
+                                        "metric_warmup_points"))  # fmt: skip
+        _all_positive("anomaly", self, ("min_calls", "latency_resolution_s"), zero_ok=True)
         if not 0 < self.hst_threshold < 1:
             raise ConfigError(f"anomaly.hst_threshold: allowed (0, 1), got {self.hst_threshold}")
 
@@ -349,8 +339,22 @@ class ServiceGraphConfig:
     ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
-        _positive("servicegraph.sample_one_in", self.sample_one_in)
-        _positive("servicegraph.ttl_s", self.ttl_s)
+        _all_positive("servicegraph", self, ("sample_one_in", "ttl_s"))
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    enabled: bool = True
+    slow_query_s: float = 0.5
+    n_plus_one_min_repeats: int = 5
+    n_plus_one_min_total_s: float = 0.05
+    max_statements_per_service: int = 1000
+    max_statement_chars: int = 200
+
+    def __post_init__(self) -> None:
+        _all_positive("db", self, ("slow_query_s", "n_plus_one_min_repeats", "max_statements_per_service",
+                                   "max_statement_chars"))  # fmt: skip
+        _positive("db.n_plus_one_min_total_s", self.n_plus_one_min_total_s, zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -487,5 +491,6 @@ class Config:
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     servicegraph: ServiceGraphConfig = field(default_factory=ServiceGraphConfig)
+    db: DbConfig = field(default_factory=DbConfig)
     keda: KedaConfig = field(default_factory=KedaConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -10,10 +10,12 @@
            -> anomaly detection and alerts -> scaling signal
       -> every service's window summary -> one incident tracker: alerts on linked
          services grouped, root causes ranked
+    database calls in span batches (read partition, next to the join): statements counted,
+      slow queries and N+1 findings -> the outputs below
       -> window results, anomaly/scaling updates -> /metrics state
-         window results, alert and scaling events -> --emit-jsonl file
+         window results, alert, scaling and incident events, findings -> --emit-jsonl file
          scaling updates of every service -> the KEDA process
-         alert and scaling events -> Loki (when configured)
+         alert, scaling and incident events, findings -> Loki (when configured)
     log batches -> Loki (when configured)
 
 Stateful logic lives in plain classes (``pipeline/windows.py``, ``anomaly.py``,
@@ -39,6 +41,7 @@ from bytewax.inputs import FixedPartitionedSource
 from bytewax.outputs import Sink
 
 from pipeline.config import Config
+from pipeline.db_analysis import DbCalls, Finding
 from pipeline.deadletter import DeadLetters
 from pipeline.incident_model import IncidentEvent, ServiceSummary
 from pipeline.metric_model import LateMetrics, MetricBatch, MetricPoints
@@ -55,6 +58,7 @@ from pipeline.model import (
     ScalingUpdate,
     ServiceExpired,
     SpanBatch,
+    TemplatedSpans,
     WindowResult,
 )
 from pipeline.preaggregate import WindowSpec, preaggregate, preaggregate_logs, preaggregate_metrics
@@ -70,8 +74,9 @@ class Outputs:
 
     ``result_sinks`` get every item the per-service step emits (``WindowResult``,
     ``LateSpans``, ``AnomalyUpdate``, ``AlertEvent``, ``ScalingUpdate``,
-    ``ScalingEvent``) and the ``IncidentEvent`` items; ``file_sinks`` get the same keyed as ``("results", item)``;
-    ``loki_sinks`` get ``LogBatch`` items and the alert, scaling and incident events;
+    ``ScalingEvent``), the ``IncidentEvent`` items and the database analysis's ``DbCalls`` and
+    ``Finding`` items; ``file_sinks`` get the same keyed as ``("results", item)``;
+    ``loki_sinks`` get ``LogBatch`` items and the alert, scaling and incident events and findings;
     ``scaling_sinks`` get every ``ScalingUpdate`` keyed as ``("scaling", item)`` (one
     partition: the process serving KEDA sees every service).
     """
@@ -107,6 +112,8 @@ def _progress_counter(metrics: SelfMetrics):
             metrics.inc("processed_spans", item.count)
             if item.operation == OVERFLOW_OPERATION:
                 metrics.inc("overflow_spans", item.count)
+        elif isinstance(item, TemplatedSpans):
+            metrics.inc("templated_spans", item.count)
         elif isinstance(item, MetricPoints):
             metrics.inc("processed_metric_points", item.processed)
             metrics.inc("overflow_metric_points", item.overflow)
@@ -149,9 +156,14 @@ def build_flow(
 
     # Read batches; the service-graph join runs in the reading partition, in read order,
     # and puts each span batch's cross-service calls (EdgePartial) right after it.
+    # The database analysis runs there too: each span batch's database calls and findings
+    # (DbCalls, Finding: pipeline/db_analysis.py) follow it, straight to the outputs.
     sg = cfg.servicegraph
-    joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns, dead)
-    batches = op.input("read", flow, joined)
+    db = (cfg.db, cfg.prometheus.buckets) if cfg.db.enabled else None
+    joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns, dead, db)
+    read = op.input("read", flow, joined)
+    db_items = op.filter("db_items", read, lambda x: isinstance(x, DbCalls | Finding))
+    batches = op.filter("not_db_items", read, lambda x: not isinstance(x, DbCalls | Finding))
 
     # One aggregate per (service, window) per batch (a row per operation and kind, so a batch
     # touching thousands of operations is still a few items), and per-service log counts:
@@ -174,7 +186,7 @@ def build_flow(
     ))  # fmt: skip
     op.inspect("count_incidents", incidents, _incident_counter(metrics))
     others = op.filter("not_summaries", per_service_out, lambda x: not isinstance(x, ServiceSummary))
-    results = op.merge("results_and_incidents", others, incidents)
+    results = op.merge("results_and_incidents", others, incidents, db_items)
 
     for i, sink in enumerate(outputs.result_sinks):
         op.output(f"results_out_{i}", results, sink)
@@ -198,7 +210,9 @@ def build_flow(
 
     op.inspect("count_logs", logs, count_logs)
     if outputs.loki_sinks:
-        events = op.filter("events", results, lambda x: isinstance(x, AlertEvent | ScalingEvent | IncidentEvent))
+        events = op.filter(
+            "events", results, lambda x: isinstance(x, AlertEvent | ScalingEvent | IncidentEvent | Finding)
+        )
         to_loki = op.merge("logs_and_events", logs, events)
         for i, sink in enumerate(outputs.loki_sinks):
             op.output(f"loki_out_{i}", to_loki, sink)

@@ -81,6 +81,11 @@ class SpanBatch:
     # Adjusted counts (int32, ``pipeline/sampling.py``): how many spans each one stands for, from
     # its tracestate's ``ot=th`` sampling threshold. None: every span stands for itself.
     weight: np.ndarray | None = None
+    # Span attributes read (only those asked for: ``DecodeLimits.span_attributes``): ``attrs[j]``
+    # indexes ``attr_values`` with each span's value of ``attr_keys[j]`` (int32, -1: absent).
+    attr_keys: tuple[str, ...] = ()
+    attr_values: tuple[str, ...] = ()
+    attrs: np.ndarray | None = None
     # Set by the source, not stored: (partition, step number) of the read step this
     # batch came in. Watermarks advance only between steps (see pipeline/windows.py).
     step: tuple[int, int] = (0, 0)
@@ -91,7 +96,10 @@ class SpanBatch:
     def select(self, keep: np.ndarray) -> SpanBatch:
         """The spans where ``keep`` (a boolean mask) is true; string tables kept as they are."""
         cols = {name: getattr(self, name)[keep] for name, _ in SPAN_COLUMNS}
-        return dataclasses.replace(self, **cols, weight=None if self.weight is None else self.weight[keep])
+        return dataclasses.replace(
+            self, **cols, weight=None if self.weight is None else self.weight[keep],
+            attrs=None if self.attrs is None else self.attrs[:, keep],
+        )  # fmt: skip
 
     def check(self) -> None:
         """Raise ValueError unless every index points into its string table."""
@@ -100,9 +108,21 @@ class SpanBatch:
             idx = getattr(self, col)
             if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(table)):
                 raise ValueError(f"span batch: {col} outside its table of {len(table)}")
+        if self.attrs is not None and self.attrs.size:
+            if self.attrs.shape != (len(self.attr_keys), len(self)):
+                raise ValueError("span batch: attribute columns of the wrong shape")
+            if int(self.attrs.min()) < -1 or int(self.attrs.max()) >= len(self.attr_values):
+                raise ValueError(f"span batch: attribute values outside their table of {len(self.attr_values)}")
 
     def last_end_ns(self) -> int:
         return int(self.end_ns.max()) if len(self) else 0
+
+    def attribute(self, key: str) -> np.ndarray | None:
+        """Each span's value of span attribute ``key`` as an index into ``attr_values`` (-1:
+        absent); None when the key was not read."""
+        if self.attrs is None or key not in self.attr_keys:
+            return None
+        return self.attrs[self.attr_keys.index(key)]
 
     def weights(self) -> np.ndarray:
         """Each span's adjusted count (ones when the batch has none)."""
@@ -173,6 +193,7 @@ class WindowResult:
     status_sums: tuple[float, float, float]
     slow_traces: tuple[str, ...] = ()  # trace ids of the slowest spans, slowest first
     error_traces: tuple[str, ...] = ()  # trace ids of error spans
+    slow_durations: tuple[float, ...] = ()  # seconds, of the spans of ``slow_traces`` (exemplars)
 
     def to_json(self) -> dict:
         return {
@@ -241,6 +262,15 @@ class Tick:
     service: str
     windows: tuple[int, ...]  # window starts (unix ns) the step read data in
     step: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TemplatedSpans:
+    """Spans counted under their name's template (``/users/{id}``: pipeline/span_names.py) because
+    the service's names with ids would not fit under its operation limit otherwise."""
+
+    service: str
+    count: int
 
 
 @dataclass(frozen=True)

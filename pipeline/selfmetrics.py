@@ -38,6 +38,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "expired_keys": ("(service, operation, kind) keys retired after prometheus.stale_after_s without spans", ()),
     "expired_services": ("Services forgotten after prometheus.service_stale_after_s without any data", ()),
     "overflow_spans": ("Spans folded into a service's overflow series (cardinality limit)", ()),
+    "templated_spans": ("Spans counted under their name's template (/users/{id}) to stay within the limit", ()),
     "incidents": ("Incident events, by state (opened, updated, resolved)", ("state",)),
     "windows_closed": ("Event-time windows closed", ()),
     "sink_errors": ("Sink request failures, by sink and reason", ("sink", "reason")),

@@ -29,7 +29,8 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulLogic
 
 from pipeline import servicegraph
-from pipeline.config import Config
+from pipeline.config import Config, DbConfig
+from pipeline.db_analysis import DbAnalyzer
 from pipeline.deadletter import DeadLetters
 from pipeline.incidents import IncidentTracker
 from pipeline.metric_model import MetricBatch
@@ -184,10 +185,12 @@ class _Ticks:
 
 class _JoinedPartition(StatefulSourcePartition):
     def __init__(
-        self, inner: StatefulSourcePartition, joiner: servicegraph.LinkJoiner, dead: DeadLetters | None
-    ) -> None:
+        self, inner: StatefulSourcePartition, joiner: servicegraph.LinkJoiner, dead: DeadLetters | None,
+        analyzer: DbAnalyzer | None = None,
+    ) -> None:  # fmt: skip
         self.inner = inner
         self.joiner = joiner
+        self.analyzer = analyzer
         self.dead = dead
         self.logged_at = -1e9
         self.ticks = _Ticks(joiner.window_ns)
@@ -202,9 +205,12 @@ class _JoinedPartition(StatefulSourcePartition):
             if isinstance(item, SpanBatch):
                 if self.dead is None:
                     out.extend(self.joiner.process(item))
+                    out.extend(self.analyzer.process(item) if self.analyzer is not None else ())
                 else:
                     # the join changes state: a failure is set aside at once, never retried
                     out.extend(self.dead.run("servicegraph", self.joiner.process, item, tries=1) or [])
+                    if self.analyzer is not None:
+                        out.extend(self.dead.run("db_analysis", self.analyzer.process, item, tries=1) or [])
         unjoined, unstored = self.joiner.unjoined - before[0], self.joiner.unstored - before[1]
         if (unjoined or unstored) and self.dead is not None:
             # counted per batch, logged at most once a minute (this can go on for a while)
@@ -225,30 +231,41 @@ class _JoinedPartition(StatefulSourcePartition):
         return self.inner.next_awake()
 
     def snapshot(self):
-        return (self.inner.snapshot(), pickle.dumps(self.joiner))  # a copy: the joiner keeps changing
+        # copies: the joiner and the analyzer keep changing
+        analyzer = pickle.dumps(self.analyzer) if self.analyzer is not None else None
+        return (self.inner.snapshot(), pickle.dumps(self.joiner), analyzer)
 
     def close(self) -> None:
         self.inner.close()
 
 
 class JoinedSource(FixedPartitionedSource):
-    """Wraps a partitioned source of batches: each span batch is followed by its edges."""
+    """Wraps a partitioned source of batches: each span batch is followed by its edges and,
+    when ``db`` (the ``[db]`` configuration and the histogram bounds) is given, its database
+    calls and findings (``pipeline/db_analysis.py``)."""
 
     def __init__(
         self, inner: FixedPartitionedSource, sample_one_in: int, ttl_ns: int, window_ns: int,
-        dead: DeadLetters | None = None,
+        dead: DeadLetters | None = None, db: tuple[DbConfig, tuple[float, ...]] | None = None,
     ) -> None:  # fmt: skip
         self.inner = inner
         self.args = (sample_one_in, ttl_ns, window_ns)
         self.dead = dead
+        self.db = db
 
     def list_parts(self) -> list[str]:
         return self.inner.list_parts()
 
     def build_part(self, step_id: str, for_part: str, resume_state):
-        inner_state, joiner = resume_state if resume_state is not None else (None, None)
+        # snapshots before the database analysis held (inner, joiner)
+        inner_state, joiner, analyzer = (*resume_state, None)[:3] if resume_state is not None else (None, None, None)
         inner = self.inner.build_part(step_id, for_part, inner_state)
         if joiner:  # restored: state from the snapshot, configuration from today's file
             joiner = pickle.loads(joiner)
             joiner.bind(*self.args)
-        return _JoinedPartition(inner, joiner or servicegraph.LinkJoiner(*self.args), self.dead)
+        db = None
+        if self.db is not None:
+            ttl_ns = self.args[1]
+            db = pickle.loads(analyzer) if analyzer else DbAnalyzer(self.db[0], self.db[1], ttl_ns)
+            db.bind(self.db[0], self.db[1], ttl_ns)
+        return _JoinedPartition(inner, joiner or servicegraph.LinkJoiner(*self.args), self.dead, db)

@@ -199,8 +199,9 @@ def _results(service: str, start: int, length: int, ops: _Ops, mapping: LogMappi
     est = np.where(rank == 0, vmin[:, None], est)
     qs = np.where(rank == (count - 1)[:, None], vmax[:, None], est)
 
-    slow_row, _, slow_trace = ops.top_slow()
+    slow_row, slow_dur, slow_trace = ops.top_slow()
     slow = _split_rows(slow_row, _hex_ids(slow_trace), n)
+    slow_d = _split_rows(slow_row, slow_dur.tolist(), n)
     err_row, err_trace = ops.first_errors()
     errors = _split_rows(err_row, _hex_ids(err_trace), n)
 
@@ -218,6 +219,7 @@ def _results(service: str, start: int, length: int, ops: _Ops, mapping: LogMappi
                 count=count_l[r], errors=status_l[r][2], p50=q[0], p90=q[1], p95=q[2], p99=q[3], max=max_l[r],
                 sum=totals[r], status_counts=tuple(status_l[r]), bucket_counts=tuple(map(tuple, buckets_l[r])),
                 status_sums=tuple(sums_l[r]), slow_traces=tuple(slow[r]), error_traces=tuple(errors[r]),
+                slow_durations=tuple(slow_d[r]),
             )
         )  # fmt: skip
         if kind == KIND_SERVER:

@@ -48,9 +48,11 @@ from pipeline.model import (
     LogPartial,
     Partial,
     ServiceWindow,
+    TemplatedSpans,
     Tick,
 )
 from pipeline.preaggregate import WindowSpec
+from pipeline.span_names import template
 from pipeline.window_ops import _Ops, _ops_from_windows, _results, _Window
 
 # Recovery snapshots name the classes they hold by module: these were defined here before
@@ -72,8 +74,9 @@ class CardinalityLimiter:
         self.watermark = 0
 
     def admit(self, operations: list[str], ends_ns: list[int], now_ns: int | None = None) -> list[str]:
-        """The operations of a partial's rows as they are counted: each one, or the overflow
-        operation when it does not fit. ``ends_ns``: each row's newest span end; ``now_ns``:
+        """The operations of a partial's rows as they are counted: each one, its template when
+        names with ids in it (``pipeline/span_names.py``) would not fit otherwise, or the
+        overflow operation when it does not fit. ``ends_ns``: each row's newest span end; ``now_ns``:
         how far the partial moves event time (``Partial.max_end_ns``). Within a batch,
         operations are admitted window by window, in the order of the operation table
         (deterministic: the input decides)."""
@@ -83,9 +86,16 @@ class CardinalityLimiter:
         for op, end in zip(operations, ends_ns):
             seen = last_seen.get(op)
             if seen is None:
+                folded = template(op)
+                if folded != op and folded in last_seen:  # its template counts it already
+                    op, seen = folded, last_seen[folded]
+            if seen is None:
                 if len(last_seen) >= self.limit:
                     self._expire()
                 if len(last_seen) < self.limit:
+                    last_seen[op] = end
+                elif folded != op and self._fold(folded):
+                    op = folded
                     last_seen[op] = end
                 else:
                     op = OVERFLOW_OPERATION
@@ -93,6 +103,15 @@ class CardinalityLimiter:
                 last_seen[op] = end
             out.append(op)
         return out
+
+    def _fold(self, folded: str) -> bool:
+        """The limit is reached and a new name has ids in it: the live names with the same
+        template give their slots to it (their next spans count under it). False when none
+        does (no slot for the template either)."""
+        same = [o for o in self.last_seen if template(o) == folded]
+        for o in same:
+            del self.last_seen[o]
+        return bool(same)
 
     def _expire(self) -> None:
         horizon = self.watermark - self.expire_ns
@@ -192,6 +211,10 @@ class ServiceWindows:
         if isinstance(item, Partial):
             moved = item.max_end_ns
             operations = self.limiter.admit(item.operations, item.row_end_ns, moved)
+            folded = [i for i, (a, b) in enumerate(zip(item.operations, operations))
+                      if a != b and b != OVERFLOW_OPERATION]  # fmt: skip
+            if folded:
+                out.append(TemplatedSpans(self.service, int(item.status_counts[folded].sum())))
             if late:
                 counts = item.status_counts.sum(axis=1).tolist()
                 out.extend(LateSpans(self.service, op, k, n) for op, k, n in zip(operations, item.kinds, counts))

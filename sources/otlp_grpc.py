@@ -102,6 +102,7 @@ class OtlpReceiver:
         reuse_port: bool = False,
         clock: Callable[[], float] = time.time,
         intake: Intake | None = None,
+        limits: DecodeLimits | None = None,
     ) -> None:
         """``intake``: shared with the OTLP/HTTP receiver (one tenant table, one spool); made
         here from the other arguments when not given."""
@@ -111,7 +112,7 @@ class OtlpReceiver:
             spool, metrics, max_future_s=cfg.max_future_s, retry_after_ms=retry_after_ms, recorder=recorder,
             auth=auth, memory=memory, tenants=tenants, clock=clock,
         )  # fmt: skip
-        self.limits = DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
+        self.limits = limits or DecodeLimits(cfg.max_log_attributes, cfg.max_attribute_value_bytes)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server_threads, thread_name_prefix="otlp"),
             options=grpc_options(cfg, reuse_port),
@@ -152,7 +153,7 @@ class OtlpReceiver:
 
     # -- handlers
     def export_traces(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._export("spans", request, context, decode_traces)
+        return self._export("spans", request, context, lambda data: decode_traces(data, self.limits))
 
     def export_logs(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return self._export("logs", request, context, lambda data: decode_logs(data, self.limits))

@@ -161,8 +161,8 @@ def json_decoder(decode: Callable[[dict], Decoded]) -> Callable[[bytes], Decoded
 def decoders(limits: DecodeLimits) -> dict[tuple[str, bool], Callable[[bytes], Decoded]]:
     """(signal, JSON?) -> bytes -> Decoded."""
     out: dict[tuple[str, bool], Callable[[bytes], Decoded]] = {
-        ("spans", False): decode_traces,
-        ("spans", True): json_decoder(decode_traces_json),
+        ("spans", False): lambda data: decode_traces(data, limits),
+        ("spans", True): json_decoder(lambda obj: decode_traces_json(obj, limits)),
         ("logs", False): lambda data: decode_logs(data, limits),
         ("logs", True): json_decoder(lambda obj: decode_logs_json(obj, limits)),
         ("metrics", False): decode_metrics,
@@ -243,13 +243,14 @@ class OtlpHttpReceiver:
         *,
         tls: TlsConfig | None = None,
         reuse_port: bool = False,
+        limits: DecodeLimits | None = None,
     ) -> None:
         self.cfg = cfg
         self.intake = intake
         self.metrics = metrics
         self.limit = otlp.max_message_bytes
         self.grace = otlp.shutdown_grace_s
-        self.decoders = decoders(DecodeLimits(otlp.max_log_attributes, otlp.max_attribute_value_bytes))
+        self.decoders = decoders(limits or DecodeLimits(otlp.max_log_attributes, otlp.max_attribute_value_bytes))
         self.tenant_key = intake.tenants.key if intake.tenants is not None else ""
         self.origins = tuple(o.lower() for o in cfg.allowed_origins)
         self.allowed_headers = {h.lower() for h in cfg.allowed_headers} | SAFELISTED

@@ -23,7 +23,7 @@ from google.protobuf.internal import api_implementation
 
 from pipeline import compiled
 from pipeline.config import Config
-from pipeline.decode import DecodeLimits
+from pipeline.decode import decode_limits
 from pipeline.flow import Outputs, build_flow
 from pipeline.selfmetrics import SelfMetrics
 from sinks.jsonl import JsonlSink
@@ -147,11 +147,14 @@ class Daemon:
             recorder=self.recorder, auth=BearerAuth.from_config(cfg.auth),
             memory=MemoryGuard(cfg.limits.max_rss_bytes), tenants=TenantLimiter(cfg.limits), clock=clock,
         )  # fmt: skip
+        limits = decode_limits(cfg)
         self.receiver = OtlpReceiver(
             cfg.otlp, self.spool, self.metrics, tls=cfg.tls, reuse_port=processes > 1, intake=self.intake,
+            limits=limits,
         )  # fmt: skip
         self.http_receiver = (
-            OtlpHttpReceiver(cfg.otlp_http, cfg.otlp, self.intake, self.metrics, tls=cfg.tls, reuse_port=processes > 1)
+            OtlpHttpReceiver(cfg.otlp_http, cfg.otlp, self.intake, self.metrics, tls=cfg.tls,
+                             reuse_port=processes > 1, limits=limits)  # fmt: skip
             if cfg.otlp_http.listen
             else None
         )
@@ -290,7 +293,7 @@ def replay(
     in one of them, and the summary counts what this process's windows saw."""
     check_protobuf_backend()
     metrics = SelfMetrics()
-    limits = DecodeLimits(cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes)
+    limits = decode_limits(cfg)
     source = ReplaySource(paths, speed=speed, metrics=metrics, limits=limits)
     series = SeriesState(cfg.prometheus.buckets, metrics, stale_after_s=float("inf"))
     outputs = extra_outputs or Outputs()

@@ -63,8 +63,9 @@ def committed_segments(db_dir: Path, step_id: str = READ_STEP_ID) -> dict[str, i
         out = {}
         for part, (_, ser) in best.items():
             snap = pickle.loads(ser)
-            # The service-graph wrapper snapshots (inner state, pickled joiner).
-            inner = snap[0] if isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[1], bytes) else snap
+            # The service-graph wrapper snapshots (inner state, pickled joiner[, pickled database analyzer]).
+            wrapped = isinstance(snap, tuple) and len(snap) in (2, 3) and isinstance(snap[1], bytes)
+            inner = snap[0] if wrapped else snap
             out[part] = int(inner[0])  # spool source state: (segment, offset, step[, format version])
         return out
     except sqlite3.Error:

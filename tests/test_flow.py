@@ -116,16 +116,75 @@ def test_cli_replay_output_is_byte_identical_across_runs_and_speeds(tmp_path):
     assert {x["span_kind"] for x in lines} <= set(SPAN_KINDS)
 
 
+def letters(n: int) -> str:
+    """A name piece without digits (no id to fold into a template): n in base 26."""
+    out = ""
+    while True:
+        n, r = divmod(n, 26)
+        out = "abcdefghijklmnopqrstuvwxyz"[r] + out
+        if not n:
+            return out
+
+
+def _flood(tmp_path, names_of, n_batches: int, per: int, limit: int = 500, step_ns: int = 10**8):
+    import numpy as np
+
+    from bench.amplify import write_native
+    from pipeline.model import SpanBatch
+
+    batches = []
+    for k in range(n_batches):
+        names = tuple(names_of(k * per + i) for i in range(per))
+        batches.append(SpanBatch(
+            services=("shop",), operations=names, instances=("pod",), service_idx=np.zeros(per, np.int32),
+            op_idx=np.arange(per, dtype=np.int32), instance_idx=np.zeros(per, np.int32), kind=np.full(per, 2, np.int8),
+            status=np.zeros(per, np.int8), end_ns=np.full(per, 1_700_000_000_000_000_000 + k * step_ns, np.int64),
+            duration_ns=np.full(per, 10**6, np.int64), trace_id=np.full(per, b"\x01" * 16, "S16"),
+            span_id=np.full(per, b"\x02" * 8, "S8"), parent_span_id=np.zeros(per, "S8"),
+        ))  # fmt: skip
+    write_native(batches, tmp_path / "flood")
+    cfg = Config(windows=WindowsConfig(max_operations_per_service=limit))
+    got, metrics = run_replay([tmp_path / "flood"], cfg=cfg)
+    return [r for r in got if isinstance(r, WindowResult)], metrics
+
+
+def test_urls_with_ids_fold_into_one_template_before_the_overflow_series(tmp_path):
+    """100,000 URLs with ids (numbers, UUIDs, hex object ids) and a few plain routes: the ids fold
+    into one template per route once they would not fit, counted; nothing goes to overflow."""
+    import uuid
+
+    def name(n: int) -> str:
+        if n % 1000 == 0:
+            return f"GET /health/{letters(n // 1000 % 3)}"  # plain names: kept as they are
+        kind = n % 3
+        ident = str(n) if kind == 0 else str(uuid.UUID(int=n)) if kind == 1 else f"{n:024x}"
+        return f"GET /users/{ident}/orders"
+
+    windows, metrics = _flood(tmp_path, name, 50, 2000, limit=100, step_ns=10**9)  # 50 s: 5 windows
+    assert sum(r.count for r in windows) == 100_000  # nothing lost
+    counts: dict[str, int] = {}
+    for r in windows:
+        counts[r.operation] = counts.get(r.operation, 0) + r.count
+    assert "__overflow__" not in counts and counts["GET /users/{id}/orders"] > 99_000
+    assert set(counts) - {"GET /users/{id}/orders"} <= {"GET /health/a", "GET /health/b", "GET /health/c"} | {
+        n for n in counts if n.startswith("GET /users/") and "{id}" not in n}  # admitted before the limit
+    last = max(r.window_start for r in windows)  # once folded, one series for all of them
+    assert {r.operation for r in windows if r.window_start == last} <= {
+        "GET /users/{id}/orders", "GET /health/a", "GET /health/b", "GET /health/c"}
+    assert metrics.counter("templated_spans") == counts["GET /users/{id}/orders"]
+    assert metrics.counter("overflow_spans") == 0
+
+
 def test_a_flood_of_unique_span_names_is_capped_into_the_overflow_series(tmp_path):
     import numpy as np
 
     from bench.amplify import write_native
     from pipeline.model import SpanBatch
 
-    n_batches, per = 100, 2000  # 200,000 spans, every one with its own name
+    n_batches, per = 100, 2000  # 200,000 spans, every one with its own name (no id in it to fold)
     batches = []
     for k in range(n_batches):
-        names = tuple(f"GET /item/{k * per + i}" for i in range(per))
+        names = tuple(f"GET /item/{letters(k * per + i)}" for i in range(per))
         batches.append(SpanBatch(
             services=("shop",), operations=names, instances=("pod",), service_idx=np.zeros(per, np.int32),
             op_idx=np.arange(per, dtype=np.int32), instance_idx=np.zeros(per, np.int32), kind=np.full(per, 2, np.int8),

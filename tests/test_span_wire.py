@@ -17,26 +17,30 @@ from hypothesis import strategies as st
 
 from bench.load import RecordedTraces, SyntheticTraces, Template
 from bench.replay_bench import payloads
-from pipeline.decode import Decoded, MalformedRequest, decode_traces, decode_traces_upb, span_wire
+from pipeline.decode import Decoded, DecodeLimits, MalformedRequest, decode_traces, decode_traces_upb, span_wire
+from pipeline.decode import span_attributes
 
 from .conftest import ONLINEBOUTIQUE, TRAINTICKET
 
 ZIPKIN = ONLINEBOUTIQUE.parent / "zipkin-captures.otlp.jsonl"
 
 
-def walked(data: bytes) -> bool:
-    return span_wire.walk(np.frombuffer(data, dtype=np.uint8))[0] == span_wire.OK
+WANTED = DecodeLimits(span_attributes=("db.system", "db.query.text", "k"))
 
 
-def outcome(decode, data: bytes):
+def walked(data: bytes, limits: DecodeLimits = DecodeLimits()) -> bool:
+    return span_wire.walk(np.frombuffer(data, dtype=np.uint8), *span_attributes.wanted_keys(limits.span_attributes))[0] == 0
+
+
+def outcome(decode, data: bytes, limits: DecodeLimits = DecodeLimits()):
     try:
-        return decode(data)
+        return decode(data, limits)
     except MalformedRequest:
         return "malformed"
 
 
-def assert_same(data: bytes) -> Decoded | str:
-    fast, ref = outcome(decode_traces, data), outcome(decode_traces_upb, data)
+def assert_same(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded | str:
+    fast, ref = outcome(decode_traces, data, limits), outcome(decode_traces_upb, data, limits)
     if isinstance(ref, str) or isinstance(fast, str):
         assert fast == ref
         return ref
@@ -52,6 +56,14 @@ def assert_same(data: bytes) -> Decoded | str:
         assert (fast.batch.weight is None) == (ref.batch.weight is None)
         if ref.batch.weight is not None:
             assert np.array_equal(fast.batch.weight, ref.batch.weight)
+        assert fast.batch.attr_keys == ref.batch.attr_keys
+        assert fast.batch.attr_keys in ((), limits.span_attributes)  # () when no span had one
+        if fast.batch.attr_keys:  # the same value per span and key (tables may differ in order)
+            for b in (fast.batch, ref.batch):
+                assert b.attrs.shape == (len(limits.span_attributes), len(b))
+            values = [[[b.attr_values[i] if i >= 0 else None for i in row] for row in b.attrs.tolist()]
+                      for b in (fast.batch, ref.batch)]  # fmt: skip
+            assert values[0] == values[1]
     return ref
 
 
@@ -86,6 +98,10 @@ def msg(number: int, *parts: bytes) -> bytes:
 
 def attribute(key: str, value: str) -> bytes:
     return msg(1, field(1, 2, key.encode()), msg(2, field(1, 2, value.encode())))
+
+
+def span_attribute(key: bytes, value: bytes) -> bytes:
+    return msg(9, field(1, 2, key), field(2, 2, value))
 
 
 def span(name: str = "op", tid: bytes = b"\x01" * 16, sid: bytes = b"\x02" * 8, *extra: bytes) -> bytes:
@@ -200,6 +216,27 @@ def test_the_fast_path_handles_what_exporters_send():
         assert not walked(CRAFTED[case]), case
 
 
+def test_span_attributes_are_read_only_when_wanted_and_alike_on_both_paths():
+    def kv(key: bytes, value: bytes) -> bytes:
+        return span_attribute(key, field(1, 2, value))
+
+    spans = [
+        span("a", b"\x01" * 16, b"\x02" * 8, kv(b"db.system", b"postgresql"), kv(b"k", b"v1"), kv(b"k", b"v2")),
+        span("b", b"\x01" * 16, b"\x03" * 8, msg(9, field(2, 2, field(1, 2, b"late key")), field(1, 2, b"k")),
+             kv(b"db.query.text", b"\xffSELECT")),  # value before key; not UTF-8: replaced
+        span("c", b"\x01" * 16, b"\x04" * 8, msg(9, field(1, 2, b"k"), field(2, 2, field(3, 0, 7))),  # an int
+             msg(9, field(1, 2, b"db.system"), field(2, 2, b"\x0a")),  # a broken AnyValue: ignored
+             kv(b"other", b"x"), kv(b"k", b"")),  # an empty string: absent
+    ]  # fmt: skip
+    body = request(*spans)
+    assert walked(body, WANTED) and walked(body)
+    assert_same(body, WANTED)
+    b = decode_traces(body, WANTED).batch
+    got = [[b.attr_values[i] if i >= 0 else None for i in row] for row in b.attrs.T.tolist()]
+    assert got == [["postgresql", None, "v2"], [None, "\ufffdSELECT", "late key"], [None, None, None]]
+    assert decode_traces(body).batch.attrs is None  # nothing wanted: nothing read
+
+
 def test_results_of_the_crafted_cases():
     states = decode_traces(CRAFTED["trace states"]).batch
     # th:c -> 4, none -> 1, th:8 -> 2, malformed th -> 1, no ot -> 1, th:4 -> 4/3: 1 or 2 by span id
@@ -234,7 +271,7 @@ def unknown_fields(numbers):
     )
 
 
-unknown = unknown_fields([9, 10, 11, 12, 13, 14, 16, 40, 1000])
+unknown = unknown_fields([10, 11, 12, 13, 14, 16, 40, 1000])
 trace_states = st.one_of(
     st.sampled_from(["", "ot=th:c", "ot=th:8;rv:abcdef01234567", "vendor=x, ot=th:4", "ot=th:fffffffffffffff",
                      "ot=th:", "ot=rv:01", "ot=th:C"]),
@@ -258,6 +295,16 @@ span_field = st.one_of(
     st.builds(lambda v: field(8, 1, v), st.integers(0, 2**64 - 1)),
     st.builds(lambda v: field(15, 2, v), status),
     st.builds(lambda v: field(3, 2, v.encode()), trace_states),
+    st.builds(
+        span_attribute,
+        st.sampled_from([b"db.system", b"db.query.text", b"k", b"other", b"db.system.name", b"\xff"]),
+        st.one_of(
+            st.builds(lambda t: field(1, 2, t.encode()), texts),  # a string value
+            st.builds(lambda b: field(1, 2, b), st.binary(max_size=6)),  # not UTF-8, sometimes
+            st.builds(lambda n: field(3, 0, n), numbers),  # an int value
+            st.just(b""),  # an empty AnyValue
+        ),
+    ),
     unknown,
 )
 spans = st.lists(st.lists(span_field, max_size=12).map(lambda fs: field(2, 2, b"".join(fs))), max_size=6)
@@ -279,6 +326,8 @@ requests = st.lists(resource_spans, max_size=4).map(b"".join)
 def test_generated_requests_agree_with_upb(body):
     assert_same(body)
     assert walked(body)  # generated from the schema: nothing for upb alone
+    assert_same(body, WANTED)
+    assert walked(body, WANTED)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -292,3 +341,4 @@ def test_mutated_requests_agree_with_upb(body, at, noise, how):
     else:
         body = body[:at] + body[at + len(noise) :]
     assert_same(body)
+    assert_same(body, WANTED)

@@ -1,14 +1,19 @@
 """Trace analytics beyond span metrics (issue 15), end to end with the real OpenTelemetry
 Python SDK exporters against ``telepipe run``.
 
-Sampling weights: spans whose tracestate carries ``ot=th:<threshold>`` count as the adjusted
-count the threshold gives (``th:c``: sampled 1 in 4, each counts 4) in call counts, histogram
-counts and percentiles."""
+- Sampling weights: spans whose tracestate carries ``ot=th:<threshold>`` count as the adjusted
+  count the threshold gives (``th:c``: sampled 1 in 4, each counts 4) in call counts, histogram
+  counts and percentiles.
+- Databases: statements normalized and counted, N+1 findings, slow queries, on /metrics, in
+  ``--emit-jsonl`` and at a strict Loki receiver.
+- Exemplars: trace ids on the duration histogram when the scraper asks for OpenMetrics."""
 
 from __future__ import annotations
 
+import json
 import time
 
+import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -18,8 +23,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import TraceState
+from prometheus_client.openmetrics import parser as om_parser
 
-from .conftest import samples, wait_for
+from .conftest import samples, total, wait_for
+from .loki_server import LokiServer
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +90,127 @@ def test_sampled_spans_count_as_their_adjusted_count(daemon_factory, transport):
         assert s[("telepipe_duration_seconds_count", labels)] == count
         assert s[("telepipe_duration_seconds_sum", labels)] == pytest.approx(count * 0.02)
     assert s[("telepipe_accepted_spans_total", ())] == 100  # spans received: not weighted
+
+
+def _db_span(tracer, name, statement, start, duration, system="postgresql"):
+    span = tracer.start_span(name, kind=trace.SpanKind.CLIENT, start_time=start,
+                             attributes={"db.system.name": system, "db.query.text": statement,
+                                         "db.namespace": "shop", "server.address": "db-1"})  # fmt: skip
+    span.end(end_time=start + duration)
+
+
+def test_database_statements_n_plus_one_and_slow_queries(daemon_factory, tmp_path):
+    """20 traces, each a GET /orders whose handler runs SELECT ... WHERE order_id = <n> 8 times
+    (10 ms each): 160 calls of one normalized statement and 20 N+1 findings; one 700 ms query:
+    one slow query. A handler with 4 repeats, and one with 8 repeats of 2 ms (16 ms in all), are
+    no N+1."""
+    loki = LokiServer()
+    out = tmp_path / "events.jsonl"
+    try:
+        d = daemon_factory(CONFIG, ["--loki-url", loki.url, "--emit-jsonl", str(out)])
+        tp = TracerProvider(resource=Resource.create({"service.name": "shop"}))
+        tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=d.grpc_target, insecure=True)))
+        tracer = tp.get_tracer("db")
+        ms = 1_000_000
+        t = (time.time_ns() // WINDOW - 6) * WINDOW + 100 * ms
+        trace_ids = []
+        for n in range(20):
+            parent = tracer.start_span("GET /orders", kind=trace.SpanKind.SERVER, start_time=t)
+            trace_ids.append(format(parent.get_span_context().trace_id, "032x"))
+            with trace.use_span(parent):
+                for k in range(8):
+                    _db_span(tracer, "SELECT items", f"SELECT * FROM items WHERE order_id = {n * 100 + k}",
+                             t + ms + k * 11 * ms, 10 * ms)  # fmt: skip
+            parent.end(end_time=t + 100 * ms)
+            t += 120 * ms
+        for name, repeats, each in (("GET /few", 4, 10 * ms), ("GET /quick", 8, 2 * ms)):
+            parent = tracer.start_span(name, kind=trace.SpanKind.SERVER, start_time=t)
+            with trace.use_span(parent):
+                for k in range(repeats):
+                    _db_span(tracer, "SELECT users", f"SELECT name FROM users WHERE id = {k}", t + ms + k * 11 * ms, each)
+            parent.end(end_time=t + 100 * ms)
+            t += 120 * ms
+        parent = tracer.start_span("GET /report", kind=trace.SpanKind.SERVER, start_time=t)
+        slow_trace = format(parent.get_span_context().trace_id, "032x")
+        with trace.use_span(parent):
+            _db_span(tracer, "SELECT orders", "SELECT count(*) FROM orders WHERE day = '2026-11-30'", t + ms, 700 * ms)
+        parent.end(end_time=t + 800 * ms)
+        assert tp.force_flush(30_000)
+
+        items = "SELECT * FROM items WHERE order_id = ?"
+        calls = {"service_name": "shop", "db_system": "postgresql", "db_statement": items}
+
+        def arrived():
+            text = d.metrics_text()
+            return text if total(text, "telepipe_db_calls_total", **calls) >= 160 else None
+
+        text = wait_for(arrived)
+        assert total(text, "telepipe_db_calls_total", **calls) == 160
+        assert total(text, "telepipe_db_duration_seconds_count", **calls) == 160
+        assert total(text, "telepipe_db_duration_seconds_sum", **calls) == pytest.approx(1.6)
+        users = {**calls, "db_statement": "SELECT name FROM users WHERE id = ?"}
+        assert total(text, "telepipe_db_calls_total", **users) == 12
+        assert total(text, "telepipe_n_plus_one_total", service_name="shop", span_name="GET /orders",
+                     db_statement=items) == 20  # fmt: skip
+        assert total(text, "telepipe_n_plus_one_total") == 20  # GET /few and GET /quick are not N+1
+        slow = "SELECT count(*) FROM orders WHERE day = ?"
+        assert total(text, "telepipe_slow_queries_total", service_name="shop", db_system="postgresql",
+                     db_statement=slow) == 1  # fmt: skip
+        assert total(text, "telepipe_slow_queries_total") == 1
+
+        def findings_in_loki():
+            found = [json.loads(v[1]) for doc in loki.accepted for st in doc["streams"]
+                     if st["stream"].get("kind") == "finding" for v in st["values"]]  # fmt: skip
+            return found if len(found) >= 21 else None
+
+        found = wait_for(findings_in_loki)
+        n1 = [f for f in found if f["finding"] == "n_plus_one"]
+        assert sorted(f["trace_id"] for f in n1) == sorted(trace_ids)
+        assert {(f["service"], f["operation"], f["db_statement"], f["repeats"]) for f in n1} == {
+            ("shop", "GET /orders", items, 8)}
+        assert all(f["duration_s"] == pytest.approx(0.08) for f in n1)
+        (slow_finding,) = [f for f in found if f["finding"] == "slow_query"]
+        assert slow_finding["trace_id"] == slow_trace and slow_finding["duration_s"] == pytest.approx(0.7)
+        assert slow_finding["db_statement"] == slow and slow_finding["operation"] == "SELECT orders"
+    finally:
+        d.stop()
+        loki.stop()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len([x for x in lines if x["type"] == "finding"]) == 21
+
+
+def test_exemplars_on_the_duration_histogram_when_the_scraper_asks_for_openmetrics(daemon_factory):
+    """The slowest spans of each window become exemplars (trace ids) of the bucket they fall in,
+    on /metrics in OpenMetrics: the whole page parses with prometheus_client's OpenMetrics
+    parser, and Grafana can jump from a latency bucket to the trace. The classic text format,
+    asked for or not, stays as it was (no exemplars)."""
+    d = daemon_factory(CONFIG)
+    tp = TracerProvider(resource=Resource.create({"service.name": "shop"}))
+    tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=d.grpc_target, insecure=True)))
+    tracer = tp.get_tracer("exemplars")
+    base = (time.time_ns() // WINDOW - 6) * WINDOW
+    slow = {}
+    for i in range(40):
+        dur = (300 if i in (7, 23) else 5) * 1_000_000  # two slow requests among fast ones
+        end = base + 1_000_000_000 + i * 50_000_000
+        span = tracer.start_span("GET /cart", kind=trace.SpanKind.SERVER, start_time=end - dur)
+        if dur > 5_000_000:
+            slow[format(span.get_span_context().trace_id, "032x")] = dur / 1e9
+        span.end(end_time=end)
+    assert tp.force_flush(30_000)
+    wait_for(lambda: _calls(d, "GET /cart"))
+    accept = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    resp = httpx.get(d.url("/metrics"), headers={"Accept": accept}, timeout=5)
+    assert resp.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    families = {f.name: f for f in om_parser.text_string_to_metric_families(resp.text)}
+    assert families["telepipe_calls"].type == "counter"
+    buckets = [s for s in families["telepipe_duration_seconds"].samples
+               if s.name.endswith("_bucket") and s.labels["span_name"] == "GET /cart"]  # fmt: skip
+    marked = {float(s.labels["le"]): s.exemplar for s in buckets if s.exemplar}
+    # the bucket the two slow spans fall in (0.2, 0.4] shows one of them (the newest kept per
+    # bucket); the fast ones' bucket (0.004, 0.006] one of the fast spans among the window's slowest
+    assert marked[0.4].labels["trace_id"] in slow and marked[0.4].value == pytest.approx(0.3)
+    assert marked[0.006].labels["trace_id"] not in slow and marked[0.006].value == pytest.approx(0.005)
+    assert set(marked) == {0.4, 0.006}
+    plain = httpx.get(d.url("/metrics"), timeout=5)
+    assert plain.headers["content-type"].startswith("text/plain; version=0.0.4") and "# {" not in plain.text

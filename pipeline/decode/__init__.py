@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from pipeline.config import Config
 from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, DecodeLimits, MalformedRequest
 from pipeline.decode.logs import anyvalue_to_python, decode_logs, decode_logs_json, render_value
 from pipeline.decode.metrics import decode_metrics, decode_metrics_json
@@ -31,9 +32,21 @@ from pipeline.model import SpanBatch
 __all__ = [
     "UNKNOWN_SERVICE", "DecodeLimits", "Decoded", "MalformedRequest", "accept_times", "anyvalue_to_python",
     "decode_json_line", "decode_logs", "decode_logs_json", "decode_metrics", "decode_metrics_json",
-    "decode_traces", "decode_traces_json",
-    "decode_traces_upb", "render_value",
+    "decode_limits", "decode_traces", "decode_traces_json", "decode_traces_upb", "render_value",
 ]  # fmt: skip
+
+# The span attributes the database analysis reads (pipeline/db_analysis.py DB_KEYS, written out
+# here so that decoding does not import the analysis).
+DB_ATTRIBUTES = ("db.system.name", "db.system", "db.query.text", "db.statement", "db.operation.name")
+
+
+def decode_limits(cfg: Config) -> DecodeLimits:
+    """What decoding needs from the configuration: log attribute limits, and the span
+    attributes the configured analyses read (none: the wire reader reads no attribute)."""
+    return DecodeLimits(
+        cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes,
+        span_attributes=DB_ATTRIBUTES if cfg.db.enabled else (),
+    )  # fmt: skip
 
 
 def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:
@@ -65,7 +78,7 @@ def decode_json_line(line: bytes, limits: DecodeLimits = DecodeLimits()) -> list
     obj = json_request(line)
     out = []
     if "resourceSpans" in obj:
-        out.append(decode_traces_json(obj))
+        out.append(decode_traces_json(obj, limits))
     if "resourceLogs" in obj:
         out.append(decode_logs_json(obj, limits))
     if "resourceMetrics" in obj:

@@ -1,5 +1,5 @@
 """What every decoder shares: the outcome of decoding a request, the error for a malformed
-one, the limits on log attributes."""
+one, the limits on log attributes and which span attributes are read."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class Decoded:
 class DecodeLimits:
     max_log_attributes: int = 16
     max_attribute_value_bytes: int = 4096
+    # The span attributes read into span batches (string values; what the configured analyses
+    # use): every other attribute is walked past, unread.
+    span_attributes: tuple[str, ...] = ()
 
 
 def parse(message, data: bytes, name: str):

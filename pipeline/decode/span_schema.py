@@ -23,7 +23,7 @@ _PACKAGE = "telepipe.otlp_subset"
 
 # message -> [(field, number, type, repeated, message type)]; numbers and wire types as in
 # opentelemetry/proto/{trace,resource,common}/v1 (enums are int32 on the wire).
-_MESSAGES = {
+_MESSAGES: dict[str, list[tuple]] = {
     "AnyValue": [("string_value", 1, _F.TYPE_STRING, False, None)],
     "KeyValue": [("key", 1, _F.TYPE_STRING, False, None), ("value", 2, _F.TYPE_MESSAGE, False, "AnyValue")],
     "Resource": [("attributes", 1, _F.TYPE_MESSAGE, True, "KeyValue")],
@@ -47,18 +47,28 @@ _MESSAGES = {
 }
 
 
-def _build():
-    fdp = descriptor_pb2.FileDescriptorProto(name="telepipe_otlp_subset.proto", package=_PACKAGE, syntax="proto3")
-    for name, fields in _MESSAGES.items():
+# With span attributes (when some are asked for: ``DecodeLimits.span_attributes``): each attribute's
+# KeyValue as raw bytes, read by the wire reader's own function (``span_attributes.attribute_value``), so
+# both paths read attributes alike; upb checks only that each is a length-delimited field.
+_ATTRIBUTE_MESSAGES = {
+    **_MESSAGES,
+    "Span": [*_MESSAGES["Span"], ("attributes", 9, _F.TYPE_BYTES, True, None)],
+}
+
+
+def _build(messages: dict, package: str):
+    fdp = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package, syntax="proto3")
+    for name, fields in messages.items():
         msg = fdp.message_type.add(name=name)
         for field, number, typ, repeated, type_name in fields:
             f = msg.field.add(name=field, number=number, type=typ)
             f.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
             if type_name:
-                f.type_name = f".{_PACKAGE}.{type_name}"
+                f.type_name = f".{package}.{type_name}"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.ExportTraceServiceRequest"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ExportTraceServiceRequest"))
 
 
-TraceRequestSubset = _build()
+TraceRequestSubset = _build(_MESSAGES, _PACKAGE)
+TraceRequestWithAttributes = _build(_ATTRIBUTE_MESSAGES, _PACKAGE + "_attributes")

@@ -30,9 +30,11 @@ import time
 import numpy as np
 from numba import njit
 
-# The protobuf wire primitives. numba's cache tracks this file only: after editing protowire.py,
-# delete pipeline/decode/__pycache__/*.nb[ic] (or touch this file) so the walker is compiled again.
+# The protobuf wire primitives and the span attribute reader. numba's cache tracks this file only:
+# after editing protowire.py or span_attributes.py, delete pipeline/decode/__pycache__/*.nb[ic] (or
+# touch this file) so the walker is compiled again.
 from pipeline.decode.protowire import _delimited, _equals, _int32, _skip, _tag, _utf8, _varint
+from pipeline.decode.span_attributes import NONE_AT, NONE_WANTED, _span_attribute, attribute_value, wanted_keys
 
 OK = 0
 GIVE_UP = 1
@@ -44,7 +46,6 @@ _INSTANCE_ID = np.frombuffer(b"service.instance.id", dtype=np.uint8)
 RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS, STATE_START, STATE_END = range(9)
 # Columns of the ``resources`` array, one row per ResourceSpans.
 SVC_START, SVC_END, INST_START, INST_END, SPANS = range(5)
-
 @njit(cache=True, nogil=True)
 def _count(buf):
     """(spans, resources) in the request, walking only the outer three levels; (-1, -1) if malformed."""
@@ -135,7 +136,8 @@ def _status_code(buf, a, b):
 
 
 @njit(cache=True, nogil=True)
-def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, table, names, n_names):
+def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, table, names, n_names, wanted, wanted_at,
+                 lengths, attrs):  # fmt: skip
     """Reads the spans of the ScopeSpans in buf[sa:sb] into columns/rows from ``i`` on.
 
     Returns the next free row; ``n_names[0]`` counts the distinct names. -1: give up.
@@ -213,6 +215,26 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                 elif field == 15:
                     status_a = va
                     status_b = vb
+                elif field == 9 and wanted_at.shape[0] > 1:  # an attribute, when some are wanted
+                    # the usual form, a short key then the value and nothing else, is passed over
+                    # right here when no wanted key has the key's length
+                    skip = False
+                    if n > 2 and buf[va] == 0x0A and buf[va + 1] < 0x80:
+                        kl = np.int64(buf[va + 1])
+                        ke = va + 2 + kl
+                        if ke + 1 < vb and buf[ke] == 0x12 and buf[ke + 1] < 0x80 and ke + 2 + buf[ke + 1] == vb:
+                            skip = True  # unless the key is one of the wanted ones
+                            if lengths[kl]:
+                                for j in range(wanted_at.shape[0] - 1):
+                                    wa = wanted_at[j]
+                                    if wanted_at[j + 1] - wa == kl and buf[va + 2] == wanted[wa]:
+                                        skip = False
+                                        break
+                    if not skip:
+                        j, xa, xb = _span_attribute(buf, va, vb, wanted, wanted_at)
+                        if j >= 0:
+                            attrs[2 * j, i] = xa
+                            attrs[2 * j + 1, i] = xb
                 elif field == 3:  # trace_state: where it is (most spans have none)
                     for k in range(va, vb):
                         if buf[k] >= 0x80:
@@ -236,7 +258,7 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                     v = _int32(value)
                 if field == 6:
                     ints[KIND, i] = v
-                elif field <= 8 or field == 15:  # ours, with another wire type
+                elif field <= 8 or field == 15 or field == 9 and wanted_at.shape[0] > 1:  # ours, another wire type
                     return -1
             elif wt == 1:
                 if p + 8 > b:
@@ -246,11 +268,11 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                     for k in range(8):
                         value |= np.uint64(buf[p + k]) << np.uint64(8 * k)
                     times[field - 7, i] = value
-                elif field <= 8 or field == 15:
+                elif field <= 8 or field == 15 or field == 9 and wanted_at.shape[0] > 1:
                     return -1
                 p += 8
             elif wt == 5:
-                if p + 4 > b or field <= 8 or field == 15:
+                if p + 4 > b or field <= 8 or field == 15 or field == 9 and wanted_at.shape[0] > 1:
                     return -1
                 p += 4
             else:
@@ -366,16 +388,19 @@ def _resource(buf, a, b, resources, r):
 
 
 @njit(cache=True, nogil=True)
-def walk(buf):
+def walk(buf, wanted, wanted_at):
     """One ExportTraceServiceRequest's span fields, as arrays.
 
-    Returns ``(outcome, ints, times, trace_id, span_id, parent, resources, names, n_names)``:
+    Returns ``(outcome, ints, times, trace_id, span_id, parent, resources, names, n_names,
+    attrs)``:
     ``ints`` rows ``RESOURCE .. STATUS`` and ``times`` rows (start, end) have a column per
     span in request order; the id arrays a row per span (bytes copied when the length is
     right, the length in ``ints``); ``resources`` a row per ResourceSpans (byte ranges of the
     service name and instance id, 0..0 when absent, and its span count); ``names[:n_names]``
     the byte ranges of the distinct span names in order of first appearance (``ints[NAME]``
-    indexes them). Outcome ``GIVE_UP``: parse with upb instead.
+    indexes them); ``attrs`` rows 2j, 2j + 1 the byte range of span attribute ``j`` of
+    ``wanted`` (the keys back to back, ``wanted_at`` their offsets; -1 when absent).
+    Outcome ``GIVE_UP``: parse with upb instead.
     """
     n, n_res = _count(buf)
     if n < 0:
@@ -395,8 +420,13 @@ def walk(buf):
     table = np.full(size, -1, dtype=np.int64)
     names = np.zeros((n + 1, 2), dtype=np.int64)
     n_names = np.zeros(1, dtype=np.int64)
+    attrs = np.full((2 * (wanted_at.shape[0] - 1), n), -1, dtype=np.int64)
+    lengths = np.zeros(128, dtype=np.bool_)  # the lengths (< 128) of wanted keys
+    for j in range(wanted_at.shape[0] - 1):
+        if wanted_at[j + 1] - wanted_at[j] < 128:
+            lengths[wanted_at[j + 1] - wanted_at[j]] = True
     if outcome != OK:
-        return outcome, ints, times, trace_id, span_id, parent, resources, names, 0
+        return outcome, ints, times, trace_id, span_id, parent, resources, names, 0, attrs
     end = buf.shape[0]
     i = 0
     r = 0
@@ -427,7 +457,8 @@ def walk(buf):
             elif field == 2 and wt == 2:  # scope_spans
                 sa, sb = _delimited(buf, q, rb)
                 q = sb
-                i = _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, table, names, n_names)
+                i = _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, table, names, n_names,
+                                 wanted, wanted_at, lengths, attrs)  # fmt: skip
                 if i < 0:
                     outcome = GIVE_UP
                     break
@@ -440,19 +471,22 @@ def walk(buf):
             break
         resources[r, SPANS] = i - first
         r += 1
-    return outcome, ints, times, trace_id, span_id, parent, resources, names, n_names[0]
+    return outcome, ints, times, trace_id, span_id, parent, resources, names, n_names[0], attrs
 
 
 def warm() -> float:
-    """Compiles ``walk`` (or loads it from numba's cache next to this file): about 12 s the first
-    time, well under a second after. The daemon calls it before it accepts OTLP; returns seconds."""
+    """Compiles ``walk`` and the upb path's attribute reader (or loads them from numba's cache):
+    about 12 s the first time, well under a second after. The daemon calls it before it accepts
+    OTLP; returns seconds."""
     t0 = time.perf_counter()
     one_span = (
         b"\x0a\x2e\x0a\x0a\x0a\x08\x0a\x01a\x12\x03\x0a\x01b"  # resource with one attribute
         b"\x12\x20\x12\x1e\x0a\x10" + b"\x01" * 16 + b"\x12\x08" + b"\x02" * 8 + b"\x2a\x00"  # one span
     )
-    outcome = walk(np.frombuffer(one_span, dtype=np.uint8))[0]
+    outcome = walk(np.frombuffer(one_span, dtype=np.uint8), NONE_WANTED, NONE_AT)[0]
     assert outcome == OK, "the wire reader rejected its own warm-up request"
+    wanted, wanted_at = wanted_keys(("a",))
+    attribute_value(np.frombuffer(b"\x0a\x01a\x12\x03\x0a\x01b", dtype=np.uint8), wanted, wanted_at)  # upb path
     return time.perf_counter() - t0
 
 

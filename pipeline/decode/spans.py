@@ -4,6 +4,7 @@ or OTLP/JSON objects. Both fill the same columns, validated once (``_span_batch`
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections import Counter
 from collections.abc import Sequence
@@ -13,9 +14,9 @@ import orjson
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from pipeline.decode import span_wire
-from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, MalformedRequest, _reason_message, parse
-from pipeline.decode.span_schema import TraceRequestSubset
+from pipeline.decode import span_attributes, span_wire
+from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, DecodeLimits, MalformedRequest, _reason_message, parse
+from pipeline.decode.span_schema import TraceRequestSubset, TraceRequestWithAttributes
 from pipeline.model import SpanBatch
 from pipeline.sampling import adjusted_count, integer_weights
 
@@ -25,7 +26,9 @@ _COLUMNS = ("name", "start", "end", "kind", "status", "trace_id", "span_id", "pa
 class _SpanColumns:
     """Accumulates span fields column by column from either wire form, then validates as arrays."""
 
-    def __init__(self) -> None:
+    def __init__(self, attribute_keys: tuple[str, ...] = ()) -> None:
+        self.attribute_keys = attribute_keys
+        self.attributes: list[tuple[str | None, ...]] = []  # per span: its value of each key, None: absent
         self.services: dict[str, int] = {}
         self.instances: dict[str, int] = {}
         self.operations: dict[str, int] = {}
@@ -65,7 +68,21 @@ class _SpanColumns:
             span_id=_id_column(sids, 8, n, allow_empty=False),
             parent=_id_column(pids, 8, n, allow_empty=True),
             adjusted=_adjusted(states),
+            attributes=_attribute_columns(self.attribute_keys, self.attributes) if self.attribute_keys else None,
         )
+
+
+def _attribute_columns(keys: tuple[str, ...], rows: list[tuple[str | None, ...]]):
+    """Per-span values of the read attribute keys (None: absent) -> (keys, value table, int32
+    indexes [keys, spans], -1 absent)."""
+    table: dict[str, int] = {}
+    idx = np.full((len(keys), len(rows)), -1, dtype=np.int32)
+    for j in range(len(keys)):
+        col = [row[j] for row in rows]
+        present = [i for i, v in enumerate(col) if v]
+        if present:
+            idx[j, present] = [table.setdefault(col[i], len(table)) for i in present]  # type: ignore[arg-type]
+    return (keys, tuple(table), idx) if table else None  # none present: no columns to carry
 
 
 def _adjusted(states: list[str]) -> np.ndarray | None:
@@ -80,7 +97,7 @@ def _adjusted(states: list[str]) -> np.ndarray | None:
 
 def _span_batch(
     *, services, operations, instances, service_idx, instance_idx, op_idx, kinds, statuses, start, end,
-    trace_id, span_id, parent, adjusted=None,
+    trace_id, span_id, parent, adjusted=None, attributes=None,
 ) -> Decoded:
     """Validates span columns (ids as ``(fixed-width array, valid mask)``) and makes the batch
     of the valid ones; both decoders end here."""
@@ -113,11 +130,14 @@ def _span_batch(
         "span_id": span_id,
         "parent_span_id": parent,
     }
+    keys, values, attrs = attributes if attributes is not None else ((), (), None)
     if rejected:
         cols = {k: v[ok] for k, v in cols.items()}
         adjusted = None if adjusted is None else adjusted[ok]
+        attrs = None if attrs is None else attrs[:, ok]
     weight = None if adjusted is None else integer_weights(adjusted, cols["span_id"])
-    batch = SpanBatch(services=services, operations=operations, instances=instances, weight=weight, **cols)
+    batch = SpanBatch(services=services, operations=operations, instances=instances, weight=weight,
+                      attr_keys=keys, attr_values=values, attrs=attrs, **cols)  # fmt: skip
     return Decoded(batch, n, rejected, _reason_message(reasons))
 
 
@@ -181,17 +201,23 @@ class _StatusCodes(dict):
 _STATUS_CODE = _StatusCodes({b"": 0, b"\x18\x00": 0, b"\x18\x01": 1, b"\x18\x02": 2}).__getitem__
 
 
-def decode_traces(data: bytes) -> Decoded:
+@functools.lru_cache(maxsize=16)
+def _wanted(keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return span_attributes.wanted_keys(keys)
+
+
+def decode_traces(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
     """ExportTraceServiceRequest bytes -> SpanBatch of the valid spans.
 
     The fields of ``pipeline/decode/span_schema.py`` are read straight from the wire bytes by
     ``pipeline/decode/span_wire.py``; a request it does not handle (malformed ones among them)
     is parsed with upb instead, with the same result or error.
     """
-    walked = span_wire.walk(np.frombuffer(data, dtype=np.uint8))
+    keys = limits.span_attributes
+    walked = span_wire.walk(np.frombuffer(data, dtype=np.uint8), *_wanted(keys))
     if walked[0] != span_wire.OK:
-        return decode_traces_upb(data)
-    _, ints, times, trace_id, span_id, parent, resources, names, n_names = walked
+        return decode_traces_upb(data, limits)
+    _, ints, times, trace_id, span_id, parent, resources, names, n_names, attrs = walked
     n = ints.shape[1]
     if n == 0:
         return Decoded(None, 0, 0, "")
@@ -229,15 +255,33 @@ def decode_traces(data: bytes) -> Decoded:
         span_id=(sid, (ints[span_wire.SPAN_LEN] == 8) & (sid != b"")),
         parent=(pid, (parent_len == 0) | (parent_len == 8)),
         adjusted=adjusted,
+        attributes=_walked_attributes(data, keys, attrs) if keys else None,
     )
 
 
-def decode_traces_upb(data: bytes) -> Decoded:
+def _walked_attributes(data: bytes, keys: tuple[str, ...], ranges: np.ndarray):
+    """The wire reader's attribute byte ranges -> (keys, value table, int32 indexes); None when
+    no span had any. Values are told apart as bytes and decoded once each (not UTF-8: with
+    replacement characters)."""
+    table: dict[bytes, int] = {}
+    idx = np.full((len(keys), ranges.shape[1]), -1, dtype=np.int32)
+    for j in range(len(keys)):
+        present = np.flatnonzero(ranges[2 * j] >= 0)
+        if present.size:
+            bounds = zip(ranges[2 * j, present].tolist(), ranges[2 * j + 1, present].tolist(), strict=True)
+            idx[j, present] = [table.setdefault(data[a:b], len(table)) for a, b in bounds]
+    if not table:
+        return None  # none present: no columns to carry
+    return keys, tuple(v.decode(errors="replace") for v in table), idx
+
+
+def decode_traces_upb(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
     """``decode_traces`` through upb: parsed with the subset schema of the fields telepipe
     reads (``pipeline/decode/span_schema.py``), each field read from the span objects. The
     reference the wire reader is tested against, and its fallback."""
-    req = parse(TraceRequestSubset(), data, "ExportTraceServiceRequest")
-    cols = _SpanColumns()
+    keys = limits.span_attributes
+    req = parse((TraceRequestWithAttributes if keys else TraceRequestSubset)(), data, "ExportTraceServiceRequest")
+    cols = _SpanColumns(keys)
     name, start, end, kind, status, tid, sid, pid, state = _SPAN_GETTERS
     for rs in req.resource_spans:
         service, instance = _resource_ids(rs.resource.attributes)
@@ -250,7 +294,21 @@ def decode_traces_upb(data: bytes) -> Decoded:
             map(state, spans),
         )  # fmt: skip
         cols.add_resource(service, instance, columns, len(spans))
+        if keys:
+            cols.attributes.extend(_upb_attributes(s.attributes, keys) for s in spans)
     return cols.finish()
+
+
+def _upb_attributes(attributes, keys: tuple[str, ...]) -> tuple[str | None, ...]:
+    """A span's values of ``keys`` from its attributes' raw KeyValue bytes, read as the wire
+    reader reads them (``span_attributes.attribute_value``): the last non-empty string of each."""
+    wanted, wanted_at = _wanted(keys)
+    found: list[str | None] = [None] * len(keys)
+    for raw in attributes:
+        j, a, b = span_attributes.attribute_value(np.frombuffer(raw, dtype=np.uint8), wanted, wanted_at)
+        if j >= 0:
+            found[j] = raw[a:b].decode(errors="replace")
+    return tuple(found)
 
 
 def json_request(data: bytes | str) -> dict:
@@ -273,6 +331,18 @@ def _json_resource_ids(resource: dict) -> tuple[str, str]:
         elif key == "service.instance.id":
             instance = _json_str((kv.get("value") or {}).get("stringValue"), "service.instance.id")
     return service, instance
+
+
+def _json_attributes(attributes, keys: tuple[str, ...]) -> tuple[str | None, ...]:
+    """An OTLP/JSON span's values of ``keys``: the last non-empty ``stringValue`` of each."""
+    found: dict[str, str] = {}
+    for kv in attributes or ():
+        key = kv.get("key")
+        if key in keys:
+            value = (kv.get("value") or {}).get("stringValue")
+            if value:
+                found[key] = _json_str(value, "attribute value")
+    return tuple(found.get(k) for k in keys)
 
 
 def _json_str(value, what: str) -> str:
@@ -301,11 +371,12 @@ def _hex(value: str | None) -> bytes:
         raise MalformedRequest(f"malformed OTLP/JSON: id {str(value)[:40]!r} is not a hex string") from None
 
 
-def decode_traces_json(obj: dict) -> Decoded:
+def decode_traces_json(obj: dict, limits: DecodeLimits = DecodeLimits()) -> Decoded:
     """One OTLP/JSON ExportTraceServiceRequest (hex ids, int64 as strings or numbers, unknown
     fields ignored) -> SpanBatch. Structurally wrong input (a list where an object belongs, a
     number where a string belongs, ids that are not hex) raises ``MalformedRequest``."""
-    cols = _SpanColumns()
+    keys = limits.span_attributes
+    cols = _SpanColumns(keys)
     try:
         for rs in obj.get("resourceSpans") or ():
             service, instance = _json_resource_ids(rs.get("resource") or {})
@@ -329,6 +400,11 @@ def decode_traces_json(obj: dict) -> Decoded:
                 )
             columns = zip(*rows, strict=True) if rows else [()] * len(_COLUMNS)
             cols.add_resource(service, instance, columns, len(rows))
+            if keys:
+                cols.attributes.extend(
+                    _json_attributes(s.get("attributes"), keys) for ss in rs.get("scopeSpans") or ()
+                    for s in ss.get("spans") or ()
+                )  # fmt: skip
         decoded = cols.finish()
     except (AttributeError, TypeError, ValueError, OverflowError) as exc:  # e.g. a kind beyond int64
         raise MalformedRequest(f"malformed OTLP/JSON trace request: {exc}") from exc

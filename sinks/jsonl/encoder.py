@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import orjson
 
+from pipeline.db_analysis import Finding
 from pipeline.incident_model import IncidentEvent
 from pipeline.model import AlertEvent, ScalingEvent, WindowResult
 
-WRITTEN = (WindowResult, AlertEvent, ScalingEvent, IncidentEvent)
-_RANK = {"window": 0, "alert": 1, "scaling": 2, "incident": 3}
+WRITTEN = (WindowResult, AlertEvent, ScalingEvent, IncidentEvent, Finding)
+_RANK = {"window": 0, "alert": 1, "scaling": 2, "incident": 3, "finding": 4}
 
 
 def encode_line(item) -> bytes | None:

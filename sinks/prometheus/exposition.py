@@ -15,7 +15,7 @@ from operator import attrgetter
 
 from prometheus_client.utils import floatToGoString
 
-from pipeline.model import SPAN_KINDS, STATE_VALUE
+from pipeline.model import OVERFLOW_OPERATION, SPAN_KINDS, STATE_VALUE
 from pipeline.selfmetrics import COUNTERS, GAUGES, SelfMetrics
 
 QUANTILE_LABELS = ("0.5", "0.9", "0.95", "0.99", "1")
@@ -26,25 +26,24 @@ def kind_label(k: int) -> str:
 
 
 def render_page(
-    bounds, series: list, latest: list, anomaly: list, scaling: list, metrics: SelfMetrics
+    bounds, series: list, latest: list, anomaly: list, scaling: list, metrics: SelfMetrics, db: dict | None = None,
+    exemplars: dict | None = None, openmetrics: bool = False,
 ) -> Iterator[bytes]:
-    """The page of a copy of the series state (see ``SeriesState.render``), in chunks."""
-    page = _Page()
+    """The page of a copy of the series state (see ``SeriesState.render``), in chunks. In
+    OpenMetrics (``openmetrics``), counter families are named without ``_total``, the duration
+    histogram's buckets carry ``exemplars`` ({series key: {bucket: (trace id, seconds, unix
+    time)}}: the slowest spans of recent windows) and the page ends with ``# EOF``."""
+    page = _Page(openmetrics)
     labels = _LabelCache(("service_name", "span_name", "span_kind", "status_code"))
     les = [f',le="{_fmt(b)}"}} ' for b in bounds] + [',le="+Inf"} ']
+    exemplars = exemplars or {}
 
     yield from page.family("telepipe_calls_total", "counter", "Spans per operation and status (closed windows)")
     for key, n, _, _ in series:
         yield from page.line(f"telepipe_calls_total{{{labels(key)}}} {n}\n")
     yield from page.family("telepipe_duration_seconds", "histogram",
                            "Span duration per operation and status (closed windows)")  # fmt: skip
-    for key, n, buckets, total in series:
-        lb = labels(key)
-        yield from page.lines(
-            f"telepipe_duration_seconds_bucket{{{lb}{le}{acc}\n" for le, acc in zip(les, accumulate(buckets))
-        )
-        yield from page.line(f"telepipe_duration_seconds_count{{{lb}}} {n}\n"
-                             f"telepipe_duration_seconds_sum{{{lb}}} {_fmt(total)}\n")  # fmt: skip
+    yield from _histogram(page, "telepipe_duration_seconds", labels, les, series, exemplars)
 
     yield from page.family("telepipe_window_latency_seconds", "gauge",
                            "Latency quantiles of the last closed window (quantile 1 is the max)")  # fmt: skip
@@ -60,8 +59,35 @@ def render_page(
 
     yield from _render_anomaly(page, labels, anomaly)
     yield from _render_scaling(page, labels, scaling)
+    yield from _render_db(page, les, db or {})
     yield from _render_selfmetrics(page, metrics)
+    if openmetrics:
+        yield from page.line("# EOF\n")
     yield from page.flush()
+
+
+def _histogram(page: _Page, name: str, labels: _LabelCache, les: list[str], rows, exemplars: dict) -> Iterator[bytes]:
+    """A histogram's samples: ``rows`` of (key, count, bucket counts, sum); buckets cumulated,
+    with the exemplar of a bucket when ``exemplars`` has one for the key."""
+    for key, n, buckets, total in rows:
+        lb = labels(key)
+        marks = exemplars.get(key)
+        if marks:
+            yield from page.lines(
+                f"{name}_bucket{{{lb}{le}{acc}{_exemplar(marks.get(i))}\n"
+                for i, (le, acc) in enumerate(zip(les, accumulate(buckets)))
+            )
+        else:
+            yield from page.lines(f"{name}_bucket{{{lb}{le}{acc}\n" for le, acc in zip(les, accumulate(buckets)))
+        yield from page.line(f"{name}_count{{{lb}}} {n}\n{name}_sum{{{lb}}} {_fmt(total)}\n")
+
+
+def _exemplar(mark: tuple[str, float, float] | None) -> str:
+    """An OpenMetrics exemplar: `` # {trace_id="..."} value timestamp`` ('' for none)."""
+    if mark is None:
+        return ""
+    trace_id, seconds, when = mark
+    return f' # {{trace_id="{_escape(trace_id)}"}} {_fmt(seconds)} {when:.3f}'
 
 
 def _render_anomaly(page: _Page, labels: _LabelCache, items: list) -> Iterator[bytes]:
@@ -91,6 +117,28 @@ def _render_anomaly(page: _Page, labels: _LabelCache, items: list) -> Iterator[b
                     )
 
 
+def _render_db(page: _Page, les: list[str], db: dict) -> Iterator[bytes]:
+    """Database calls per statement (pipeline/db_analysis.py), and the findings' counters."""
+    labels = _LabelCache(("service_name", "db_system", "db_statement"))
+    calls = db.get("calls", ())
+    yield from page.family("telepipe_db_calls_total", "counter",
+                           "Database calls per service, database system and normalized statement")  # fmt: skip
+    for key, n, _, _ in calls:
+        yield from page.line(f"telepipe_db_calls_total{{{labels(key)}}} {n}\n")
+    yield from page.family("telepipe_db_duration_seconds", "histogram",
+                           "Database call duration per service, database system and normalized statement")  # fmt: skip
+    yield from _histogram(page, "telepipe_db_duration_seconds", labels, les, calls, {})
+    yield from page.family("telepipe_slow_queries_total", "counter",
+                           "Database calls of db.slow_query_s or longer (findings)")  # fmt: skip
+    for key, n in db.get("slow", ()):
+        yield from page.line(f"telepipe_slow_queries_total{{{labels(key)}}} {n}\n")
+    n1 = _LabelCache(("service_name", "span_name", "db_statement"))
+    yield from page.family("telepipe_n_plus_one_total", "counter",
+                           "N+1 patterns: runs of the same statement under one parent span (findings)")  # fmt: skip
+    for key, n in db.get("n_plus_one", ()):
+        yield from page.line(f"telepipe_n_plus_one_total{{{n1(key)}}} {n}\n")
+
+
 def _render_scaling(page: _Page, labels: _LabelCache, items: list) -> Iterator[bytes]:
     by_service = [((service,), v) for service, v in items]
     yield from _gauges(page, labels, by_service, (
@@ -105,6 +153,7 @@ def _render_scaling(page: _Page, labels: _LabelCache, items: list) -> Iterator[b
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 _CHUNK_LINES = 4096
 
 
@@ -122,26 +171,35 @@ def _escape(v: str) -> str:
 
 
 class _LabelCache:
-    """``name="value",...`` for a key tuple, escaped once per scrape (names taken in order)."""
+    """``name="value",...`` for a key tuple, escaped once per scrape (names taken in order). A
+    span_name that is the overflow series also gets ``otel_metric_overflow="true"``, as the
+    Collector labels its overflow series."""
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
         self.cache: dict[tuple, str] = {}
+        self.span_name = names.index("span_name") if "span_name" in names else -1
 
     def __call__(self, key: tuple) -> str:
         text = self.cache.get(key)
         if text is None:
-            text = self.cache[key] = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(self.names, key))
+            text = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(self.names, key))
+            if self.span_name >= 0 and len(key) > self.span_name and key[self.span_name] == OVERFLOW_OPERATION:
+                text += ',otel_metric_overflow="true"'
+            self.cache[key] = text
         return text
 
 
 class _Page:
     """Collects exposition lines and hands them out as encoded chunks."""
 
-    def __init__(self) -> None:
+    def __init__(self, openmetrics: bool = False) -> None:
         self.buf: list[str] = []
+        self.openmetrics = openmetrics
 
     def family(self, name: str, kind: str, doc: str) -> Iterator[bytes]:
+        if self.openmetrics and kind == "counter" and name.endswith("_total"):
+            name = name[: -len("_total")]  # OpenMetrics names the family, its sample is name_total
         doc = doc.replace("\\", "\\\\").replace("\n", "\\n")
         return self.line(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
 

@@ -9,9 +9,19 @@ import zlib
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sinks.prometheus.exposition import CONTENT_TYPE
+from sinks.prometheus.exposition import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE
 
 log = logging.getLogger("telepipe.prometheus")
+
+
+def _accepts_openmetrics(accept: str) -> bool:
+    """Whether an Accept header asks for OpenMetrics (Prometheus sends it first when exemplar
+    storage is on); ``q=0`` refuses it."""
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() == "application/openmetrics-text":
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
@@ -37,8 +47,9 @@ class MetricsHttpServer:
     """
 
     def __init__(
-        self, host: str, port: int, render: Callable[[], Iterable[bytes]], ready: Callable[[], tuple[bool, str]]
+        self, host: str, port: int, render: Callable[[bool], Iterable[bytes]], ready: Callable[[], tuple[bool, str]]
     ) -> None:
+        """``render(openmetrics)``: the page, OpenMetrics (with exemplars) when the scraper asks for it."""
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,10 +76,11 @@ class MetricsHttpServer:
 
             def send_metrics(self) -> None:
                 gzipped = _accepts_gzip(self.headers.get("Accept-Encoding", ""))
+                openmetrics = _accepts_openmetrics(self.headers.get("Accept", ""))
                 chunked = self.request_version != "HTTP/1.0"  # an HTTP/1.0 client reads to the close
                 try:
                     self.send_response(200)
-                    self.send_header("Content-Type", CONTENT_TYPE)
+                    self.send_header("Content-Type", OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE)
                     if chunked:
                         self.send_header("Transfer-Encoding", "chunked")
                     else:
@@ -78,7 +90,7 @@ class MetricsHttpServer:
                         self.send_header("Content-Encoding", "gzip")
                     self.end_headers()
                     packer = zlib.compressobj(1, zlib.DEFLATED, 31) if gzipped else None
-                    for chunk in outer.render():
+                    for chunk in outer.render(openmetrics):
                         self.write_chunk(packer.compress(chunk) if packer else chunk, chunked)
                     if packer:
                         self.write_chunk(packer.flush(), chunked)
