@@ -2,6 +2,8 @@
 
 The examples pin the rules; the properties check that ``normalize`` takes any text, keeps
 to its bound, gives the same template whatever the values, and is a fixed point of itself.
+The fast path is checked against the scanner (``_normalize_full``) on the examples, on
+SQL-like text from a grammar of the constructs either one treats specially, and on any text.
 """
 
 from __future__ import annotations
@@ -234,7 +236,10 @@ sql_numbers = st.one_of(
 )  # fmt: skip
 string_body = st.lists(st.sampled_from([*"ab1 (),-/*$\\'\"\né", "''", "\\'", " in (", "--"]), max_size=6).map("".join)
 sql_strings = st.builds(
-    "{}'{}{}".format, st.sampled_from(["", "", "", "E", "n", "B", "X", "a"]), string_body, st.sampled_from(["'", "'", ""])
+    "{}'{}{}".format,
+    st.sampled_from(["", "", "", "E", "n", "B", "X", "a"]),
+    string_body,
+    st.sampled_from(["'", "'", ""]),
 )
 binds = st.sampled_from(["$1", "$23", "?", "?2", ":name", ":1", "@p1", "@@version", "%s", "%(name)s", "%d", "::int",
                          "a:=b", "$$", "$t$x$t$", "$a$"])  # fmt: skip
@@ -251,15 +256,49 @@ value_list = st.builds(
     st.sampled_from(["", ", (1, 2)", ",(3)", ", (x)", " , ("]),
 )
 sql_token = st.one_of(
-    st.sampled_from(KEYWORDS).flatmap(either_case), identifiers, literal, literal, comments, operators, operators,
+    st.sampled_from(KEYWORDS).flatmap(either_case),
+    identifiers,
+    literal,
+    literal,
+    comments,
+    operators,
+    operators,
     value_list,
 )
 blanks = st.sampled_from(["", " ", " ", " ", "  ", "\n", "\t", " \n "])
 sql_texts = st.lists(st.tuples(sql_token, blanks), max_size=25).map(lambda ts: "".join(t + b for t, b in ts))
 
+# The same without what sends a text to the scanner (comments, backslashes, parentheses in
+# strings, prefixes, $$), so that most texts take the fast path.
+plain_literal = st.one_of(
+    sql_numbers,
+    st.builds("'{}'".format, st.text(st.sampled_from([*"ab1 ,-*$\"\né%:?@"]), max_size=6)),
+    st.sampled_from(["$1", "$23", "?", "?2", ":name", ":1", "@p1", "@@version", "%s", "%(name)s", "%(true)s", "::int"]),
+    either_case("true"), either_case("false"), either_case("null"),
+)  # fmt: skip
+plain_token = st.one_of(
+    st.sampled_from(KEYWORDS).flatmap(either_case),
+    name,
+    st.builds("{}.{}".format, name, name),
+    st.builds('"{}"'.format, name),
+    st.builds("`{}`".format, name),
+    plain_literal, plain_literal,
+    st.sampled_from(list("=<>!+-*/%|&^~[](),.;:@?#{}") + ["<>", "!=", "<=", ">=", "||", "::", "- -"]),
+    st.builds(
+        "{}{}({}){}".format,
+        st.one_of(either_case("in"), either_case("values")),
+        st.sampled_from(["", " ", "  ", "\n"]),
+        st.lists(plain_literal, max_size=4).flatmap(
+            lambda items: st.sampled_from([",", ", ", " ,", " "]).map(lambda sep: sep.join(items))
+        ),
+        st.sampled_from(["", ", (1, 2)", ",(3)", ", (x)", " ,"]),
+    ),
+)  # fmt: skip
+plain_sql_texts = st.lists(st.tuples(plain_token, blanks), max_size=25).map(lambda ts: "".join(t + b for t, b in ts))
+
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sql_texts, st.sampled_from([MAX_STATEMENT_CHARS, MAX_STATEMENT_CHARS, 10, 1]))
+@given(st.one_of(sql_texts, plain_sql_texts), st.sampled_from([MAX_STATEMENT_CHARS, MAX_STATEMENT_CHARS, 30, 1]))
 def test_fast_path_matches_the_scanner_on_sql(text, max_chars):
     assert normalize(text, max_chars) == _normalize_full(text, max_chars)
 
