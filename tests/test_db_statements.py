@@ -297,7 +297,7 @@ plain_token = st.one_of(
 plain_sql_texts = st.lists(st.tuples(plain_token, blanks), max_size=25).map(lambda ts: "".join(t + b for t, b in ts))
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(sql_texts, plain_sql_texts), st.sampled_from([MAX_STATEMENT_CHARS, MAX_STATEMENT_CHARS, 30, 1]))
 def test_fast_path_matches_the_scanner_on_sql(text, max_chars):
     assert normalize(text, max_chars) == _normalize_full(text, max_chars)
