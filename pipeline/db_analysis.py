@@ -156,7 +156,7 @@ class DbAnalyzer:
         for j in slow.tolist():
             r = int(rows[j])
             out.append(Finding("slow_query", services[j], names[int(batch.op_idx[r])], systems[j], statements[j], 1,
-                               float(dur[j]), batch.trace_id[r].hex(), int(end[j])))  # fmt: skip
+                               float(dur[j]), _trace_hex(batch, r), int(end[j])))  # fmt: skip
         out.extend(self._wait(batch, rows, services, systems, statements, dur))
         return out
 
@@ -168,12 +168,12 @@ class DbAnalyzer:
         kinds = batch.kind[rows]
         for j in np.flatnonzero(kinds == KIND_CLIENT).tolist():
             r = int(rows[j])
-            parent = bytes(batch.parent_span_id[r])
+            parent = batch.parent_span_id[r : r + 1].tobytes()  # all 8 bytes: numpy's scalar drops trailing zeros
             if not parent.strip(b"\0"):
                 continue
             end = int(batch.end_ns[r])
             child = (end - int(batch.duration_ns[r]), statements[j], float(dur[j]), end, services[j], systems[j],
-                     batch.trace_id[r].hex())  # fmt: skip
+                     _trace_hex(batch, r))  # fmt: skip
             newest, children = self.waiting.get(parent, (end, []))
             children.append(child)
             self.waiting[parent] = (max(newest, end), children)
@@ -188,7 +188,7 @@ class DbAnalyzer:
         hit = np.flatnonzero(np.isin(ids, keys))
         out: list[Finding] = []
         for r in hit.tolist():
-            entry = self.waiting.pop(bytes(ids[r]).ljust(8, b"\0"), None)
+            entry = self.waiting.pop(ids[r : r + 1].tobytes(), None)
             if entry is not None:
                 out.extend(self._judge(entry[1], batch.operations[int(batch.op_idx[r])]))
         return out
@@ -217,6 +217,11 @@ class DbAnalyzer:
                                    max(c[3] for c in run)))  # fmt: skip
             i = k + 1
         return out
+
+
+def _trace_hex(batch: SpanBatch, row: int) -> str:
+    """A span's trace id in hex, all 16 bytes (numpy's bytes scalar drops trailing zero bytes)."""
+    return batch.trace_id[row : row + 1].tobytes().hex()
 
 
 def _first(batch: SpanBatch, *keys: str) -> np.ndarray | None:

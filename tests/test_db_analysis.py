@@ -79,6 +79,26 @@ def test_n_plus_one_when_the_parent_comes_in_a_later_batch():
     assert a.waiting == {}
 
 
+def test_ids_ending_in_zero_bytes():
+    """Trace and parent span ids whose last bytes are zero (1 in 256 of real ids) keep all their
+    bytes: numpy's bytes scalars drop trailing zeros, which shortened trace ids in findings and
+    misaligned the awaited parents (a failure that lost the whole batch's output)."""
+    a = analyzer()
+    trace = 0xAB << 16  # ...ab0000
+    kids = [query(100 + k, 0x100, f"SELECT * FROM items WHERE order_id = {k}", 1 + k * 11, trace=trace)
+            for k in range(5)]  # fmt: skip
+    kids += [query(200 + k, 0x101, f"SELECT * FROM items WHERE order_id = {k}", 1 + k * 11) for k in range(5)]
+    assert findings(a.process(batch(kids))) == []
+    parents = [{"name": "GET /a", "kind": 2, "start": 0, "dur": 100, "id": 0x100, "trace": trace},
+               {"name": "GET /b", "kind": 2, "start": 0, "dur": 100, "id": 0x101}]  # fmt: skip
+    got = findings(a.process(batch(parents)))
+    assert sorted((f.operation, f.trace_id) for f in got) == [
+        ("GET /a", trace.to_bytes(16, "big").hex()), ("GET /b", (1).to_bytes(16, "big").hex())]
+    assert a.waiting == {}
+    slow = findings(analyzer().process(batch([query(7, 0, "SELECT 1", 0, dur=900, trace=trace)])))
+    assert [f.trace_id for f in slow] == [trace.to_bytes(16, "big").hex()]
+
+
 def test_runs_are_consecutive_and_need_both_thresholds():
     a = analyzer()
     # 3 + (another statement) + 3: no run of 5; then 5 of 5 ms (25 ms < 50 ms); then 5 of 10 ms
