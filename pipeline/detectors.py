@@ -61,11 +61,13 @@ class FeatureBaseline:
         return expected, expected - k * sigma, expected + k * sigma
 
     def refade(self, fading_factor: float) -> None:
-        """Take another fading factor, keeping the learned mean and variance (river's objects hold
-        theirs inside: new ones are fed two values whose weighted mean and variance are those)."""
-        if self.mean.fading_factor == fading_factor:
-            return
-        mean, var, f = self.mean.get(), max(self.var.get(), 0.0), fading_factor
+        """Take another fading factor, keeping the learned mean and variance."""
+        if self.mean.fading_factor != fading_factor:
+            self._set(self.mean.get(), max(self.var.get(), 0.0), fading_factor)
+
+    def _set(self, mean: float, var: float, f: float) -> None:
+        """New river objects whose mean and variance are these (river's hold theirs inside:
+        they are fed two values whose weighted mean and variance are those)."""
         self.mean, self.var = stats.EWMean(f), stats.EWVar(f)
         if self.n:
             first, second = (mean, mean) if f >= 1 else (
@@ -78,6 +80,16 @@ class FeatureBaseline:
         if warm:  # after warm-up, values are clipped to the band: one outlier moves it little
             _, lo, hi = self.band(k, noise)
             x = min(max(x, lo), hi)
+        f = self.mean.fading_factor
+        if 0 < self.n < 1 / f - 1:
+            # Until it has seen 1 / fading_factor values, the plain mean and variance of them (each
+            # weighs 1 / n): weighted exponentially from the first value, the first would still
+            # weigh 0.95 ** 11 = 57 % after 12 windows, and a key's first window is usually partial.
+            mean, var = self.mean.get(), max(self.var.get(), 0.0)
+            self.n += 1
+            a = 1 / self.n
+            self._set(mean + a * (x - mean), (1 - a) * (var + a * (x - mean) ** 2), f)
+            return
         self.mean.update(x)
         self.var.update(x)
         self.n += 1

@@ -45,6 +45,25 @@ def test_baseline_band_and_clipped_learning():
     assert b.band(4, 0.5)[0] < 10.5
 
 
+def test_baseline_starts_from_the_plain_mean_of_what_it_has_seen():
+    """Until 1 / fading_factor values, the mean and variance are those of all values so far: a
+    partial first window (60 of 200 calls) is one value among ten, not 57 % of the mean after 12
+    (which made a live service's silence go unjudged for windows). Then it fades as configured."""
+    b = FeatureBaseline(0.05)
+    xs = [60.0] + [200.0, 180.0] * 5
+    for x in xs:
+        b.learn(x, k=4, noise=0.5, warm=False)
+    assert b.mean.get() == pytest.approx(np.mean(xs)) and b.var.get() == pytest.approx(np.var(xs))
+    for _ in range(200):
+        b.learn(100.0, k=4, noise=0.5, warm=False)
+    assert b.mean.get() == pytest.approx(100.0, abs=0.01)
+    again = FeatureBaseline(0.05)  # past the start, exponentially weighted as before
+    for x in [0.0] * 30:
+        again.learn(x, k=4, noise=0.5, warm=False)
+    again.learn(10.0, k=4, noise=0.5, warm=False)
+    assert again.mean.get() == pytest.approx(0.5)
+
+
 def test_quiet_on_normal_traffic_then_fires_on_latency_and_resolves():
     cfg = AnomalyConfig()
     det = ServiceAnomaly(cfg, "svc", 10.0)
