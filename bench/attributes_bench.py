@@ -1,14 +1,15 @@
-"""What reading span attributes costs the decode: the database analysis's keys wanted or not.
+"""What reading span attributes costs the decode: none, the service graph's, and the database analysis's.
 
     .venv/bin/python -m bench.attributes_bench [--seconds 2] [--rounds 5]
 
 Decodes ``bench/load``'s 512-span requests (10 attributes per span, as an instrumented HTTP/gRPC
-service sends: none of them a database key) with the wire reader, once reading no span attribute
-(``[db] enabled = false``) and once reading the database keys (the default), in alternating
+service sends: none of them a database key) with the wire reader, reading no span attribute
+(what the wire reader did before trace analytics), the service graph's virtual-node keys only
+(``[db] enabled = false``) and those with the database keys (the default), in alternating
 rounds; and the same requests with a database call's attributes (``db.system.name``,
 ``db.query.text``, ``db.namespace``) added to every fourth span. Prints the median spans/s of
-each and the ratio on/off. End to end, ``bench/replay_bench --db both`` runs the dataflow both
-ways.
+each and their ratios to reading nothing. End to end, ``bench/replay_bench --db both`` runs
+the dataflow with and without the database analysis.
 """
 
 from __future__ import annotations
@@ -59,16 +60,20 @@ def main() -> None:
     traces = RecordedTraces()
     plain = [Template(512, seed, traces).at(time.time_ns()) for seed in range(8)]
     cases = {"no database spans": plain, "1 span in 4 a database call": [with_database_spans(b) for b in plain]}
-    off = decode_limits(Config(db=DbConfig(enabled=False)))
-    on = decode_limits(Config())
-    print(f"{'requests (512 spans, 10 attributes each)':<42} {'db off spans/s':>15} {'db on spans/s':>14} {'on/off':>7}")
+    limits = {
+        "none": DecodeLimits(),
+        "graph": decode_limits(Config(db=DbConfig(enabled=False))),
+        "graph+db": decode_limits(Config()),
+    }
+    print(f"{'requests (512 spans, 10 attributes each)':<34} {'none spans/s':>13} {'graph':>10} {'graph+db':>10}"
+          f" {'graph/none':>11} {'graph+db/none':>14}")  # fmt: skip
     for name, bodies in cases.items():
-        got: dict[str, list[float]] = {"off": [], "on": []}
+        got: dict[str, list[float]] = {k: [] for k in limits}
         for _ in range(args.rounds):
-            got["off"].append(rate(bodies, off, args.seconds))
-            got["on"].append(rate(bodies, on, args.seconds))
-        a, b = statistics.median(got["off"]), statistics.median(got["on"])
-        print(f"{name:<42} {a:>15,.0f} {b:>14,.0f} {b / a:>7.2f}")
+            for k, lim in limits.items():
+                got[k].append(rate(bodies, lim, args.seconds))
+        a, b, c = (statistics.median(got[k]) for k in limits)
+        print(f"{name:<34} {a:>13,.0f} {b:>10,.0f} {c:>10,.0f} {b / a:>11.2f} {c / a:>14.2f}")
 
 
 if __name__ == "__main__":

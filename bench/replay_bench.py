@@ -240,23 +240,24 @@ def payload_source(requests: list[tuple[str, bytes, int]], times: StageTimes, li
     return Source()
 
 
-def replay(requests: list[tuple[str, bytes, int]], db: bool = True) -> dict:
-    """The dataflow over ``requests``; ``db``: the database analysis on (the default) or off."""
+def replay(requests: list[tuple[str, bytes, int]], db: str = "on") -> dict:
+    """The dataflow over ``requests``; ``db``: the database analysis "on" (the default) or "off",
+    or "none": off, and no span attribute read at all (what telepipe did before trace analytics)."""
     from bytewax.testing import run_main
 
     from pipeline.config import Config, DbConfig
-    from pipeline.decode import decode_limits
+    from pipeline.decode import DecodeLimits, decode_limits
     from pipeline.flow import Outputs, build_flow
     from pipeline.selfmetrics import SelfMetrics
     from sinks.prometheus import MetricsSink, SeriesState
 
-    cfg = Config(db=DbConfig(enabled=db))
+    cfg = Config(db=DbConfig(enabled=db == "on"))
     times = StageTimes()
     times.install()
     metrics = SelfMetrics()
     series = SeriesState(cfg.prometheus.buckets, metrics, stale_after_s=float("inf"))
     outputs = Outputs(result_sinks=[MetricsSink(series)])
-    flow = build_flow(cfg, payload_source(requests, times, decode_limits(cfg)), outputs, metrics, idle_close=False)
+    flow = build_flow(cfg, payload_source(requests, times, DecodeLimits() if db == "none" else decode_limits(cfg)), outputs, metrics, idle_close=False)
     proc = psutil.Process()
     before = proc.memory_info().rss
     peak = [before]
@@ -303,7 +304,7 @@ def series_payloads(series: int, windows: int = 4) -> list[tuple[str, bytes, int
     ]
 
 
-def run_case(case: str, paths: list[Path], seconds: float, db: bool = True) -> dict:
+def run_case(case: str, paths: list[Path], seconds: float, db: str = "on") -> dict:
     """``case``: "x<copies>" (the recordings overlaid) or "<n> pairs" (``series_payloads``)."""
     requests = payloads(paths, int(case[1:])) if case.startswith("x") else series_payloads(int(case.split()[0]))
     traces = [body for signal, body, _ in requests if signal == "spans"]
@@ -311,7 +312,8 @@ def run_case(case: str, paths: list[Path], seconds: float, db: bool = True) -> d
     ceil = ceiling(requests, seconds)
     out = replay(requests, db)
     assert out["spans"] == sent, (out["spans"], sent)  # every span ends up in a closed window
-    out.update(case=case if db else f"{case} (db off)", spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)
+    label = {"on": case, "off": f"{case} (db off)", "none": f"{case} (no attributes)"}[db]
+    out.update(case=label, spans_per_request=sent / len(traces), ceiling=ceil, ratio=out["spans_per_s"] / ceil)
     return out
 
 
@@ -322,19 +324,20 @@ def main() -> None:
                     help="high-cardinality cases: numbers of (service, operation) pairs, comma-separated ('' for none)")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum duration of each ceiling measurement")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
-    ap.add_argument("--db", choices=["on", "off", "both"], default="on",
-                    help="the database analysis ([db] enabled, the default: on); both: each case off, then on")
+    ap.add_argument("--db", choices=["on", "off", "none", "both", "all"], default="on",
+                    help="the database analysis ([db] enabled, the default: on); none: off and no span attribute "
+                         "read (before trace analytics); both: each case none, then on; all: none, off, on")
     ap.add_argument("paths", nargs="*", default=[str(RECORDINGS / p) for p in DEFAULT])
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     paths = [Path(p) for p in args.paths]
     if args.case:
-        print(json.dumps(run_case(args.case, paths, args.seconds, args.db == "on")))
+        print(json.dumps(run_case(args.case, paths, args.seconds, args.db)))
         return
     rows = []
     cases = [f"x{c}" for c in args.copies.split(",") if c] + [f"{n} pairs" for n in args.series.split(",") if n]
     for case in cases:
-        for db in (["off", "on"] if args.db == "both" else [args.db]):
+        for db in {"both": ["none", "on"], "all": ["none", "off", "on"]}.get(args.db, [args.db]):
             out = subprocess.run(
                 [sys.executable, "-m", "bench.replay_bench", "--case", case, "--seconds", str(args.seconds),
                  "--db", db, *map(str, paths)],

@@ -43,6 +43,7 @@ from bytewax.outputs import Sink
 from pipeline.config import Config
 from pipeline.db_analysis import DbCalls, Finding
 from pipeline.deadletter import DeadLetters
+from pipeline.graph_calls import GraphCalls
 from pipeline.incident_model import IncidentEvent, ServiceSummary
 from pipeline.metric_model import LateMetrics, MetricBatch, MetricPoints
 from pipeline.model import (
@@ -160,10 +161,12 @@ def build_flow(
     # (DbCalls, Finding: pipeline/db_analysis.py) follow it, straight to the outputs.
     sg = cfg.servicegraph
     db = (cfg.db, cfg.prometheus.buckets) if cfg.db.enabled else None
-    joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns, dead, db)
+    joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns, dead, db,
+                          cfg.prometheus.buckets)  # fmt: skip
     read = op.input("read", flow, joined)
-    db_items = op.filter("db_items", read, lambda x: isinstance(x, DbCalls | Finding))
-    batches = op.filter("not_db_items", read, lambda x: not isinstance(x, DbCalls | Finding))
+    # ... and so do the service graph's requests per (client, server) (GraphCalls: graph_calls.py)
+    db_items = op.filter("db_items", read, lambda x: isinstance(x, DbCalls | Finding | GraphCalls))
+    batches = op.filter("not_db_items", read, lambda x: not isinstance(x, DbCalls | Finding | GraphCalls))
 
     # One aggregate per (service, window) per batch (a row per operation and kind, so a batch
     # touching thousands of operations is still a few items), and per-service log counts:

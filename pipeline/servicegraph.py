@@ -11,7 +11,10 @@ before its parent waits for it.
 
 Each step yields ``EdgePartial`` items: calls, errors and summed duration of the
 child spans per (caller, callee, window). Per-service state adds them to the
-caller's window; alert rankings name downstream services from them.
+caller's window; alert rankings name downstream services from them. Given the
+histogram bounds, it also yields ``GraphCalls`` (``pipeline/graph_calls.py``): the
+requests per (client, server, connection type) for ``/metrics``, with the virtual
+nodes that CLIENT and PRODUCER spans without a child name.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from pipeline.graph_calls import CTYPE_NAMES, GraphCalls, GraphSums, peer_of
 from pipeline.model import EdgePartial, SpanBatch, progress_ns
 from pipeline.snapshots import check_version
 from pipeline.span_index import SpanIndex
@@ -42,24 +46,31 @@ STATE_VERSION = 2  # of the pickled joiner in recovery snapshots (2: versioned; 
 class LinkJoiner:
     """Joins sampled spans to their parents across batches. Picklable."""
 
-    def __init__(self, sample_one_in: int, ttl_ns: int, window_ns: int) -> None:
+    def __init__(
+        self, sample_one_in: int, ttl_ns: int, window_ns: int, bounds: tuple[float, ...] | None = None
+    ) -> None:
         self.sample = sample_one_in
         self.ttl_ns = ttl_ns
         self.window_ns = window_ns
+        self.bounds = None if bounds is None else np.asarray(bounds, dtype=np.float64)  # None: no GraphCalls
         self.names: list[str] = []  # service code -> name, as first seen
         self.codes: dict[str, int] = {}
         self.generations: list[tuple[int, SpanIndex]] = []  # (generation, span id -> service code)
-        # (generation, parent id -> {(callee, window start): [calls, errors, duration sum, max end]}):
+        # (generation, parent id -> {(callee, window start): [calls, errors, duration sum, max end,
+        # {bucket: weighted calls}, weighted failed, weighted duration sum]}):
         # children waiting for their parent, summed per callee and window, so a parent that never
         # comes costs one entry per callee and window however many children name it (a client
         # that reuses span ids made these lists grow by thousands a second, and every snapshot
         # pickled them).
         self.waiting: list[tuple[int, dict[int, dict[tuple[str, int], list]]]] = []
+        # (generation, span id -> (client, server, connection type, weight, failed, seconds, end)):
+        # CLIENT and PRODUCER spans naming a peer, waiting for a child; none in time: a virtual node
+        self.pending: list[tuple[int, dict[int, tuple]]] = []
         self.high = 0
         self.unjoined = 0  # children not kept to wait: MAX_WAITING reached
         self.unstored = 0  # sampled spans not kept as possible parents: MAX_SPANS reached
 
-    def bind(self, sample_one_in: int, ttl_ns: int, window_ns: int) -> None:
+    def bind(self, sample_one_in: int, ttl_ns: int, window_ns: int, bounds: tuple[float, ...] | None = None) -> None:
         """Apply the configuration in force (after a restart from a snapshot). Children waiting
         under windows of another length move to the window of the new length that holds their
         newest end."""
@@ -67,11 +78,20 @@ class LinkJoiner:
             for _, table in self.waiting:
                 for parent_id, children in table.items():
                     moved: dict[tuple[str, int], list] = {}
-                    for (callee, _), (calls, errors, dur, end) in children.items():
-                        c = moved.setdefault((callee, end // window_ns * window_ns), [0, 0, 0.0, 0])
+                    for (callee, _), (calls, errors, dur, end, buckets, w_failed, w_dur) in children.items():
+                        c = moved.setdefault((callee, end // window_ns * window_ns), [0, 0, 0.0, 0, {}, 0, 0.0])
                         c[0], c[1], c[2], c[3] = c[0] + calls, c[1] + errors, c[2] + dur, max(c[3], end)
+                        c[5], c[6] = c[5] + w_failed, c[6] + w_dur
+                        for b, n in buckets.items():
+                            c[4][b] = c[4].get(b, 0) + n
                     table[parent_id] = moved
+        if bounds is not None and (self.bounds is None or tuple(self.bounds.tolist()) != tuple(bounds)):
+            for _, table in self.waiting:  # waited under other buckets: their requests are not counted
+                for children in table.values():
+                    for c in children.values():
+                        c[4].clear()
         self.sample, self.ttl_ns, self.window_ns = sample_one_in, ttl_ns, window_ns
+        self.bounds = None if bounds is None else np.asarray(bounds, dtype=np.float64)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "version": STATE_VERSION}
@@ -83,13 +103,18 @@ class LinkJoiner:
         self.__dict__.update(state)
         self.__dict__.setdefault("unjoined", 0)
         self.__dict__.setdefault("unstored", 0)
+        self.__dict__.setdefault("pending", [])
+        self.__dict__.setdefault("bounds", None)
         for _, table in self.waiting:
             for parent_id, children in table.items():
                 if isinstance(children, list):
                     summed: dict[tuple[str, int], list] = {}
                     for callee, error, dur, end in children:
-                        self._wait(summed, callee, error, dur, end)
+                        self._wait(summed, callee, error, dur, end, -1, 1)
                     table[parent_id] = summed
+                for c in table[parent_id].values():
+                    if len(c) == 4:  # before the service-graph metrics: not counted there
+                        c.extend(({}, 0, 0.0))
         if "names" not in state:
             self.names, self.codes = [], {}
             generations = []
@@ -108,7 +133,7 @@ class LinkJoiner:
             self.names.append(service)
         return code
 
-    def process(self, batch: SpanBatch) -> list[EdgePartial]:
+    def process(self, batch: SpanBatch) -> list[EdgePartial | GraphCalls]:
         n = len(batch)
         if n == 0:
             return []
@@ -133,9 +158,11 @@ class LinkJoiner:
         self.unstored += self.generations[-1][1].insert(sid, me)
         waiting = self._current(self.waiting, gen)
         edges: dict[tuple[str, str, int], list] = defaultdict(lambda: [0, 0, 0.0, 0])
+        graph = GraphSums(self.bounds, self.sample) if self.bounds is not None else None
 
+        paired: set[int] = set()  # spans of this batch or earlier ones that got a child now
         if any(table for _, table in self.waiting):
-            self._join_waiting(sid, edges)
+            paired = self._join_waiting(sid, edges, graph)
         # This batch's children: parent found (in any generation) or left waiting for it.
         with_parent = np.flatnonzero(pid_arr)
         pids = pid_arr[with_parent]
@@ -145,38 +172,92 @@ class LinkJoiner:
         callee = me[with_parent]
         cross = np.flatnonzero((caller >= 0) & (caller != callee))
         if cross.size:
-            self._join_found(batch, keep[with_parent[cross]], caller[cross], callee[cross], edges)
+            self._join_found(batch, keep[with_parent[cross]], caller[cross], callee[cross], edges, graph)
         lost = np.flatnonzero(caller < 0)
         if lost.size:
             self._leave_waiting(batch, keep[with_parent[lost]], pids[lost], callee[lost], waiting)
-        self._expire(gen)
-        return [
+        if graph is not None:
+            self._peers(batch, keep, sid, gen, paired, pids[caller >= 0], graph)
+        expired = self._expire(gen)
+        out: list[EdgePartial | GraphCalls] = [
             EdgePartial(src, dst, w, progress_ns(e[3], batch.received_ns), batch.step, e[0], e[1], e[2])
             for (src, dst, w), e in sorted(edges.items())
         ]
+        if graph is not None:
+            for table in expired:  # CLIENT and PRODUCER spans no child came for: virtual nodes
+                for client, server, ctype, w, failed, seconds, end in table.values():
+                    graph.add_spans((client, server, ctype), np.array([w]), np.array([failed]), np.array([seconds]),
+                                    np.array([end]))  # fmt: skip
+            out.extend(graph.records())
+        return out
 
-    def _join_waiting(self, sid: np.ndarray, edges: dict) -> None:
-        """Children that were waiting for one of these spans (``sid``) join them now."""
+    def _peers(self, batch: SpanBatch, keep: np.ndarray, sid: np.ndarray, gen: int, paired: set[int],
+               found: np.ndarray, graph: GraphSums) -> None:  # fmt: skip
+        """Database calls count at once; other CLIENT and PRODUCER spans that name a peer wait for
+        a child (none within the ttl: a virtual node); spans that got a child (``paired``: children
+        that waited, ``found``: this batch's children's parents) stop waiting or never start."""
+        if any(table for _, table in self.pending):
+            gone = paired | set(found.tolist())
+            for _, table in self.pending:
+                for span in gone & table.keys():
+                    del table[span]
+        name, ctype = peer_of(batch, keep)
+        name[np.isin(sid, found)] = -1  # called, and the callee answered in this very batch
+        rows = np.flatnonzero(name >= 0)
+        if not rows.size:
+            return
+        values, names = batch.attr_values, batch.services
+        r = keep[rows]
+        w = batch.weights()[r]
+        failed = batch.status[r] == 2
+        seconds = batch.duration_ns[r] / 1e9
+        client = batch.service_idx[r]
+        db = ctype[rows] == 1
+        if db.any():
+            for c, v in sorted(set(zip(client[db].tolist(), name[rows][db].tolist(), strict=True))):
+                m = db & (client == c) & (name[rows] == v)
+                graph.add_spans((names[c], values[v], CTYPE_NAMES[1]), w[m], failed[m], seconds[m], batch.end_ns[r][m])
+        table = self._current(self.pending, gen)
+        ends = batch.end_ns[r]
+        for j in np.flatnonzero(~db).tolist():
+            span = int(sid[rows[j]])
+            if span in paired:
+                continue
+            if len(table) >= MAX_WAITING:
+                self.unstored += 1
+                continue
+            table[span] = (names[int(client[j])], values[int(name[rows[j]])], CTYPE_NAMES[int(ctype[rows[j]])],
+                           int(w[j]), bool(failed[j]), float(seconds[j]), int(ends[j]))  # fmt: skip
+
+    def _join_waiting(self, sid: np.ndarray, edges: dict, graph: GraphSums | None) -> set[int]:
+        """Children that were waiting for one of these spans (``sid``) join them now; returns the
+        ids of those spans."""
         arrived = set(sid.tolist())
+        joined: set[int] = set()
         for _, table in self.waiting:
             found = list(table.keys() & arrived)
             if not found:
                 continue
+            joined.update(found)
             callers = np.full(len(found), -1, dtype=np.int32)
             self.generations[-1][1].lookup(np.array(found, dtype=np.uint64), callers)
             for parent_id, code in zip(found, callers.tolist()):
                 if code < 0:  # not stored (MAX_SPANS): it keeps waiting
                     continue
                 parent_service = self.names[code]
-                for (child_service, window_start), (n, n_err, d_sum, end) in table.pop(parent_id).items():
+                for (child_service, window_start), c in table.pop(parent_id).items():
                     if child_service != parent_service:
                         e = edges[(parent_service, child_service, window_start)]
-                        e[0] += n
-                        e[1] += n_err
-                        e[2] += d_sum
-                        e[3] = max(e[3], end)
+                        e[0] += c[0]
+                        e[1] += c[1]
+                        e[2] += c[2]
+                        e[3] = max(e[3], c[3])
+                        if graph is not None:
+                            graph.add_summed((parent_service, child_service, ""), c[4], c[5], c[6], c[3])
+        return joined
 
-    def _join_found(self, batch: SpanBatch, rows: np.ndarray, a: np.ndarray, b: np.ndarray, edges: dict) -> None:
+    def _join_found(self, batch: SpanBatch, rows: np.ndarray, a: np.ndarray, b: np.ndarray, edges: dict,
+                    graph: GraphSums | None) -> None:  # fmt: skip
         """This batch's children (``rows``) whose parent was found: caller codes ``a``, callee
         codes ``b``, summed per (caller, callee, window) with numpy."""
         window = batch.end_ns[rows] // self.window_ns * self.window_ns
@@ -189,12 +270,17 @@ class LinkJoiner:
         errors = np.add.reduceat(batch.status[rows] == 2, first)
         dur_sum = np.add.reduceat(batch.duration_ns[rows] / 1e9, first)
         max_end = np.maximum.reduceat(batch.end_ns[rows], first)
+        weights = batch.weights() if graph is not None else None
         for k, at in enumerate(first.tolist()):
             e = edges[(self.names[a[at]], self.names[b[at]], int(window[at]))]
             e[0] += int(calls[k])
             e[1] += int(errors[k])
             e[2] += float(dur_sum[k])
             e[3] = max(e[3], int(max_end[k]))
+            if graph is not None and weights is not None:
+                seg = rows[at : at + int(calls[k])]
+                graph.add_spans((self.names[a[at]], self.names[b[at]], ""), weights[seg],
+                                batch.status[seg] == 2, batch.duration_ns[seg] / 1e9, batch.end_ns[seg])  # fmt: skip
 
     def _leave_waiting(
         self, batch: SpanBatch, rows: np.ndarray, parents: np.ndarray, callee: np.ndarray, waiting: dict
@@ -204,21 +290,31 @@ class LinkJoiner:
         err = (batch.status[rows] == 2).tolist()
         dur = (batch.duration_ns[rows] / 1e9).tolist()
         end = batch.end_ns[rows].tolist()
-        for parent_id, code, error, d, e in zip(parents.tolist(), callee.tolist(), err, dur, end):
+        if self.bounds is not None:
+            bucket = np.searchsorted(self.bounds, dur, side="left").tolist()
+        else:
+            bucket = [-1] * rows.size
+        weight = batch.weights()[rows].tolist()
+        for parent_id, code, error, d, e, bk, w in zip(parents.tolist(), callee.tolist(), err, dur, end, bucket,
+                                                       weight):  # fmt: skip
             children = waiting.get(parent_id)
             if children is None:
                 if len(waiting) >= MAX_WAITING:
                     self.unjoined += 1
                     continue
                 children = waiting[parent_id] = {}
-            self._wait(children, self.names[code], error, d, e)
+            self._wait(children, self.names[code], error, d, e, bk, w)
 
-    def _wait(self, children: dict, callee: str, error: bool, dur: float, end: int) -> None:
-        c = children.setdefault((callee, end // self.window_ns * self.window_ns), [0, 0, 0.0, 0])
+    def _wait(self, children: dict, callee: str, error: bool, dur: float, end: int, bucket: int, w: int) -> None:
+        c = children.setdefault((callee, end // self.window_ns * self.window_ns), [0, 0, 0.0, 0, {}, 0, 0.0])
         c[0] += 1
         c[1] += error
         c[2] += dur
         c[3] = max(c[3], end)
+        if bucket >= 0:  # -1: counted before the service-graph metrics
+            c[4][bucket] = c[4].get(bucket, 0) + w
+            c[5] += w * error
+            c[6] += w * dur
 
     @staticmethod
     def _current(gens: list, gen: int) -> dict:
@@ -226,13 +322,19 @@ class LinkJoiner:
             gens.append((gen, {}))
         return gens[-1][1]
 
-    def _expire(self, gen: int) -> None:
+    def _expire(self, gen: int) -> list[dict[int, tuple]]:
+        """Drop the generations older than the ttl; returns the CLIENT and PRODUCER spans that
+        waited in them for a child in vain."""
         oldest = gen - max(1, self.ttl_ns // GENERATION_NS)
         if self.generations[0][0] < oldest and len(self.names) > MAX_NAMES:
             self.generations = [(g, t) for g, t in self.generations if g >= oldest]
             self._renumber()
         self.generations = [(g, t) for g, t in self.generations if g >= oldest]
         self.waiting = [(g, t) for g, t in self.waiting if g >= oldest]
+        expired = [t for g, t in self.pending if g < oldest]
+        if expired:
+            self.pending = [(g, t) for g, t in self.pending if g >= oldest]
+        return expired
 
     def _renumber(self) -> None:
         """Service codes of the kept generations only, numbered afresh: service names that

@@ -240,16 +240,18 @@ class _JoinedPartition(StatefulSourcePartition):
 
 
 class JoinedSource(FixedPartitionedSource):
-    """Wraps a partitioned source of batches: each span batch is followed by its edges and,
-    when ``db`` (the ``[db]`` configuration and the histogram bounds) is given, its database
-    calls and findings (``pipeline/db_analysis.py``)."""
+    """Wraps a partitioned source of batches: each span batch is followed by its edges (and,
+    given ``graph_bounds``, the service-graph requests: ``pipeline/graph_calls.py``) and, when
+    ``db`` (the ``[db]`` configuration and the histogram bounds) is given, its database calls
+    and findings (``pipeline/db_analysis.py``)."""
 
     def __init__(
         self, inner: FixedPartitionedSource, sample_one_in: int, ttl_ns: int, window_ns: int,
         dead: DeadLetters | None = None, db: tuple[DbConfig, tuple[float, ...]] | None = None,
+        graph_bounds: tuple[float, ...] | None = None,
     ) -> None:  # fmt: skip
         self.inner = inner
-        self.args = (sample_one_in, ttl_ns, window_ns)
+        self.args = (sample_one_in, ttl_ns, window_ns, graph_bounds)
         self.dead = dead
         self.db = db
 

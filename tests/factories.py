@@ -1,5 +1,7 @@
 """Small builders of domain objects for unit tests."""
 
+import numpy as np
+
 from pipeline.config import DEFAULT_BUCKETS
 from pipeline.model import ServiceWindow, WindowResult
 
@@ -32,3 +34,14 @@ def service_window(i, results=None, instances=("pod-1",), logs=0, error_logs=0, 
         server_errors=sum(r.errors for r in server),
         server_p95=server_p95 if server_p95 is not None else (max(r.p95 for r in server) if server else float("nan")),
     )  # fmt: skip
+
+
+def attribute_table(spans: list[dict], keys: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """``SpanBatch.attr_values`` and ``attrs`` for spans given as dicts with an "attrs" dict."""
+    values: dict[str, int] = {}
+    attrs = np.full((len(keys), len(spans)), -1, dtype=np.int32)
+    for i, s in enumerate(spans):
+        for j, k in enumerate(keys):
+            if k in s.get("attrs", {}):
+                attrs[j, i] = values.setdefault(s["attrs"][k], len(values))
+    return tuple(values), attrs

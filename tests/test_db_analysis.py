@@ -12,6 +12,8 @@ from pipeline.config import DEFAULT_BUCKETS, DbConfig
 from pipeline.db_analysis import OVERFLOW_STATEMENT, DbAnalyzer, DbCalls, Finding
 from pipeline.model import SpanBatch
 
+from .factories import attribute_table
+
 MS = 1_000_000
 T0 = 1_700_000_000 * 10**9
 KEYS = ("db.system.name", "db.system", "db.query.text", "db.statement", "db.operation.name")
@@ -22,12 +24,7 @@ def batch(spans: list[dict], weight=None) -> SpanBatch:
     n = len(spans)
     services = tuple(dict.fromkeys(s.get("service", "shop") for s in spans))
     names = tuple(dict.fromkeys(s["name"] for s in spans))
-    values: dict[str, int] = {}
-    attrs = np.full((len(KEYS), n), -1, dtype=np.int32)
-    for i, s in enumerate(spans):
-        for j, k in enumerate(KEYS):
-            if k in s.get("attrs", {}):
-                attrs[j, i] = values.setdefault(s["attrs"][k], len(values))
+    values, attrs = attribute_table(spans, KEYS)
     return SpanBatch(
         services=services, operations=names, instances=("",),
         service_idx=np.array([services.index(s.get("service", "shop")) for s in spans], np.int32),
@@ -38,7 +35,7 @@ def batch(spans: list[dict], weight=None) -> SpanBatch:
         trace_id=np.array([s.get("trace", 1).to_bytes(16, "big") for s in spans], dtype="S16"),
         span_id=np.array([s["id"].to_bytes(8, "big") for s in spans], dtype="S8"),
         parent_span_id=np.array([s.get("parent", 0).to_bytes(8, "big") for s in spans], dtype="S8"),
-        weight=weight, attr_keys=KEYS, attr_values=tuple(values), attrs=attrs,
+        weight=weight, attr_keys=KEYS, attr_values=values, attrs=attrs,
     )  # fmt: skip
 
 

@@ -18,13 +18,13 @@ PROMETHEUS = shutil.which("prometheus")
 
 @pytest.fixture
 def prometheus(tmp_path):
-    def start(scrape_target: str):
+    def start(scrape_target: str, job_extra: str = ""):
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
         cfg.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: telepipe\n"
-            f"    static_configs:\n      - targets: ['{scrape_target}']\n"
+            f"    static_configs:\n      - targets: ['{scrape_target}']\n" + job_extra
         )
         proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -71,6 +71,48 @@ def test_real_prometheus_scrapes_call_counts(daemon_factory, prometheus):
     assert result and float(result[0]["value"][1]) == 370
     up = query(prom, 'up{job="telepipe"}')
     assert up and up[0]["value"][1] == "1"
+
+
+# docs/trace-analytics.md: Grafana's service-graph view reads Tempo's names
+GRAFANA_NAMES = """    metric_relabel_configs:
+      - source_labels: [__name__]
+        regex: telepipe_service_graph_(.*)
+        target_label: __name__
+        replacement: traces_service_graph_$1
+"""
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (make test installs it as root)")
+def test_service_graph_families_under_the_names_grafana_reads(daemon_factory, prometheus):
+    """With the relabelling rule of the docs, the service-graph requests are in Prometheus as
+    ``traces_service_graph_*``, the names Grafana's service-graph view queries."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    d = daemon_factory("[windows]\nidle_timeout_s = 1.0\n[servicegraph]\nsample_one_in = 1\n")
+    tp = TracerProvider(resource=Resource.create({"service.name": "shop"}))
+    tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=d.grpc_target, insecure=True)))
+    tracer = tp.get_tracer("graph")
+    for i in range(7):
+        tracer.start_span("SELECT orders", kind=trace.SpanKind.CLIENT, attributes={
+            "db.system.name": "postgresql", "db.namespace": "orders", "db.query.text": f"SELECT {i}"}).end()  # fmt: skip
+    assert tp.force_flush(30_000)
+    prom = prometheus(f"127.0.0.1:{d.http_port}", GRAFANA_NAMES)
+    promql = 'sum(traces_service_graph_request_total{client="shop",server="orders",connection_type="database"})'
+    deadline = time.monotonic() + 60
+    result = []
+    while time.monotonic() < deadline:
+        result = query(prom, promql)
+        if result and float(result[0]["value"][1]) == 7:
+            break
+        time.sleep(0.5)
+    assert result and float(result[0]["value"][1]) == 7
+    hist = query(prom, 'traces_service_graph_request_server_seconds_count{server="orders"}')
+    assert hist and float(hist[0]["value"][1]) == 7
+    assert query(prom, "telepipe_service_graph_request_total") == []  # renamed, not copied
 
 
 class Proxy:

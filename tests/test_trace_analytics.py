@@ -92,10 +92,10 @@ def test_sampled_spans_count_as_their_adjusted_count(daemon_factory, transport):
     assert s[("telepipe_accepted_spans_total", ())] == 100  # spans received: not weighted
 
 
-def _db_span(tracer, name, statement, start, duration, system="postgresql"):
+def _db_span(tracer, name, statement, start, duration, system="postgresql", namespace="shop"):
     span = tracer.start_span(name, kind=trace.SpanKind.CLIENT, start_time=start,
                              attributes={"db.system.name": system, "db.query.text": statement,
-                                         "db.namespace": "shop", "server.address": "db-1"})  # fmt: skip
+                                         "db.namespace": namespace, "server.address": "db-1"})  # fmt: skip
     span.end(end_time=start + duration)
 
 
@@ -214,3 +214,64 @@ def test_exemplars_on_the_duration_histogram_when_the_scraper_asks_for_openmetri
     assert set(marked) == {0.4, 0.006}
     plain = httpx.get(d.url("/metrics"), timeout=5)
     assert plain.headers["content-type"].startswith("text/plain; version=0.0.4") and "# {" not in plain.text
+
+
+def test_service_graph_requests_with_virtual_nodes_for_a_database_and_an_uninstrumented_peer(daemon_factory):
+    """A shop calls its database (3 queries), a payment gateway nobody instruments (2 calls, one
+    failed) and an instrumented inventory service (1 call): the requests show as Tempo's and the
+    Collector's service-graph families do, the database and the gateway as virtual nodes."""
+    d = daemon_factory(CONFIG + "[servicegraph]\nsample_one_in = 1\nttl_s = 10\n")
+
+    def provider(service):
+        tp = TracerProvider(resource=Resource.create({"service.name": service}))
+        tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=d.grpc_target, insecure=True)))
+        return tp
+
+    shop, inventory = provider("shop"), provider("inventory")
+    tracer, inv = shop.get_tracer("graph"), inventory.get_tracer("graph")
+    ms = 1_000_000
+    t = (time.time_ns() // WINDOW - 6) * WINDOW + 100 * ms
+    root = tracer.start_span("POST /checkout", kind=trace.SpanKind.SERVER, start_time=t)
+    with trace.use_span(root):
+        for k in range(3):
+            _db_span(tracer, "SELECT orders", f"SELECT * FROM orders WHERE id = {k}", t + (1 + k) * ms, ms,
+                     namespace="orders")  # fmt: skip
+        for k in range(2):
+            call = tracer.start_span("POST /charge", kind=trace.SpanKind.CLIENT, start_time=t + (5 + k) * ms,
+                                     attributes={"peer.service": "payments-gateway", "server.address": "pay.example"})
+            if k:
+                call.set_status(trace.Status(trace.StatusCode.ERROR))
+            call.end(end_time=t + (6 + k) * ms)
+        stock = tracer.start_span("GET /stock", kind=trace.SpanKind.CLIENT, start_time=t + 10 * ms,
+                                  attributes={"server.address": "inventory.svc"})  # fmt: skip
+        served = inv.start_span("GET /stock", kind=trace.SpanKind.SERVER, start_time=t + 11 * ms,
+                                context=trace.set_span_in_context(stock))  # fmt: skip
+        served.end(end_time=t + 14 * ms)
+        stock.end(end_time=t + 15 * ms)
+    root.end(end_time=t + 20 * ms)
+    assert inventory.force_flush(30_000) and shop.force_flush(30_000)  # the child first, as SDKs mostly do
+    # database calls count at once; the others wait for a child for the ttl (of event time, from
+    # the batch they came in): a minute later by the spans' clocks, in a later batch, the calls
+    # that waited in vain are virtual nodes
+    wait_for(lambda: total(d.metrics_text(), "telepipe_service_graph_request_total", connection_type="database"))
+    now = time.time_ns()
+    tracer.start_span("GET /health", kind=trace.SpanKind.SERVER, start_time=now - ms).end(end_time=now)
+    assert shop.force_flush(30_000)
+
+    def requests(text, name="telepipe_service_graph_request_total", **labels):
+        return total(text, name, **labels)
+
+    def arrived():
+        text = d.metrics_text()
+        return text if requests(text, client="shop", server="payments-gateway") else None
+
+    text = wait_for(arrived)
+    assert requests(text, client="shop", server="orders", connection_type="database") == 3
+    assert requests(text, client="shop", server="payments-gateway", connection_type="virtual_node") == 2
+    assert requests(text, "telepipe_service_graph_request_failed_total", server="payments-gateway") == 1
+    assert requests(text, client="shop", server="inventory", connection_type="") == 1
+    assert requests(text) == 6  # nothing else: the inventory call, answered, is no virtual node
+    s = samples(text)
+    inv_labels = (("client", "shop"), ("connection_type", ""), ("server", "inventory"))
+    assert s[("telepipe_service_graph_request_server_seconds_count", inv_labels)] == 1
+    assert s[("telepipe_service_graph_request_server_seconds_sum", inv_labels)] == pytest.approx(0.003)

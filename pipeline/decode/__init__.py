@@ -26,6 +26,7 @@ from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, DecodeLimits, Malfo
 from pipeline.decode.logs import anyvalue_to_python, decode_logs, decode_logs_json, render_value
 from pipeline.decode.metrics import decode_metrics, decode_metrics_json
 from pipeline.decode.spans import decode_traces, decode_traces_json, decode_traces_upb, json_request
+from pipeline.graph_calls import PEER_ATTRIBUTES
 from pipeline.metric_model import MetricBatch
 from pipeline.model import SpanBatch
 
@@ -42,11 +43,12 @@ DB_ATTRIBUTES = ("db.system.name", "db.system", "db.query.text", "db.statement",
 
 def decode_limits(cfg: Config) -> DecodeLimits:
     """What decoding needs from the configuration: log attribute limits, and the span
-    attributes the configured analyses read (none: the wire reader reads no attribute)."""
+    attributes the analyses read: the service graph's virtual nodes always, the database
+    analysis's when it is on."""
+    wanted = (DB_ATTRIBUTES if cfg.db.enabled else ()) + PEER_ATTRIBUTES
     return DecodeLimits(
-        cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes,
-        span_attributes=DB_ATTRIBUTES if cfg.db.enabled else (),
-    )  # fmt: skip
+        cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes, span_attributes=tuple(dict.fromkeys(wanted))
+    )
 
 
 def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:

@@ -60,6 +60,7 @@ def render_page(
     yield from _render_anomaly(page, labels, anomaly)
     yield from _render_scaling(page, labels, scaling)
     yield from _render_db(page, les, db or {})
+    yield from _render_graph(page, les, (db or {}).get("graph", ()))
     yield from _render_selfmetrics(page, metrics)
     if openmetrics:
         yield from page.line("# EOF\n")
@@ -137,6 +138,24 @@ def _render_db(page: _Page, les: list[str], db: dict) -> Iterator[bytes]:
                            "N+1 patterns: runs of the same statement under one parent span (findings)")  # fmt: skip
     for key, n in db.get("n_plus_one", ()):
         yield from page.line(f"telepipe_n_plus_one_total{{{n1(key)}}} {n}\n")
+
+
+def _render_graph(page: _Page, les: list[str], rows) -> Iterator[bytes]:
+    """Requests between services and virtual nodes (pipeline/graph_calls.py): the families of
+    Tempo's and the Collector's service graphs (``traces_service_graph_*``) under telepipe's
+    prefix. ``rows``: (key, calls, failed, bucket counts, sum)."""
+    labels = _LabelCache(("client", "server", "connection_type"))
+    name = "telepipe_service_graph_request"
+    yield from page.family(f"{name}_total", "counter", "Requests between two nodes of the service graph")
+    for key, n, _, _, _ in rows:
+        yield from page.line(f"{name}_total{{{labels(key)}}} {n}\n")
+    yield from page.family(f"{name}_failed_total", "counter", "Failed requests between two nodes of the service graph")
+    for key, _, failed, _, _ in rows:
+        yield from page.line(f"{name}_failed_total{{{labels(key)}}} {failed}\n")
+    yield from page.family(f"{name}_server_seconds", "histogram",
+                           "Request duration as the server saw it (the client, for virtual nodes)")  # fmt: skip
+    yield from _histogram(page, f"{name}_server_seconds", labels, les,
+                          [(key, n, buckets, total) for key, n, _, buckets, total in rows], {})  # fmt: skip
 
 
 def _render_scaling(page: _Page, labels: _LabelCache, items: list) -> Iterator[bytes]:

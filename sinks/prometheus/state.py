@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from operator import add
 
 from pipeline.db_analysis import DbCalls, Finding
+from pipeline.graph_calls import GraphCalls
 from pipeline.model import STATUS_CODES, AnomalyUpdate, KeyExpired, ScalingUpdate, ServiceExpired, WindowResult
 from pipeline.selfmetrics import SelfMetrics
 from sinks.prometheus.exposition import kind_label as _kind
@@ -23,10 +24,11 @@ from sinks.prometheus.exposition import render_page
 
 
 class _Series:
-    __slots__ = ("calls", "buckets", "sum", "updated", "exemplars")
+    __slots__ = ("calls", "failed", "buckets", "sum", "updated", "exemplars")
 
     def __init__(self, nb: int) -> None:
         self.calls = 0
+        self.failed = 0  # service-graph requests only
         self.buckets = [0] * nb
         self.sum = 0.0
         self.updated = 0.0
@@ -56,6 +58,7 @@ class SeriesState:
         self._db: dict[tuple[str, str, str], _Series] = {}
         self._n_plus_one: dict[tuple[str, str, str], list] = {}  # (service, span name, statement) -> [n, time]
         self._slow: dict[tuple[str, str, str], list] = {}  # (service, system, statement) -> [n, time]
+        self._graph: dict[tuple[str, str, str], _Series] = {}  # (client, server, connection type)
         self._expired_at = -math.inf
 
     def update(self, items: Iterable[object]) -> None:
@@ -76,6 +79,9 @@ class SeriesState:
                     continue
                 if isinstance(r, DbCalls | Finding):
                     self._database(r, now, nb)
+                    continue
+                if isinstance(r, GraphCalls):
+                    self._requests(r, now, nb)
                     continue
                 if not isinstance(r, WindowResult):
                     continue
@@ -134,6 +140,17 @@ class SeriesState:
         entry[0] += 1
         entry[1] = now
 
+    def _requests(self, r: GraphCalls, now: float, nb: int) -> None:
+        key = (r.client, r.server, r.connection_type)
+        s = self._graph.get(key)
+        if s is None:
+            s = self._graph[key] = _Series(nb)
+        s.calls += r.calls
+        s.failed += r.failed
+        s.buckets = list(map(add, s.buckets, r.bucket_counts))
+        s.sum += r.sum_s
+        s.updated = now
+
     def _forget(self, r: KeyExpired | ServiceExpired) -> None:
         """Drop the series of a retired key, or of every key of a forgotten service (lock held)."""
         if isinstance(r, KeyExpired):
@@ -150,6 +167,8 @@ class SeriesState:
             for db in (self._db, self._n_plus_one, self._slow):
                 for k in [k for k in db if k[0] == r.service]:
                     del db[k]
+            for k in [k for k in self._graph if r.service in k[:2]]:
+                del self._graph[k]
         tables: tuple[dict, ...] = (self._series, self._latest, self._anomaly)
         for table in tables:
             for k in [k for k in table if mine(k)]:
@@ -162,8 +181,9 @@ class SeriesState:
             del self._series[key]
         for latest in [k for k, v in self._latest.items() if v[2] < horizon]:
             del self._latest[latest]
-        for k in [k for k, s in self._db.items() if s.updated < horizon]:
-            del self._db[k]
+        for series in (self._db, self._graph):
+            for k in [k for k, s in series.items() if s.updated < horizon]:
+                del series[k]
         for findings in (self._n_plus_one, self._slow):
             for k in [k for k, v in findings.items() if v[1] < horizon]:
                 del findings[k]
@@ -194,5 +214,6 @@ class SeriesState:
                 "calls": sorted((key, s.calls, list(s.buckets), s.sum) for key, s in self._db.items()),
                 "n_plus_one": sorted((key, v[0]) for key, v in self._n_plus_one.items()),
                 "slow": sorted((key, v[0]) for key, v in self._slow.items()),
+                "graph": sorted((key, s.calls, s.failed, list(s.buckets), s.sum) for key, s in self._graph.items()),
             }
         return render_page(self.bounds, series, latest, anomaly, scaling, self.metrics, db, exemplars, openmetrics)
