@@ -1,6 +1,6 @@
 """The live daemon under load: throughput against the ceiling, end-to-end lag, memory with many series.
 
-    .venv/bin/python -m bench.live throughput [--spans 512,64] [--seconds 60] [--processes 1] [--rate 0] [--json]
+    .venv/bin/python -m bench.live throughput [--spans 512,64] [--seconds 60] [--processes 1] [--rate 0] [--analytics both] [--json]
     .venv/bin/python -m bench.live lag [--rate 75000] [--seconds 120] [--lateness 5,1] [--json]
     .venv/bin/python -m bench.live memory [--series 10000] [--minutes 10] [--rate 20000] [--json]
 
@@ -98,13 +98,25 @@ def _clean_up(load, daemon, tmp) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def throughput(spans: int, seconds: float, processes: int, rate: float = 0.0) -> dict:
+# --analytics: the trace analytics off (no database analysis, no dimensions: only the service
+# graph's virtual-node keys are read) or on (database analysis and two dimensions)
+ANALYTICS = {
+    "off": "[db]\nenabled = false\n",
+    "on": '[windows]\ndimensions = ["deployment.environment", "http.route"]\n',
+}
+
+
+def throughput(spans: int, seconds: float, processes: int, rate: float = 0.0, analytics: str | None = None) -> dict:
     ceiling_rate = ceiling(spans, seconds=5)  # before the daemon starts: nothing else of ours running
     pin = processes == 1
     tmp = Path(tempfile.mkdtemp(prefix="telepipe-live-"))
     daemon = load = None
+    config = None
+    if analytics is not None:
+        config = tmp / "telepipe.toml"
+        config.write_text(ANALYTICS[analytics])
     try:
-        daemon = Daemon(tmp, processes=processes, pin=pin)
+        daemon = Daemon(tmp, processes=processes, pin=pin, config=config)
         daemon.wait_ready()
         peak = daemon.rss_mib()
         read_before = daemon.metric("telepipe_read_spans_total")
@@ -134,6 +146,7 @@ def throughput(spans: int, seconds: float, processes: int, rate: float = 0.0) ->
     rate = counts["acked_spans_per_s"]
     return {
         "mode": "throughput", "spans_per_request": spans, "processes": processes, "pinned": pin,
+        "analytics": analytics or "default",
         "offered_spans_per_s": rate or None,
         "seconds": round(counts["seconds"], 1), "acked_spans": acked, "acked_spans_per_s": round(rate),
         "refused": _refused(counts),
@@ -152,13 +165,13 @@ def throughput(spans: int, seconds: float, processes: int, rate: float = 0.0) ->
 
 
 def print_throughput(rows: list[dict]) -> None:
-    print(f"{'spans/req':>9} {'procs':>5} {'seconds':>7} {'acked spans':>12} {'acked/s':>9} {'failed':>6} "
+    print(f"{'analytics':>9} {'spans/req':>9} {'procs':>5} {'seconds':>7} {'acked spans':>12} {'acked/s':>9} {'failed':>6} "
           f"{'rejected':>8} {'accepted':>12} {'processed':>12} {'acked==proc':>11} {'ceiling/s':>9} "
           f"{'ratio':>5} {'read/s':>9} {'read ratio':>10} {'drain s':>7} {'peak RSS MiB':>12}  refused requests; dropped")  # fmt: skip
     for r in rows:
         same = "yes" if r["acked_equals_processed"] else "no"
         drain = "-" if r["drain_s"] is None else f"{r['drain_s']:.1f}"
-        print(f"{r['spans_per_request']:>9} {r['processes']:>5} {r['seconds']:>7.1f} {r['acked_spans']:>12,} "
+        print(f"{r.get('analytics', 'default'):>9} {r['spans_per_request']:>9} {r['processes']:>5} {r['seconds']:>7.1f} {r['acked_spans']:>12,} "
               f"{r['acked_spans_per_s']:>9,} {r['failed_spans']:>6,} {r['rejected_spans']:>8,} "
               f"{r['accepted_spans']:>12,} {r['processed_spans']:>12,} {same:>11} {r['ceiling_spans_per_s']:>9,} "
               f"{r['ratio']:>5.2f} {r['read_spans_per_s']:>9,} {r['read_spans_per_s'] / r['ceiling_spans_per_s']:>10.2f} "
@@ -359,6 +372,9 @@ def main() -> None:
     tp.add_argument("--rate", type=float, default=0.0,
                     help="spans/s offered (0: as many as the load generator sends); a rate the dataflow keeps up "
                          "with shows the sustained end-to-end figure")  # fmt: skip
+    tp.add_argument("--analytics", choices=["default", "off", "on", "both"], default="default",
+                    help="trace analytics: off (no database analysis, no dimensions), on (database analysis and "
+                         "two dimensions), both (off, then on, for each --spans)")  # fmt: skip
     lg = sub.add_parser("lag", help="span end to window visible on /metrics")
     lg.add_argument("--rate", type=float, default=75_000.0, help="spans/s offered")
     lg.add_argument("--seconds", type=float, default=120.0, help="load duration per row")
@@ -373,10 +389,12 @@ def main() -> None:
 
     if args.mode == "throughput":
         rows = []
+        modes = {"default": [None], "both": ["off", "on"]}.get(args.analytics, [args.analytics])
         for spans in _numbers(args.spans, int):
-            rows.append(throughput(spans, args.seconds, args.processes, args.rate))
-            if args.json:
-                print(json.dumps(rows[-1]), flush=True)
+            for analytics in modes:
+                rows.append(throughput(spans, args.seconds, args.processes, args.rate, analytics))
+                if args.json:
+                    print(json.dumps(rows[-1]), flush=True)
         if not args.json:
             print_throughput(rows)
     elif args.mode == "lag":

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeline.dimensions import RESERVED_LABELS, label_name
+
 MiB = 1024 * 1024
 
 # OTel Collector spanmetrics default explicit buckets (2 ms .. 15 s), in seconds.
-DEFAULT_BUCKETS = (
-    0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8,
-    1.0, 1.4, 2.0, 5.0, 10.0, 15.0,
-)  # fmt: skip
+DEFAULT_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.4, 2.0, 5.0, 10.0, 15.0)
 
 
 class ConfigError(ValueError):
@@ -130,14 +129,18 @@ class WindowsConfig:
     idle_timeout_s: float = 15.0
     max_operations_per_service: int = 500
     relative_accuracy: float = 0.01
+    dimensions: tuple[str, ...] = ()
+    dimension_default: str = ""
 
     def __post_init__(self) -> None:
         _all_positive("windows", self, ("length_s", "idle_timeout_s", "max_operations_per_service"))
         _positive("windows.allowed_lateness_s", self.allowed_lateness_s, zero_ok=True)
         if not 0.0001 <= self.relative_accuracy <= 0.1:
-            raise ConfigError(
-                f"windows.relative_accuracy: allowed 0.0001..0.1, got {self.relative_accuracy}"
-            )
+            raise ConfigError(f"windows.relative_accuracy: allowed 0.0001..0.1, got {self.relative_accuracy}")
+        labels = [label_name(d) for d in self.dimensions]
+        if len(self.dimensions) > 8 or len(set(labels)) < len(labels) or set(labels) & RESERVED_LABELS or "" in labels:
+            raise ConfigError(f"windows.dimensions: at most 8 attribute keys, distinct as labels and none of "
+                              f"{sorted(RESERVED_LABELS)}, got {list(self.dimensions)}")  # fmt: skip
         if (self.length_s * 1e9) % 1:
             raise ConfigError("windows.length_s: must be a whole number of nanoseconds")
 

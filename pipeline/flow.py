@@ -43,6 +43,7 @@ from bytewax.outputs import Sink
 from pipeline.config import Config
 from pipeline.db_analysis import DbCalls, Finding
 from pipeline.deadletter import DeadLetters
+from pipeline.exceptions import ExceptionCounts
 from pipeline.graph_calls import GraphCalls
 from pipeline.incident_model import IncidentEvent, ServiceSummary
 from pipeline.metric_model import LateMetrics, MetricBatch, MetricPoints
@@ -165,8 +166,10 @@ def build_flow(
                           cfg.prometheus.buckets)  # fmt: skip
     read = op.input("read", flow, joined)
     # ... and so do the service graph's requests per (client, server) (GraphCalls: graph_calls.py)
-    db_items = op.filter("db_items", read, lambda x: isinstance(x, DbCalls | Finding | GraphCalls))
-    batches = op.filter("not_db_items", read, lambda x: not isinstance(x, DbCalls | Finding | GraphCalls))
+    # ... and the exceptions of span events (ExceptionCounts: exceptions.py)
+    db_items = op.filter("db_items", read, lambda x: isinstance(x, DbCalls | Finding | GraphCalls | ExceptionCounts))
+    batches = op.filter("not_db_items", read,
+                        lambda x: not isinstance(x, DbCalls | Finding | GraphCalls | ExceptionCounts))  # fmt: skip
 
     # One aggregate per (service, window) per batch (a row per operation and kind, so a batch
     # touching thousands of operations is still a few items), and per-service log counts:

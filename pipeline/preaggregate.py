@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import WindowsConfig
+from pipeline.dimensions import with_dimensions
 from pipeline.metric_model import MetricBatch, MetricPartial
 from pipeline.model import LogBatch, LogPartial, Partial, SpanBatch, progress_ns
 from pipeline.sketch import LogMapping
@@ -37,6 +38,8 @@ class WindowSpec:
     mapping: LogMapping
     bounds: np.ndarray  # explicit histogram bounds, seconds
     exemplars: int = 5  # trace ids kept per window: slowest spans, error spans
+    dimensions: tuple[str, ...] = ()  # attribute keys that split operations (pipeline/dimensions.py)
+    dimension_default: str = ""
 
     def shape(self) -> tuple:
         """What open windows are made of: state built with another shape cannot take new data."""
@@ -50,7 +53,12 @@ class WindowSpec:
             idle_timeout_s=cfg.idle_timeout_s,
             mapping=LogMapping(cfg.relative_accuracy),
             bounds=np.asarray(buckets, dtype=np.float64),
+            dimensions=cfg.dimensions,
+            dimension_default=cfg.dimension_default,
         )
+
+
+_COMPOSED: dict = {}  # with_dimensions's operations, kept across batches (this process's)
 
 
 def _rank_in_runs(keys: np.ndarray) -> np.ndarray:
@@ -67,6 +75,7 @@ def preaggregate(batch: SpanBatch, spec: WindowSpec) -> list[Partial]:
     n = len(batch)
     if n == 0:
         return []
+    batch = with_dimensions(batch, spec.dimensions, spec.dimension_default, _COMPOSED)
     window = batch.end_ns // spec.length_ns
     # kinds outside OTLP's 0..5 (spooled by an older telepipe) count as UNSPECIFIED, as decode does now
     kind = np.where((batch.kind < 0) | (batch.kind > 5), 0, batch.kind)

@@ -32,6 +32,7 @@ from pipeline import servicegraph
 from pipeline.config import Config, DbConfig
 from pipeline.db_analysis import DbAnalyzer
 from pipeline.deadletter import DeadLetters
+from pipeline.exceptions import count_exceptions
 from pipeline.incidents import IncidentTracker
 from pipeline.metric_model import MetricBatch
 from pipeline.model import LogBatch, ServiceExpired, SpanBatch, Tick
@@ -206,11 +207,13 @@ class _JoinedPartition(StatefulSourcePartition):
                 if self.dead is None:
                     out.extend(self.joiner.process(item))
                     out.extend(self.analyzer.process(item) if self.analyzer is not None else ())
+                    out.extend(count_exceptions(item))
                 else:
                     # the join changes state: a failure is set aside at once, never retried
                     out.extend(self.dead.run("servicegraph", self.joiner.process, item, tries=1) or [])
                     if self.analyzer is not None:
                         out.extend(self.dead.run("db_analysis", self.analyzer.process, item, tries=1) or [])
+                    out.extend(self.dead.run("exceptions", count_exceptions, item, tries=1) or [])
         unjoined, unstored = self.joiner.unjoined - before[0], self.joiner.unstored - before[1]
         if (unjoined or unstored) and self.dead is not None:
             # counted per batch, logged at most once a minute (this can go on for a while)

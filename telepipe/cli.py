@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Streaming telemetry pipeline: OTLP traces, logs and metrics in (gRPC and HTTP); "
         "latency percentiles, RED metrics, anomalies, incidents and scaling signals on /metrics, logs and "
         "events to Loki out; sampled spans weighted by their tracestate threshold; database statements, slow "
-        "queries and N+1 findings; service-graph requests with virtual nodes; exemplars; span names with ids "
-        "folded into templates. Not built yet: dimensions, exception counts.",
+        "queries and N+1 findings; dimensions; service-graph requests with virtual nodes; exceptions from span "
+        "events; exemplars; span names with ids folded into templates.",
         epilog=SCALE_OUT,
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -83,8 +83,8 @@ def test_a_call_nobody_answered_is_a_virtual_node_named_by_peer_service_then_ser
 def test_database_calls_count_at_once_and_messages_wait_like_calls():
     j = joiner()
     got = calls(j.process(batch([
-        {"service": "shop", "kind": CLIENT, "id": 30, "attrs": {"db.system.name": "postgresql", "db.namespace": "orders",
-                                                                 "server.address": "db-1"}},
+        {"service": "shop", "kind": CLIENT, "id": 30,
+         "attrs": {"db.system.name": "postgresql", "db.namespace": "orders", "server.address": "db-1"}},
         {"service": "shop", "kind": CLIENT, "id": 31, "attrs": {"db.system": "redis"}},
         {"service": "shop", "kind": PRODUCER, "id": 32, "attrs": {"messaging.system": "kafka"}},
         {"service": "shop", "kind": SERVER, "id": 33, "attrs": {"db.system": "redis"}},  # not a call
@@ -101,7 +101,8 @@ def test_a_child_that_came_first_or_later_pairs_the_call():
     first = calls(j.process(batch([{"service": "front", "kind": CLIENT, "id": 40,
                                     "attrs": {"server.address": "back"}}])))  # fmt: skip
     assert {k: g.calls for k, g in first.items()} == {("front", "back", ""): 1}
-    assert calls(j.process(batch([{"service": "front", "kind": CLIENT, "id": 50, "attrs": {"server.address": "b"}}]))) == {}
+    call = {"service": "front", "kind": CLIENT, "id": 50, "attrs": {"server.address": "b"}}
+    assert calls(j.process(batch([call]))) == {}
     second = calls(j.process(batch([{"service": "back", "kind": SERVER, "id": 51, "parent": 50, "end": 2}])))
     assert {k: g.calls for k, g in second.items()} == {("front", "back", ""): 1}
     assert later(j) == {}

@@ -275,3 +275,66 @@ def test_service_graph_requests_with_virtual_nodes_for_a_database_and_an_uninstr
     inv_labels = (("client", "shop"), ("connection_type", ""), ("server", "inventory"))
     assert s[("telepipe_service_graph_request_server_seconds_count", inv_labels)] == 1
     assert s[("telepipe_service_graph_request_server_seconds_sum", inv_labels)] == pytest.approx(0.003)
+
+
+def test_dimensions_from_resource_and_span_attributes_are_separate_series(daemon_factory, tmp_path):
+    """``deployment.environment`` (a resource attribute) and ``http.route`` (a span attribute) as
+    dimensions: prod and staging spans are separate series with exact counts, a span without a
+    route takes the configured default, and --emit-jsonl names the dimensions of each window."""
+    out = tmp_path / "windows.jsonl"
+    d = daemon_factory("[windows]\nidle_timeout_s = 1.0\ndimensions = [\"deployment.environment\", \"http.route\"]\n"
+                       "dimension_default = \"n/a\"\n", ["--emit-jsonl", str(out)])  # fmt: skip
+    base = (time.time_ns() // WINDOW - 6) * WINDOW
+    for env, routed, unrouted in (("prod", 30, 0), ("staging", 12, 8)):
+        tp = TracerProvider(resource=Resource.create({"service.name": "shop", "deployment.environment": env}))
+        tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=d.grpc_target, insecure=True)))
+        tracer = tp.get_tracer("dims")
+        for i in range(routed + unrouted):
+            end = base + 1_000_000_000 + i * 10_000_000
+            attrs = {"http.route": "/items/{id}"} if i < routed else {}
+            tracer.start_span("GET /items", kind=trace.SpanKind.SERVER, start_time=end - 5_000_000,
+                              attributes=attrs).end(end_time=end)  # fmt: skip
+        assert tp.force_flush(30_000)
+
+    def count(env, route):
+        return total(d.metrics_text(), "telepipe_calls_total", service_name="shop", span_name="GET /items",
+                     deployment_environment=env, http_route=route)  # fmt: skip
+
+    want = {("prod", "/items/{id}"): 30, ("staging", "/items/{id}"): 12, ("staging", "n/a"): 8}
+    got = wait_for(lambda: g if (g := {k: count(*k) for k in want}) == want else None)
+    assert got == want
+    assert total(d.metrics_text(), "telepipe_calls_total", service_name="shop") == 50
+    d.stop()
+    windows = [json.loads(line) for line in out.read_text().splitlines()]
+    dims = {(w["dimensions"]["deployment.environment"], w["dimensions"]["http.route"]): w["count"]
+            for w in windows if w["type"] == "window" and w["operation"] == "GET /items"}  # fmt: skip
+    assert dims == want
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_exceptions_recorded_by_the_sdk_are_counted_by_type(daemon_factory, transport):
+    """Spans that record exceptions (``span.record_exception``, as instrumentations do on an
+    unhandled error) count in telepipe_exceptions_total by span name and exception type."""
+    d = daemon_factory(CONFIG)
+    exporter = (OTLPSpanExporter(endpoint=d.grpc_target, insecure=True) if transport == "grpc" else
+                HttpSpanExporter(endpoint=f"http://127.0.0.1:{d.otlp_http_port}/v1/traces"))  # fmt: skip
+    tp = TracerProvider(resource=Resource.create({"service.name": "shop"}))
+    tp.add_span_processor(BatchSpanProcessor(exporter))
+    tracer = tp.get_tracer("exceptions")
+    for i in range(10):
+        span = tracer.start_span("POST /pay", kind=trace.SpanKind.SERVER)
+        if i < 3:
+            span.record_exception(TimeoutError("gateway"))
+        elif i < 5:
+            span.record_exception(KeyError("card"))
+        span.end()
+    assert tp.force_flush(30_000)
+
+    def counts():
+        text = d.metrics_text()
+        got = {t: total(text, "telepipe_exceptions_total", service_name="shop", span_name="POST /pay",
+                        exception_type=t) for t in ("TimeoutError", "KeyError")}  # fmt: skip
+        return got if got == {"TimeoutError": 3, "KeyError": 2} else None
+
+    assert wait_for(counts) == {"TimeoutError": 3, "KeyError": 2}
+    assert total(d.metrics_text(), "telepipe_exceptions_total") == 5

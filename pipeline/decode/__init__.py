@@ -44,11 +44,12 @@ DB_ATTRIBUTES = ("db.system.name", "db.system", "db.query.text", "db.statement",
 def decode_limits(cfg: Config) -> DecodeLimits:
     """What decoding needs from the configuration: log attribute limits, and the span
     attributes the analyses read: the service graph's virtual nodes always, the database
-    analysis's when it is on."""
-    wanted = (DB_ATTRIBUTES if cfg.db.enabled else ()) + PEER_ATTRIBUTES
+    analysis's when it is on, the dimensions (``windows.dimensions``, also from resources)."""
+    wanted = (DB_ATTRIBUTES if cfg.db.enabled else ()) + PEER_ATTRIBUTES + cfg.windows.dimensions
     return DecodeLimits(
-        cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes, span_attributes=tuple(dict.fromkeys(wanted))
-    )
+        cfg.otlp.max_log_attributes, cfg.otlp.max_attribute_value_bytes, span_attributes=tuple(dict.fromkeys(wanted)),
+        resource_attributes=cfg.windows.dimensions, exceptions=True,
+    )  # fmt: skip
 
 
 def accept_times(decoded: Decoded, now_ns: int, max_future_ns: int) -> Decoded:

@@ -37,6 +37,12 @@ class DecodeLimits:
     # The span attributes read into span batches (string values; what the configured analyses
     # use): every other attribute is walked past, unread.
     span_attributes: tuple[str, ...] = ()
+    # Of those, the keys a span without them takes from its resource's attributes (dimensions:
+    # ``deployment.environment`` is usually a resource attribute).
+    resource_attributes: tuple[str, ...] = ()
+    # Read the spans' exception events (``exception.type`` of the last one, as the attribute
+    # ``EXCEPTION_TYPE``): for telepipe_exceptions_total.
+    exceptions: bool = False
 
 
 def parse(message, data: bytes, name: str):

@@ -70,5 +70,25 @@ def _build(messages: dict, package: str):
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ExportTraceServiceRequest"))
 
 
+# Only the resources' attributes, as raw KeyValue bytes (the wire reader's path reads the
+# resource attributes dimensions fall back to with it: the spans are walked past, unparsed).
+_RESOURCE_MESSAGES: dict[str, list[tuple]] = {
+    "Resource": [("attributes", 1, _F.TYPE_BYTES, True, None)],
+    "ResourceSpans": [("resource", 1, _F.TYPE_MESSAGE, False, "Resource")],
+    "ExportTraceServiceRequest": [("resource_spans", 1, _F.TYPE_MESSAGE, True, "ResourceSpans")],
+}
+
+# Only the spans' events, each with its name and attributes as raw KeyValue bytes: read when a
+# request holds the bytes "exception" (``DecodeLimits.exceptions``), in the wire reader's span order.
+_EVENT_MESSAGES: dict[str, list[tuple]] = {
+    "Event": [("name", 2, _F.TYPE_BYTES, False, None), ("attributes", 3, _F.TYPE_BYTES, True, None)],
+    "Span": [("events", 11, _F.TYPE_MESSAGE, True, "Event")],
+    "ScopeSpans": [("spans", 2, _F.TYPE_MESSAGE, True, "Span")],
+    "ResourceSpans": [("scope_spans", 2, _F.TYPE_MESSAGE, True, "ScopeSpans")],
+    "ExportTraceServiceRequest": [("resource_spans", 1, _F.TYPE_MESSAGE, True, "ResourceSpans")],
+}
+
 TraceRequestSubset = _build(_MESSAGES, _PACKAGE)
+TraceEvents = _build(_EVENT_MESSAGES, _PACKAGE + "_events")
+TraceResources = _build(_RESOURCE_MESSAGES, _PACKAGE + "_resources")
 TraceRequestWithAttributes = _build(_ATTRIBUTE_MESSAGES, _PACKAGE + "_attributes")

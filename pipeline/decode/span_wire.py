@@ -43,7 +43,7 @@ _SERVICE_NAME = np.frombuffer(b"service.name", dtype=np.uint8)
 _INSTANCE_ID = np.frombuffer(b"service.instance.id", dtype=np.uint8)
 
 # Rows of the ``ints`` array returned by ``walk``, one column per span.
-RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS, STATE_START, STATE_END = range(9)
+RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS, STATE_START, STATE_END, EVENTS = range(10)
 # Columns of the ``resources`` array, one row per ResourceSpans.
 SVC_START, SVC_END, INST_START, INST_END, SPANS = range(5)
 @njit(cache=True, nogil=True)
@@ -243,6 +243,8 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                             break
                     ints[STATE_START, i] = va
                     ints[STATE_END, i] = vb
+                elif field == 11:  # an event: counted (span_events reads them when some span has one)
+                    ints[EVENTS, i] += 1
                 elif field == 6 or field == 7 or field == 8:
                     return -1
             elif wt == 0:
@@ -408,7 +410,7 @@ def walk(buf, wanted, wanted_at):
         outcome = GIVE_UP
     else:
         outcome = OK
-    ints = np.zeros((9, n), dtype=np.int64)
+    ints = np.zeros((10, n), dtype=np.int64)
     times = np.zeros((2, n), dtype=np.uint64)
     trace_id = np.zeros((n, 16), dtype=np.uint8)
     span_id = np.zeros((n, 8), dtype=np.uint8)

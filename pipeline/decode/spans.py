@@ -16,7 +16,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from pipeline.decode import span_attributes, span_wire
 from pipeline.decode.common import UNKNOWN_SERVICE, Decoded, DecodeLimits, MalformedRequest, _reason_message, parse
-from pipeline.decode.span_schema import TraceRequestSubset, TraceRequestWithAttributes
+from pipeline.decode.span_events import exception_types, json_exception_type, with_exception_types
+from pipeline.decode.span_schema import TraceRequestSubset, TraceRequestWithAttributes, TraceResources
 from pipeline.model import SpanBatch
 from pipeline.sampling import adjusted_count, integer_weights
 
@@ -45,7 +46,7 @@ class _SpanColumns:
         for col, values in zip(self.cols, columns, strict=True):
             col.extend(values)
 
-    def finish(self) -> Decoded:
+    def finish(self, exceptions: list[str | None] | None = None) -> Decoded:
         n = sum(self.spans)
         if n == 0:
             return Decoded(None, 0, 0, "")
@@ -68,8 +69,11 @@ class _SpanColumns:
             span_id=_id_column(sids, 8, n, allow_empty=False),
             parent=_id_column(pids, 8, n, allow_empty=True),
             adjusted=_adjusted(states),
-            attributes=_attribute_columns(self.attribute_keys, self.attributes) if self.attribute_keys else None,
-        )
+            attributes=with_exception_types(
+                _attribute_columns(self.attribute_keys, self.attributes) if self.attribute_keys else None,
+                self.attribute_keys, n, exceptions,
+            ),
+        )  # fmt: skip
 
 
 def _attribute_columns(keys: tuple[str, ...], rows: list[tuple[str | None, ...]]):
@@ -135,6 +139,11 @@ def _span_batch(
         cols = {k: v[ok] for k, v in cols.items()}
         adjusted = None if adjusted is None else adjusted[ok]
         attrs = None if attrs is None else attrs[:, ok]
+    if attrs is not None and not (used := (attrs >= 0).any(axis=1)).all():
+        # only the keys some span has travel on (an int32 per span each, into the spool too)
+        keys, attrs = tuple(k for k, u in zip(keys, used.tolist(), strict=True) if u), attrs[used]
+        if not keys:
+            keys, values, attrs = (), (), None
     weight = None if adjusted is None else integer_weights(adjusted, cols["span_id"])
     batch = SpanBatch(services=services, operations=operations, instances=instances, weight=weight,
                       attr_keys=keys, attr_values=values, attrs=attrs, **cols)  # fmt: skip
@@ -239,6 +248,7 @@ def decode_traces(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded
         bounds = ints[span_wire.STATE_START : span_wire.STATE_END + 1, with_state].T.tolist()
         adjusted = np.ones(n, dtype=np.float64)
         adjusted[with_state] = _adjusted([data[a:b].decode() for a, b in bounds])
+    events = limits.exceptions and bool(ints[span_wire.EVENTS].any())  # exceptions are read only then
     return _span_batch(
         services=tuple(services),
         operations=tuple(data[a:b].decode() for a, b in names[:n_names].tolist()),
@@ -255,8 +265,40 @@ def decode_traces(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded
         span_id=(sid, (ints[span_wire.SPAN_LEN] == 8) & (sid != b"")),
         parent=(pid, (parent_len == 0) | (parent_len == 8)),
         adjusted=adjusted,
-        attributes=_walked_attributes(data, keys, attrs) if keys else None,
-    )
+        attributes=with_exception_types(_with_resource_values(
+            _walked_attributes(data, keys, attrs), keys, n, _wire_resource_values(data, keys, limits, attrs), counts
+        ) if keys else None, keys, n, exception_types(data, n) if events else None),
+    )  # fmt: skip
+
+
+def _wire_resource_values(data: bytes, keys: tuple[str, ...], limits: DecodeLimits, ranges: np.ndarray) -> list:
+    """Per resource, its values of the ``resource_attributes`` keys (None for the others), read as
+    the wire reader reads attributes; [] when none is needed: every span has its own value of
+    each, or none of the keys is anywhere in the request (a fast search)."""
+    missing = [k for j, k in enumerate(keys) if k in limits.resource_attributes and (ranges[2 * j] < 0).any()]
+    if not any(k.encode() in data for k in missing):
+        return []
+    req = parse(TraceResources(), data, "ExportTraceServiceRequest")
+    return [_fallback_values(_upb_attributes(rs.resource.attributes, keys), keys, limits) for rs in req.resource_spans]
+
+
+def _fallback_values(found: tuple, keys: tuple[str, ...], limits: DecodeLimits) -> tuple:
+    return tuple(v if k in limits.resource_attributes else None for k, v in zip(keys, found, strict=True))
+
+
+def _with_resource_values(attributes, keys: tuple[str, ...], n: int, per_resource: list[tuple], counts):
+    """Spans without a value of a key take their resource's (``per_resource``, one tuple per
+    resource in order, ``counts`` its spans)."""
+    if not any(any(values) for values in per_resource):
+        return attributes
+    _, values, idx = attributes if attributes is not None else (keys, (), np.full((len(keys), n), -1, np.int32))
+    table = {v: i for i, v in enumerate(values)}
+    resource = np.repeat(np.arange(len(per_resource)), counts)
+    for r, row in enumerate(per_resource):
+        for j, value in enumerate(row):
+            if value:
+                idx[j, (resource == r) & (idx[j] < 0)] = table.setdefault(value, len(table))
+    return keys, tuple(table), idx
 
 
 def _walked_attributes(data: bytes, keys: tuple[str, ...], ranges: np.ndarray):
@@ -265,14 +307,41 @@ def _walked_attributes(data: bytes, keys: tuple[str, ...], ranges: np.ndarray):
     replacement characters)."""
     table: dict[bytes, int] = {}
     idx = np.full((len(keys), ranges.shape[1]), -1, dtype=np.int32)
+    buf = np.frombuffer(data, dtype=np.uint8)
     for j in range(len(keys)):
         present = np.flatnonzero(ranges[2 * j] >= 0)
         if present.size:
-            bounds = zip(ranges[2 * j, present].tolist(), ranges[2 * j + 1, present].tolist(), strict=True)
-            idx[j, present] = [table.setdefault(data[a:b], len(table)) for a, b in bounds]
+            idx[j, present] = _intern(data, buf, ranges[2 * j, present], ranges[2 * j + 1, present], table)
     if not table:
         return None  # none present: no columns to carry
     return keys, tuple(v.decode(errors="replace") for v in table), idx
+
+
+# Random odd multipliers, one per byte position: a value's hash is the sum of its bytes times them
+_MULTIPLIERS = np.random.default_rng(0x7E1E).integers(1, 2**63, 257, dtype=np.uint64) | np.uint64(1)
+
+
+def _intern(data: bytes, buf: np.ndarray, a: np.ndarray, b: np.ndarray, table: dict[bytes, int]) -> np.ndarray:
+    """Codes in ``table`` of the values data[a:b], new ones added in order of first appearance.
+    The distinct values are found with numpy (the bytes gathered into rows, hashed, every row
+    checked against its group's first) and only those are sliced in Python: most spans repeat a
+    few values (routes, environments)."""
+    lens = b - a
+    width = int(lens.max())
+    if width > 256 or a.size < 8:
+        return np.array([table.setdefault(data[x:y], len(table)) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
+    cols = np.arange(width)
+    rows = np.where(cols < lens[:, None], buf[np.minimum(a[:, None] + cols, buf.size - 1)], 0)
+    hashes = rows.astype(np.uint64) @ _MULTIPLIERS[:width] + lens.astype(np.uint64) * _MULTIPLIERS[256]
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not ((rows == rows[first[inverse]]).all() and (lens == lens[first[inverse]]).all()):  # a collision
+        return np.array([table.setdefault(data[x:y], len(table)) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
+    codes = np.empty(first.size, dtype=np.int64)
+    for u in np.argsort(first, kind="stable").tolist():
+        i = int(first[u])
+        codes[u] = table.setdefault(data[int(a[i]) : int(b[i])], len(table))
+    return codes[inverse]
 
 
 def decode_traces_upb(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
@@ -295,8 +364,18 @@ def decode_traces_upb(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Dec
         )  # fmt: skip
         cols.add_resource(service, instance, columns, len(spans))
         if keys:
-            cols.attributes.extend(_upb_attributes(s.attributes, keys) for s in spans)
-    return cols.finish()
+            own = [_upb_attributes(s.attributes, keys) for s in spans]
+            if limits.resource_attributes:
+                res = _fallback_values(tuple(_kv_values(rs.resource.attributes, keys)), keys, limits)
+                own = [tuple(a or b for a, b in zip(row, res, strict=True)) for row in own]
+            cols.attributes.extend(own)
+    return cols.finish(exception_types(data, sum(cols.spans)) if limits.exceptions else None)
+
+
+def _kv_values(attributes, keys: tuple[str, ...]):
+    """Parsed KeyValues' (a resource's) values of ``keys``: the last non-empty string of each."""
+    found = {kv.key: kv.value.string_value for kv in attributes if kv.key in keys and kv.value.string_value}
+    return (found.get(k) for k in keys)
 
 
 def _upb_attributes(attributes, keys: tuple[str, ...]) -> tuple[str | None, ...]:
@@ -377,6 +456,7 @@ def decode_traces_json(obj: dict, limits: DecodeLimits = DecodeLimits()) -> Deco
     number where a string belongs, ids that are not hex) raises ``MalformedRequest``."""
     keys = limits.span_attributes
     cols = _SpanColumns(keys)
+    exceptions: list[str | None] = []
     try:
         for rs in obj.get("resourceSpans") or ():
             service, instance = _json_resource_ids(rs.get("resource") or {})
@@ -401,11 +481,17 @@ def decode_traces_json(obj: dict, limits: DecodeLimits = DecodeLimits()) -> Deco
             columns = zip(*rows, strict=True) if rows else [()] * len(_COLUMNS)
             cols.add_resource(service, instance, columns, len(rows))
             if keys:
-                cols.attributes.extend(
-                    _json_attributes(s.get("attributes"), keys) for ss in rs.get("scopeSpans") or ()
-                    for s in ss.get("spans") or ()
-                )  # fmt: skip
-        decoded = cols.finish()
+                own = [_json_attributes(s.get("attributes"), keys) for ss in rs.get("scopeSpans") or ()
+                       for s in ss.get("spans") or ()]  # fmt: skip
+                if limits.resource_attributes:
+                    res = _fallback_values(_json_attributes((rs.get("resource") or {}).get("attributes"), keys), keys,
+                                           limits)  # fmt: skip
+                    own = [tuple(a or b for a, b in zip(row, res, strict=True)) for row in own]
+                cols.attributes.extend(own)
+            if limits.exceptions:
+                exceptions.extend(json_exception_type(s.get("events")) for ss in rs.get("scopeSpans") or ()
+                                  for s in ss.get("spans") or ())  # fmt: skip
+        decoded = cols.finish(exceptions if any(exceptions) else None)
     except (AttributeError, TypeError, ValueError, OverflowError) as exc:  # e.g. a kind beyond int64
         raise MalformedRequest(f"malformed OTLP/JSON trace request: {exc}") from exc
     if isinstance(decoded.batch, SpanBatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 
 from pipeline.db_analysis import Finding
+from pipeline.dimensions import readable
 from pipeline.incident_model import IncidentEvent
 from pipeline.model import AlertEvent, ScalingEvent, WindowResult
 
@@ -16,7 +17,7 @@ def encode_line(item) -> bytes | None:
     """One result or event -> one line (None for items that are not written)."""
     if not isinstance(item, WRITTEN):
         return None
-    return orjson.dumps(item.to_json()) + b"\n"
+    return orjson.dumps(readable(item.to_json())) + b"\n"
 
 
 def sort_key(line: bytes) -> tuple:

@@ -12,6 +12,7 @@ import re
 
 import orjson
 
+from pipeline.dimensions import readable
 from pipeline.model import LogBatch
 from pipeline.selfmetrics import SelfMetrics
 
@@ -115,7 +116,7 @@ def encode_events(events: list, source: str = "telepipe") -> list[dict]:
     """
     groups: dict[tuple, list[tuple[int, list]]] = {}
     for e in events:
-        doc = e.to_json()
+        doc = readable(e.to_json())
         first = doc.get("service") or next(iter(doc.get("services") or ()), None)
         service, _ = _cut_utf8(first or UNKNOWN_SERVICE, MAX_LABEL_VALUE_BYTES)
         labels = (("kind", doc["type"]), ("service", service), ("source", source))

@@ -15,6 +15,8 @@ from operator import attrgetter
 
 from prometheus_client.utils import floatToGoString
 
+from pipeline.dimensions import SEP
+from pipeline.dimensions import labels as dimension_labels
 from pipeline.model import OVERFLOW_OPERATION, SPAN_KINDS, STATE_VALUE
 from pipeline.selfmetrics import COUNTERS, GAUGES, SelfMetrics
 
@@ -119,7 +121,8 @@ def _render_anomaly(page: _Page, labels: _LabelCache, items: list) -> Iterator[b
 
 
 def _render_db(page: _Page, les: list[str], db: dict) -> Iterator[bytes]:
-    """Database calls per statement (pipeline/db_analysis.py), and the findings' counters."""
+    """Database calls per statement (pipeline/db_analysis.py), the findings' counters, and the
+    exceptions of span events (pipeline/exceptions.py)."""
     labels = _LabelCache(("service_name", "db_system", "db_statement"))
     calls = db.get("calls", ())
     yield from page.family("telepipe_db_calls_total", "counter",
@@ -133,6 +136,11 @@ def _render_db(page: _Page, les: list[str], db: dict) -> Iterator[bytes]:
                            "Database calls of db.slow_query_s or longer (findings)")  # fmt: skip
     for key, n in db.get("slow", ()):
         yield from page.line(f"telepipe_slow_queries_total{{{labels(key)}}} {n}\n")
+    exceptions = _LabelCache(("service_name", "span_name", "exception_type"))
+    yield from page.family("telepipe_exceptions_total", "counter",
+                           "Spans that recorded an exception event, by the type of their last one")  # fmt: skip
+    for key, n in db.get("exceptions", ()):
+        yield from page.line(f"telepipe_exceptions_total{{{exceptions(key)}}} {n}\n")
     n1 = _LabelCache(("service_name", "span_name", "db_statement"))
     yield from page.family("telepipe_n_plus_one_total", "counter",
                            "N+1 patterns: runs of the same statement under one parent span (findings)")  # fmt: skip
@@ -192,7 +200,8 @@ def _escape(v: str) -> str:
 class _LabelCache:
     """``name="value",...`` for a key tuple, escaped once per scrape (names taken in order). A
     span_name that is the overflow series also gets ``otel_metric_overflow="true"``, as the
-    Collector labels its overflow series."""
+    Collector labels its overflow series; one with dimensions (``pipeline/dimensions.py``) is
+    its span name, and a label per dimension after the key's labels."""
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
@@ -202,8 +211,13 @@ class _LabelCache:
     def __call__(self, key: tuple) -> str:
         text = self.cache.get(key)
         if text is None:
-            text = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(self.names, key))
-            if self.span_name >= 0 and len(key) > self.span_name and key[self.span_name] == OVERFLOW_OPERATION:
+            extra = ""
+            i = self.span_name
+            if i >= 0 and len(key) > i and SEP in key[i]:
+                name, dims = dimension_labels(key[i])
+                key, extra = (*key[:i], name, *key[i + 1 :]), "".join(f',{k}="{_escape(v)}"' for k, v in dims)
+            text = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(self.names, key)) + extra
+            if i >= 0 and len(key) > i and key[i] == OVERFLOW_OPERATION:
                 text += ',otel_metric_overflow="true"'
             self.cache[key] = text
         return text

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from operator import add
 
 from pipeline.db_analysis import DbCalls, Finding
+from pipeline.exceptions import ExceptionCounts
 from pipeline.graph_calls import GraphCalls
 from pipeline.model import STATUS_CODES, AnomalyUpdate, KeyExpired, ScalingUpdate, ServiceExpired, WindowResult
 from pipeline.selfmetrics import SelfMetrics
@@ -59,6 +60,7 @@ class SeriesState:
         self._n_plus_one: dict[tuple[str, str, str], list] = {}  # (service, span name, statement) -> [n, time]
         self._slow: dict[tuple[str, str, str], list] = {}  # (service, system, statement) -> [n, time]
         self._graph: dict[tuple[str, str, str], _Series] = {}  # (client, server, connection type)
+        self._exceptions: dict[tuple[str, str, str], list] = {}  # (service, span name, type) -> [n, time]
         self._expired_at = -math.inf
 
     def update(self, items: Iterable[object]) -> None:
@@ -82,6 +84,11 @@ class SeriesState:
                     continue
                 if isinstance(r, GraphCalls):
                     self._requests(r, now, nb)
+                    continue
+                if isinstance(r, ExceptionCounts):
+                    entry = self._exceptions.setdefault((r.service, r.operation, r.exception_type), [0, now])
+                    entry[0] += r.count
+                    entry[1] = now
                     continue
                 if not isinstance(r, WindowResult):
                     continue
@@ -164,7 +171,7 @@ class SeriesState:
                 return k[0] == r.service
 
             self._scaling.pop(r.service, None)
-            for db in (self._db, self._n_plus_one, self._slow):
+            for db in (self._db, self._n_plus_one, self._slow, self._exceptions):
                 for k in [k for k in db if k[0] == r.service]:
                     del db[k]
             for k in [k for k in self._graph if r.service in k[:2]]:
@@ -184,7 +191,7 @@ class SeriesState:
         for series in (self._db, self._graph):
             for k in [k for k, s in series.items() if s.updated < horizon]:
                 del series[k]
-        for findings in (self._n_plus_one, self._slow):
+        for findings in (self._n_plus_one, self._slow, self._exceptions):
             for k in [k for k, v in findings.items() if v[1] < horizon]:
                 del findings[k]
         tables: tuple[dict, ...] = (self._anomaly, self._scaling)
@@ -215,5 +222,6 @@ class SeriesState:
                 "n_plus_one": sorted((key, v[0]) for key, v in self._n_plus_one.items()),
                 "slow": sorted((key, v[0]) for key, v in self._slow.items()),
                 "graph": sorted((key, s.calls, s.failed, list(s.buckets), s.sum) for key, s in self._graph.items()),
+                "exceptions": sorted((key, v[0]) for key, v in self._exceptions.items()),
             }
         return render_page(self.bounds, series, latest, anomaly, scaling, self.metrics, db, exemplars, openmetrics)

@@ -8,6 +8,7 @@ import struct
 
 import cramjam
 
+from pipeline.dimensions import labels as dimension_labels
 from pipeline.model import SPAN_KINDS, ScalingUpdate, WindowResult
 
 STALE_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
@@ -61,7 +62,8 @@ def samples_of(item) -> list[tuple[Labels, int, float]]:
     if isinstance(item, WindowResult):
         t = item.window_end // 1_000_000
         kind = SPAN_KINDS[item.span_kind] if 0 <= item.span_kind < len(SPAN_KINDS) else str(item.span_kind)
-        base = {"service_name": item.service, "span_name": item.operation, "span_kind": kind}
+        name, dims = dimension_labels(item.operation)
+        base = {"service_name": item.service, "span_name": name, "span_kind": kind, **dict(dims)}
         out.append((labels_of("telepipe_window_calls", **base), t, float(item.count)))
         out.append((labels_of("telepipe_window_errors", **base), t, float(item.errors)))
         for q, attr in QUANTILES:
