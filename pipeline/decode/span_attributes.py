@@ -94,3 +94,47 @@ def _span_attribute(buf, a, b, wanted, wanted_at):
 def attribute_value(buf, wanted, wanted_at):
     """``_span_attribute`` over a whole buffer (one KeyValue's bytes, from the upb path)."""
     return _span_attribute(buf, 0, buf.shape[0], wanted, wanted_at)
+
+
+@njit(cache=True, nogil=True)
+def distinct_values(buf, a, b):
+    """The values buf[a[i]:b[i]] told apart: ``(group, first)``, each value's group (numbered in
+    order of first appearance) and each group's first value. An open-addressing table on
+    FNV-1a hashes; values with equal hashes are compared byte by byte."""
+    m = a.shape[0]
+    size = 16
+    while size < 2 * m:
+        size *= 2
+    slots = np.full(size, -1, dtype=np.int64)  # -> group
+    hashes = np.zeros(size, dtype=np.uint64)
+    group = np.empty(m, dtype=np.int64)
+    first = np.empty(m, dtype=np.int64)
+    groups = 0
+    for i in range(m):
+        h = np.uint64(14695981039346656037)
+        for k in range(a[i], b[i]):
+            h ^= np.uint64(buf[k])
+            h *= np.uint64(1099511628211)
+        slot = np.int64(h & np.uint64(size - 1))
+        while True:
+            g = slots[slot]
+            if g < 0:
+                slots[slot] = groups
+                hashes[slot] = h
+                first[groups] = i
+                group[i] = groups
+                groups += 1
+                break
+            if hashes[slot] == h:
+                j = first[g]
+                if b[j] - a[j] == b[i] - a[i]:
+                    same = True
+                    for k in range(b[i] - a[i]):
+                        if buf[a[i] + k] != buf[a[j] + k]:
+                            same = False
+                            break
+                    if same:
+                        group[i] = g
+                        break
+            slot = (slot + 1) & (size - 1)
+    return group, first[:groups]

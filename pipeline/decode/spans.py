@@ -317,31 +317,14 @@ def _walked_attributes(data: bytes, keys: tuple[str, ...], ranges: np.ndarray):
     return keys, tuple(v.decode(errors="replace") for v in table), idx
 
 
-# Random odd multipliers, one per byte position: a value's hash is the sum of its bytes times them
-_MULTIPLIERS = np.random.default_rng(0x7E1E).integers(1, 2**63, 257, dtype=np.uint64) | np.uint64(1)
-
-
 def _intern(data: bytes, buf: np.ndarray, a: np.ndarray, b: np.ndarray, table: dict[bytes, int]) -> np.ndarray:
-    """Codes in ``table`` of the values data[a:b], new ones added in order of first appearance.
-    The distinct values are found with numpy (the bytes gathered into rows, hashed, every row
-    checked against its group's first) and only those are sliced in Python: most spans repeat a
-    few values (routes, environments)."""
-    lens = b - a
-    width = int(lens.max())
-    if width > 256 or a.size < 8:
-        return np.array([table.setdefault(data[x:y], len(table)) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
-    cols = np.arange(width)
-    rows = np.where(cols < lens[:, None], buf[np.minimum(a[:, None] + cols, buf.size - 1)], 0)
-    hashes = rows.astype(np.uint64) @ _MULTIPLIERS[:width] + lens.astype(np.uint64) * _MULTIPLIERS[256]
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if not ((rows == rows[first[inverse]]).all() and (lens == lens[first[inverse]]).all()):  # a collision
-        return np.array([table.setdefault(data[x:y], len(table)) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
-    codes = np.empty(first.size, dtype=np.int64)
-    for u in np.argsort(first, kind="stable").tolist():
-        i = int(first[u])
-        codes[u] = table.setdefault(data[int(a[i]) : int(b[i])], len(table))
-    return codes[inverse]
+    """Codes in ``table`` of the values data[a:b], new ones added in order of first appearance:
+    the values are told apart in compiled code (``distinct_values``) and only the distinct ones
+    are sliced in Python (most spans repeat a few values: routes, environments)."""
+    group, first = span_attributes.distinct_values(buf, a, b)
+    bounds = zip(a[first].tolist(), b[first].tolist(), strict=True)
+    codes = np.array([table.setdefault(data[x:y], len(table)) for x, y in bounds], dtype=np.int64)
+    return codes[group]
 
 
 def decode_traces_upb(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
