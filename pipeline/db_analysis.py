@@ -99,8 +99,8 @@ class DbAnalyzer:
 
     def process(self, batch: SpanBatch) -> list[DbCalls | Finding]:
         out: list[DbCalls | Finding] = []
-        text = _first(batch, "db.query.text", "db.statement", "db.operation.name")
-        system = _first(batch, "db.system.name", "db.system")
+        text = batch.attribute("db.query.text", "db.statement", "db.operation.name")
+        system = batch.attribute("db.system.name", "db.system")
         if text is not None and system is not None:
             rows = np.flatnonzero((text >= 0) | (system >= 0))
             if rows.size:
@@ -223,13 +223,3 @@ def _trace_hex(batch: SpanBatch, row: int) -> str:
     """A span's trace id in hex, all 16 bytes (numpy's bytes scalar drops trailing zero bytes)."""
     return batch.trace_id[row : row + 1].tobytes().hex()
 
-
-def _first(batch: SpanBatch, *keys: str) -> np.ndarray | None:
-    """Per span, the value index of the first of ``keys`` it has (-1: none); None if none was read."""
-    cols = [c for c in (batch.attribute(k) for k in keys) if c is not None]
-    if not cols:
-        return None
-    out = cols[0].copy()
-    for c in cols[1:]:
-        out = np.where(out >= 0, out, c)
-    return out

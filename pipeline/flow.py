@@ -158,18 +158,17 @@ def build_flow(
 
     # Read batches; the service-graph join runs in the reading partition, in read order,
     # and puts each span batch's cross-service calls (EdgePartial) right after it.
-    # The database analysis runs there too: each span batch's database calls and findings
-    # (DbCalls, Finding: pipeline/db_analysis.py) follow it, straight to the outputs.
+    # Counts made there go straight to the outputs: the service graph's requests per (client,
+    # server) (GraphCalls: graph_calls.py), the database analysis's calls and findings (DbCalls,
+    # Finding: db_analysis.py), and the exceptions of span events (ExceptionCounts: exceptions.py).
     sg = cfg.servicegraph
     db = (cfg.db, cfg.prometheus.buckets) if cfg.db.enabled else None
     joined = JoinedSource(source, sg.sample_one_in, int(sg.ttl_s * 1e9), spec.length_ns, dead, db,
                           cfg.prometheus.buckets)  # fmt: skip
     read = op.input("read", flow, joined)
-    # ... and so do the service graph's requests per (client, server) (GraphCalls: graph_calls.py)
-    # ... and the exceptions of span events (ExceptionCounts: exceptions.py)
-    db_items = op.filter("db_items", read, lambda x: isinstance(x, DbCalls | Finding | GraphCalls | ExceptionCounts))
-    batches = op.filter("not_db_items", read,
-                        lambda x: not isinstance(x, DbCalls | Finding | GraphCalls | ExceptionCounts))  # fmt: skip
+    analytics = DbCalls | Finding | GraphCalls | ExceptionCounts
+    read_counts = op.filter("read_counts", read, lambda x: isinstance(x, analytics))
+    batches = op.filter("batches", read, lambda x: not isinstance(x, analytics))
 
     # One aggregate per (service, window) per batch (a row per operation and kind, so a batch
     # touching thousands of operations is still a few items), and per-service log counts:
@@ -192,7 +191,7 @@ def build_flow(
     ))  # fmt: skip
     op.inspect("count_incidents", incidents, _incident_counter(metrics))
     others = op.filter("not_summaries", per_service_out, lambda x: not isinstance(x, ServiceSummary))
-    results = op.merge("results_and_incidents", others, incidents, db_items)
+    results = op.merge("results_and_incidents", others, incidents, read_counts)
 
     for i, sink in enumerate(outputs.result_sinks):
         op.output(f"results_out_{i}", results, sink)

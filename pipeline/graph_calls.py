@@ -109,19 +109,15 @@ def peer_of(batch: SpanBatch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     none = np.full(rows.size, -1, dtype=np.int32)
 
     def col(*keys: str) -> np.ndarray:
-        out = none
-        for key in keys:
-            c = batch.attribute(key)
-            if c is not None:
-                out = np.where(out >= 0, out, c[rows])
-        return out
+        c = batch.attribute(*keys)
+        return none if c is None else c[rows]
 
     if batch.attrs is None or not rows.size:
         return none, np.zeros(rows.size, dtype=np.int8)
-    peer, system, messaging = col("peer.service"), col("db.system.name", "db.system"), col("messaging.system")
+    system, messaging = col("db.system.name", "db.system"), col("messaging.system")
     database = system >= 0
-    db_name = np.where(peer >= 0, peer, np.where(col("db.namespace") >= 0, col("db.namespace"), system))
-    other = np.where(peer >= 0, peer, np.where(messaging >= 0, messaging, col("server.address")))
+    db_name = col("peer.service", "db.namespace", "db.system.name", "db.system")
+    other = col("peer.service", "messaging.system", "server.address")
     kind = batch.kind[rows]
     caller = (kind == KIND_CLIENT) | (kind == KIND_PRODUCER)
     name = np.where(caller, np.where(database, db_name, other), -1)

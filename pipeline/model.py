@@ -117,12 +117,12 @@ class SpanBatch:
     def last_end_ns(self) -> int:
         return int(self.end_ns.max()) if len(self) else 0
 
-    def attribute(self, key: str) -> np.ndarray | None:
-        """Each span's value of span attribute ``key`` as an index into ``attr_values`` (-1:
-        absent); None when the key was not read."""
-        if self.attrs is None or key not in self.attr_keys:
-            return None
-        return self.attrs[self.attr_keys.index(key)]
+    def attribute(self, *keys: str) -> np.ndarray | None:
+        """Per span, the index into ``attr_values`` of the first of ``keys`` it has (-1: none); None: none read."""
+        cols = [self.attrs[self.attr_keys.index(k)] for k in keys if k in self.attr_keys and self.attrs is not None]
+        for c in cols[1:]:
+            cols[0] = np.where(cols[0] >= 0, cols[0], c)
+        return cols[0] if cols else None
 
     def weights(self) -> np.ndarray:
         """Each span's adjusted count (ones when the batch has none)."""

@@ -63,7 +63,7 @@ class LinkJoiner:
         # that reuses span ids made these lists grow by thousands a second, and every snapshot
         # pickled them).
         self.waiting: list[tuple[int, dict[int, dict[tuple[str, int], list]]]] = []
-        # (generation, span id -> (client, server, connection type, weight, failed, seconds, end)):
+        # (generation, span id -> (client, server, connection type, weight, failed, seconds, end, bucket)):
         # CLIENT and PRODUCER spans naming a peer, waiting for a child; none in time: a virtual node
         self.pending: list[tuple[int, dict[int, tuple]]] = []
         self.high = 0
@@ -185,9 +185,8 @@ class LinkJoiner:
         ]
         if graph is not None:
             for table in expired:  # CLIENT and PRODUCER spans no child came for: virtual nodes
-                for client, server, ctype, w, failed, seconds, end in table.values():
-                    graph.add_spans((client, server, ctype), np.array([w]), np.array([failed]), np.array([seconds]),
-                                    np.array([end]))  # fmt: skip
+                for client, server, ctype, w, failed, seconds, end, bucket in table.values():
+                    graph.add_summed((client, server, ctype), {bucket: w}, w * failed, w * seconds, end)
             out.extend(graph.records())
         return out
 
@@ -202,10 +201,10 @@ class LinkJoiner:
                 for span in gone & table.keys():
                     del table[span]
         name, ctype = peer_of(batch, keep)
-        name[np.isin(sid, found)] = -1  # called, and the callee answered in this very batch
         rows = np.flatnonzero(name >= 0)
         if not rows.size:
             return
+        rows = rows[~np.isin(sid[rows], found)]  # called, and the callee answered in this very batch
         values, names = batch.attr_values, batch.services
         r = keep[rows]
         w = batch.weights()[r]
@@ -219,6 +218,7 @@ class LinkJoiner:
                 graph.add_spans((names[c], values[v], CTYPE_NAMES[1]), w[m], failed[m], seconds[m], batch.end_ns[r][m])
         table = self._current(self.pending, gen)
         ends = batch.end_ns[r]
+        buckets = graph.bucket(seconds)
         for j in np.flatnonzero(~db).tolist():
             span = int(sid[rows[j]])
             if span in paired:
@@ -227,7 +227,7 @@ class LinkJoiner:
                 self.unstored += 1
                 continue
             table[span] = (names[int(client[j])], values[int(name[rows[j]])], CTYPE_NAMES[int(ctype[rows[j]])],
-                           int(w[j]), bool(failed[j]), float(seconds[j]), int(ends[j]))  # fmt: skip
+                           int(w[j]), bool(failed[j]), float(seconds[j]), int(ends[j]), int(buckets[j]))  # fmt: skip
 
     def _join_waiting(self, sid: np.ndarray, edges: dict, graph: GraphSums | None) -> set[int]:
         """Children that were waiting for one of these spans (``sid``) join them now; returns the

@@ -99,7 +99,7 @@ def test_a_span_takes_its_resources_value_in_every_decoder(resource_env, span_en
 
 
 def test_interning_values_in_numpy_matches_the_plain_dict():
-    """``_intern`` (distinct values found with numpy) gives the table and codes a dict would,
+    """``_intern`` (distinct values found in compiled code) gives the table and codes a dict would,
     in order of first appearance, values with trailing zero bytes and long ones included."""
     from pipeline.decode.spans import _intern
 
