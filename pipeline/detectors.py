@@ -8,6 +8,8 @@
   warm-up, and its ``AlertLifecycle`` (pending -> firing -> resolved).
 - The silence judgement of a service (``service_rate``): how unlikely ``n`` empty
   windows in a row are, as sums of the learned per-window rate and as Poisson counts.
+- Rare error logs and the slow calls of rare operations are judged as exact probabilities
+  (``pipeline/rare_events.py``), each key holding their state.
 
 Plain, picklable Python with no clock and no bytewax; ``pipeline/anomaly.py`` holds
 the detectors of one service. Configuration is bound (``bind``), never pickled.
@@ -24,12 +26,13 @@ from river import preprocessing, stats
 
 from pipeline.config import AnomalyConfig
 from pipeline.model import Judgement, WindowResult
+from pipeline.rare_events import RARE_BELOW, RARE_FEATURES, SLOW_CALLS, CallTail, RareCount, rare_upper
 
 KEY_FEATURES = ("latency_p50", "latency_p95", "latency_p99", "error_rate", "call_rate")
 SERVICE_FEATURES = ("service_rate", "error_log_rate")
 UP, BOTH, DOWN = "up", "both", "down"
 DIRECTION = {"latency_p50": UP, "latency_p95": UP, "latency_p99": UP, "error_rate": UP, "call_rate": BOTH,
-             "error_log_rate": UP, "service_rate": DOWN}  # fmt: skip
+             "error_log_rate": UP, "service_rate": DOWN, "slow_calls": UP}  # fmt: skip
 # Alerts on these say how much traffic came, which is what scaling answers: they never hold a
 # scale-down (a drop in traffic is when one is wanted). Silence does: no data is not "no load".
 TRAFFIC_FEATURES = ("call_rate",)
@@ -176,7 +179,14 @@ class KeyDetector:
         self.hst: Any = None  # river Pipeline (MinMaxScaler | HalfSpaceTrees) when the decision uses it
         self.windows = 0
         self.lifecycle = AlertLifecycle(cfg.pending_windows, cfg.resolve_windows)
+        self.rare = {f: RareCount() for f in features if f in RARE_FEATURES}
+        self.tail: CallTail | None = None  # per-call latencies, once a window brings buckets
         self.bind(cfg)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("rare", {f: RareCount() for f in self.features if f in RARE_FEATURES})
+        self.__dict__.setdefault("tail", None)
 
     def bind(self, cfg: AnomalyConfig) -> None:
         self.cfg = cfg
@@ -223,9 +233,11 @@ class KeyDetector:
         return self.windows < self.cfg.warmup_windows
 
     def judge(
-        self, values: dict[str, float], calls: int, length_s: float, silent_run: int = 0
+        self, values: dict[str, float], calls: int, length_s: float, silent_run: int = 0,
+        buckets: list[int] | None = None, bounds: tuple[float, ...] = (),
     ) -> tuple[list[Judgement], float, bool]:
-        """Score a window (before learning from it): judgements, HST score, anomalous?"""
+        """Score a window (before learning from it): judgements, HST score, anomalous?
+        ``buckets``: the window's calls per explicit bucket (``SLOW_CALLS``)."""
         k = self.cfg.band_k
         judgements = []
         for f in self.features:
@@ -245,7 +257,22 @@ class KeyDetector:
             elif f == "service_rate":
                 judged = False  # judged on silence only
             z = (x - expected) / sigma
+            rare = self.rare.get(f)
+            if rare is not None and rare.rate() < RARE_BELOW:
+                expected, lo, z = rare.rate() / length_s, 0.0, rare.z(x * length_s)
+                hi = rare_upper(rare, k) / length_s
             judgements.append(Judgement(f, x, expected, lo, hi, z if judged else 0.0, judged))
+        tail = None
+        if self.tail is not None and buckets is not None:
+            # Windows of min_calls or more are judged on their quantiles; they end a run.
+            if calls < self.cfg.min_calls:
+                tail = self.tail.judge(buckets, k, bounds)
+            else:
+                self.tail.end_run()
+        if tail is not None:
+            z, past, expected, upper = tail
+            judgements.append(Judgement(SLOW_CALLS, past, expected, 0.0, upper, 0.0 if self.learning else z,
+                                        not self.learning))  # fmt: skip
         if self.hst is not None:
             values = {f: v for f, v in values.items() if not is_metric(f)}
         hst_score = self.hst.score_one(values) if (self.hst is not None and self.windows) else math.nan
@@ -259,9 +286,16 @@ class KeyDetector:
         }[self.cfg.detector]
         return judgements, hst_score, decision
 
-    def learn(self, values: dict[str, float], calls: int, length_s: float, skip: tuple[str, ...] = ()) -> None:
+    def learn(
+        self, values: dict[str, float], calls: int, length_s: float, skip: tuple[str, ...] = (),
+        buckets: list[int] | None = None,
+    ) -> None:
         """Learn a window judged normal. Metric features are learned when ``values`` has them
         (their fresh points: a value held over from an earlier window is not learned again)."""
+        if buckets is not None:
+            if self.tail is None:
+                self.tail = CallTail(len(buckets))
+            self.tail.learn(buckets, length_s)
         for f in self.features:
             enough = calls >= self._min_calls(f)
             if is_metric(f):
@@ -272,6 +306,8 @@ class KeyDetector:
             elif (enough or f in RATE_FEATURES) and f not in skip:
                 b = self.baselines[f]
                 b.learn(values[f], self.cfg.band_k, self._noise(f, calls, length_s), not self.learning)
+                if f in self.rare:
+                    self.rare[f].learn(values[f] * length_s, length_s)
         if self.hst is not None:
             self.hst.learn_one({f: v for f, v in values.items() if not is_metric(f)})
         self.windows += 1

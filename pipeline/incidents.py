@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from pipeline.detectors import TRAFFIC_FEATURES
 from pipeline.incident_model import Evidence, IncidentEvent, ServiceSummary
 
 ALIVE_S = 3600.0  # live: a service not heard from for this long holds no window back
@@ -51,6 +52,9 @@ CALLER_WEIGHT = 0.5  # what anomalous calls from callers add to a callee's score
 CAP = 5.0  # one piece of evidence counts at most this much (scores are |z| / k)
 MAX_OPERATIONS = 100_000  # SERVER operation names known (to name the callee of CLIENT calls)
 WEIGHT = {"server": 1.0, "service": 1.0, "consumer": 1.0, "internal": 0.5}  # INTERNAL: often traffic mix
+# How much traffic a service gets (or sends) changes more often as the effect of a fault elsewhere
+# (callers retrying, failing early, a hole upstream) than as the fault: its evidence weighs this.
+TRAFFIC_WEIGHT = 0.3
 
 
 class _Incident:
@@ -201,7 +205,7 @@ class IncidentTracker:
             for e in s.evidence:
                 if e.what in OWN:
                     k = (e.what, e.operation, e.feature)
-                    best[k] = max(best.get(k, 0.0), e.score * WEIGHT[e.what])
+                    best[k] = max(best.get(k, 0.0), e.score * WEIGHT[e.what] * _traffic(e.feature))
         top = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         return min(top[0][1], CAP) if top else 0.0, [_describe(k, v) for k, v in top]
 
@@ -216,8 +220,8 @@ class IncidentTracker:
                 calls += [(self._callee(caller, e.operation), e.score, e.feature)
                           for e in s.evidence if e.what == "client"]  # fmt: skip
                 for name, score, feature in calls:
-                    if name == callee and score >= 1.0 and score > out.get(caller, (0.0, ""))[0]:
-                        out[caller] = (score, feature)
+                    if name == callee and score >= 1.0 and score * _traffic(feature) > out.get(caller, (0.0, ""))[0]:
+                        out[caller] = (score * _traffic(feature), feature)
         return out
 
     def _callee(self, caller: str, operation: str) -> str | None:
@@ -253,6 +257,10 @@ class IncidentTracker:
                 scored[c] = (score * EXPLAINED, why)
         ranked = sorted(scored.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP]
         return tuple({"service": c, "score": round(v[0], 6), "evidence": v[1]} for c, v in ranked)
+
+
+def _traffic(feature: str) -> float:
+    return TRAFFIC_WEIGHT if feature in TRAFFIC_FEATURES else 1.0
 
 
 def op_key(name: str) -> str:

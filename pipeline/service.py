@@ -99,7 +99,8 @@ class ServiceState:
         )  # fmt: skip
         self.cfg = cfg
         self.anomaly = ServiceAnomaly(
-            cfg.anomaly, service, length_s, cfg.prometheus.stale_after_s, judged_metrics(cfg, service)
+            cfg.anomaly, service, length_s, cfg.prometheus.stale_after_s, judged_metrics(cfg, service),
+            cfg.prometheus.buckets,
         )
         self.scaler = ServiceScaler(cfg.scaling, service, length_s)
         self.pending: list = []  # closed by ``bind``, analyzed with the next call
@@ -116,7 +117,8 @@ class ServiceState:
             partition_idle_s, silent_limit(cfg, spec),
         ))  # fmt: skip
         self.windows.metrics.bind(cfg.metrics.max_series_per_service, int(cfg.metrics.stale_after_s * 1e9))
-        self.anomaly.bind(cfg.anomaly, length_s, cfg.prometheus.stale_after_s, judged_metrics(cfg, self.service))
+        self.anomaly.bind(cfg.anomaly, length_s, cfg.prometheus.stale_after_s, judged_metrics(cfg, self.service),
+                          cfg.prometheus.buckets)  # fmt: skip
         self.scaler.bind(cfg.scaling, length_s)
 
     def __getstate__(self) -> dict:
