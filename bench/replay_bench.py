@@ -309,9 +309,26 @@ def series_payloads(series: int, windows: int = 4) -> list[tuple[str, bytes, int
     ]
 
 
+def load_payloads(requests: int) -> list[tuple[str, bytes, int]]:
+    """What ``bench.live`` sends: ``bench/load``'s 512-span requests from the recordings' traces
+    (every span with ``http.route``), 50 requests (25,600 spans) per second of event time."""
+    from bench.load import RecordedTraces, Template
+
+    recorded = RecordedTraces()
+    templates = [Template(512, seed, recorded) for seed in range(8)]
+    t0 = 1_800_000_000 * 10**9
+    return [("spans", templates[k % 8].at(t0 + k * 2 * 10**7, salt=k + 1), 512) for k in range(requests)]
+
+
 def run_case(case: str, paths: list[Path], seconds: float, db: str = "on") -> dict:
-    """``case``: "x<copies>" (the recordings overlaid) or "<n> pairs" (``series_payloads``)."""
-    requests = payloads(paths, int(case[1:])) if case.startswith("x") else series_payloads(int(case.split()[0]))
+    """``case``: "x<copies>" (the recordings overlaid), "<n> pairs" (``series_payloads``) or
+    "load <n>" (``load_payloads``)."""
+    if case.startswith("x"):
+        requests = payloads(paths, int(case[1:]))
+    elif case.startswith("load "):
+        requests = load_payloads(int(case.split()[1]))
+    else:
+        requests = series_payloads(int(case.split()[0]))
     traces = [body for signal, body, _ in requests if signal == "spans"]
     sent = sum(n for signal, _, n in requests if signal == "spans")
     ceil = ceiling(requests, seconds)
@@ -327,6 +344,7 @@ def main() -> None:
     ap.add_argument("--copies", default="1,4,16,64", help="overlay factors, comma-separated")
     ap.add_argument("--series", default="10000",
                     help="high-cardinality cases: numbers of (service, operation) pairs, comma-separated ('' for none)")
+    ap.add_argument("--load", default="", help="also replay this many of bench.live's requests (bench/load), comma-separated")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum duration of each ceiling measurement")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     ap.add_argument("--db", choices=["on", "off", "none", "dims", "both", "all"], default="on",
@@ -344,6 +362,7 @@ def main() -> None:
         return
     rows = []
     cases = [f"x{c}" for c in args.copies.split(",") if c] + [f"{n} pairs" for n in args.series.split(",") if n]
+    cases += [f"load {n}" for n in args.load.split(",") if n]
     modes = {"both": ["none", "dims"], "all": ["none", "off", "on", "dims"]}.get(args.db, [args.db])
     for case in cases:
         runs: dict[str, list[dict]] = {db: [] for db in modes}

@@ -21,7 +21,7 @@ from pipeline.decode import span_attributes, span_wire
 def warm() -> float:
     """Compiles or loads everything; returns seconds."""
     t0 = time.perf_counter()
-    span_attributes.distinct_values(np.frombuffer(b"ab", dtype=np.uint8), np.zeros(2, np.int64), np.ones(2, np.int64))
+    span_attributes.intern_ranges(np.frombuffer(b"ab", dtype=np.uint8), np.array([[0, 1], [1, 2]], np.int64))
     return time.perf_counter() - t0 + span_wire.warm() + span_index.warm()
 
 

@@ -98,25 +98,30 @@ def test_a_span_takes_its_resources_value_in_every_decoder(resource_env, span_en
     assert (None if col is None or col[0] < 0 else without.attr_values[col[0]]) == span_env
 
 
-def test_interning_values_in_numpy_matches_the_plain_dict():
-    """``_intern`` (distinct values found in compiled code) gives the table and codes a dict would,
-    in order of first appearance, values with trailing zero bytes and long ones included."""
-    from pipeline.decode.spans import _intern
+def test_interning_values_in_compiled_code_matches_the_plain_dict():
+    """``_walked_attributes`` (values told apart in compiled code, ``intern_ranges``) gives the
+    table and codes a dict would, in order of first appearance over key 0's spans, then key 1's,
+    one table for all keys; values with trailing zero bytes, long ones and absent ones included."""
+    from pipeline.decode.spans import _walked_attributes
 
     rng = np.random.default_rng(7)
     short = [b"/items/{id}", b"prod", b"prod\x00", b"\x00", b"staging", b"/items/{id}\x00\x00", b"p"]
-    for pool, n in [(p, n) for p in (short, [*short, b"x" * 300]) for n in (3, 50, 500)]:
-        picks = [pool[i] for i in rng.integers(0, len(pool), n)]
+    for pool, n in [(p, n) for p in (short, [*short, b"x" * 300]) for n in (1, 3, 50, 500)]:
+        picks = [pool[i] for i in rng.integers(0, len(pool), 2 * n)]
         data = b"".join(picks)
         ends = np.cumsum([len(p) for p in picks])
-        a, b = ends - [len(p) for p in picks], ends
-        for lo, hi in ((0, n), (0, min(n, 5))):
-            sel = np.arange(lo, hi)
-            want: dict[bytes, int] = {b"seen": 0}
-            codes_want = [want.setdefault(data[x:y], len(want)) for x, y in zip(a[sel], b[sel])]
-            table = {b"seen": 0}
-            got = _intern(data, np.frombuffer(data, np.uint8), a[sel], b[sel], table)
-            assert got.tolist() == codes_want and table == want
+        ranges = np.stack([ends - [len(p) for p in picks], ends]).reshape(2, 2, n).transpose(1, 0, 2).reshape(4, n)
+        ranges[:, rng.random(n) < 0.3] = -1  # absent in some spans
+        want: dict[bytes, int] = {}
+        codes_want = [[want.setdefault(data[x:y], len(want)) if x >= 0 else -1
+                       for x, y in zip(ranges[2 * j], ranges[2 * j + 1])] for j in range(2)]  # fmt: skip
+        got = _walked_attributes(data, ("a", "b"), ranges)
+        if not want:
+            assert got is None
+            continue
+        keys, values, idx = got
+        assert keys == ("a", "b") and idx.dtype == np.int32 and idx.tolist() == codes_want
+        assert values == tuple(v.decode(errors="replace") for v in want)
 
 
 def test_outputs_with_labels_split_the_operation():

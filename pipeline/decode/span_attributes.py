@@ -97,44 +97,54 @@ def attribute_value(buf, wanted, wanted_at):
 
 
 @njit(cache=True, nogil=True)
-def distinct_values(buf, a, b):
-    """The values buf[a[i]:b[i]] told apart: ``(group, first)``, each value's group (numbered in
-    order of first appearance) and each group's first value. An open-addressing table on
-    FNV-1a hashes; values with equal hashes are compared byte by byte."""
-    m = a.shape[0]
+def intern_ranges(buf, ranges):
+    """The walker's attribute byte ranges (rows 2j, 2j + 1: key j's value in each span, -1 when
+    absent) told apart: ``(idx, first)``, each value's code (int32, -1 when absent) numbered in
+    order of first appearance over key 0's spans, then key 1's, ..., one table for all keys; and
+    each code's first byte range. An open-addressing table on FNV-1a hashes; values with equal
+    hashes are compared byte by byte. Python then slices only the distinct values."""
+    keys, n = ranges.shape[0] // 2, ranges.shape[1]
+    present = 0
+    for j in range(keys):
+        for i in range(n):
+            if ranges[2 * j, i] >= 0:
+                present += 1
     size = 16
-    while size < 2 * m:
+    while size < 2 * present:
         size *= 2
-    slots = np.full(size, -1, dtype=np.int64)  # -> group
+    slots = np.full(size, -1, dtype=np.int64)  # -> code
     hashes = np.zeros(size, dtype=np.uint64)
-    group = np.empty(m, dtype=np.int64)
-    first = np.empty(m, dtype=np.int64)
-    groups = 0
-    for i in range(m):
-        h = np.uint64(14695981039346656037)
-        for k in range(a[i], b[i]):
-            h ^= np.uint64(buf[k])
-            h *= np.uint64(1099511628211)
-        slot = np.int64(h & np.uint64(size - 1))
-        while True:
-            g = slots[slot]
-            if g < 0:
-                slots[slot] = groups
-                hashes[slot] = h
-                first[groups] = i
-                group[i] = groups
-                groups += 1
-                break
-            if hashes[slot] == h:
-                j = first[g]
-                if b[j] - a[j] == b[i] - a[i]:
+    idx = np.full((keys, n), -1, dtype=np.int32)
+    first = np.empty((present, 2), dtype=np.int64)
+    codes = 0
+    for j in range(keys):
+        for i in range(n):
+            a, b = ranges[2 * j, i], ranges[2 * j + 1, i]
+            if a < 0:
+                continue
+            h = np.uint64(14695981039346656037)
+            for k in range(a, b):
+                h ^= np.uint64(buf[k])
+                h *= np.uint64(1099511628211)
+            slot = np.int64(h & np.uint64(size - 1))
+            while True:
+                c = slots[slot]
+                if c < 0:
+                    slots[slot] = codes
+                    hashes[slot] = h
+                    first[codes, 0], first[codes, 1] = a, b
+                    idx[j, i] = codes
+                    codes += 1
+                    break
+                if hashes[slot] == h and first[c, 1] - first[c, 0] == b - a:
                     same = True
-                    for k in range(b[i] - a[i]):
-                        if buf[a[i] + k] != buf[a[j] + k]:
+                    x = first[c, 0]
+                    for k in range(b - a):
+                        if buf[a + k] != buf[x + k]:
                             same = False
                             break
                     if same:
-                        group[i] = g
+                        idx[j, i] = c
                         break
-            slot = (slot + 1) & (size - 1)
-    return group, first[:groups]
+                slot = (slot + 1) & (size - 1)
+    return idx, first[:codes]

@@ -45,7 +45,7 @@ _INSTANCE_ID = np.frombuffer(b"service.instance.id", dtype=np.uint8)
 # Rows of the ``ints`` array returned by ``walk``, one column per span.
 RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS, STATE_START, STATE_END, EVENTS = range(10)
 # Columns of the ``resources`` array, one row per ResourceSpans.
-SVC_START, SVC_END, INST_START, INST_END, SPANS = range(5)
+SVC_START, SVC_END, INST_START, INST_END, SPANS, RES_START, RES_END = range(7)
 @njit(cache=True, nogil=True)
 def _count(buf):
     """(spans, resources) in the request, walking only the outer three levels; (-1, -1) if malformed."""
@@ -398,7 +398,8 @@ def walk(buf, wanted, wanted_at):
     ``ints`` rows ``RESOURCE .. STATUS`` and ``times`` rows (start, end) have a column per
     span in request order; the id arrays a row per span (bytes copied when the length is
     right, the length in ``ints``); ``resources`` a row per ResourceSpans (byte ranges of the
-    service name and instance id, 0..0 when absent, and its span count); ``names[:n_names]``
+    service name and instance id, 0..0 when absent, its span count, and the byte range of its
+    Resource message(s)); ``names[:n_names]``
     the byte ranges of the distinct span names in order of first appearance (``ints[NAME]``
     indexes them); ``attrs`` rows 2j, 2j + 1 the byte range of span attribute ``j`` of
     ``wanted`` (the keys back to back, ``wanted_at`` their offsets; -1 when absent).
@@ -415,7 +416,7 @@ def walk(buf, wanted, wanted_at):
     trace_id = np.zeros((n, 16), dtype=np.uint8)
     span_id = np.zeros((n, 8), dtype=np.uint8)
     parent = np.zeros((n, 8), dtype=np.uint8)
-    resources = np.zeros((n_res, 5), dtype=np.int64)
+    resources = np.zeros((n_res, 7), dtype=np.int64)
     size = 16
     while size < 2 * n:
         size *= 2
@@ -452,6 +453,9 @@ def walk(buf, wanted, wanted_at):
                     outcome = GIVE_UP
                     break
                 xa, xb = _delimited(buf, q, rb)
+                if resources[r, RES_END] == 0:
+                    resources[r, RES_START] = xa
+                resources[r, RES_END] = xb  # a repeated Resource: from the first one's start
                 if not _resource(buf, xa, xb, resources, r):
                     outcome = GIVE_UP
                     break

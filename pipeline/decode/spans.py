@@ -233,7 +233,7 @@ def decode_traces(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded
     services: dict[str, int] = {}
     instances: dict[str, int] = {}
     service_idx, instance_idx = [], []
-    for sa, sb, ia, ib, _spans in resources.tolist():
+    for sa, sb, ia, ib, *_ in resources.tolist():
         service = data[sa:sb].decode() or UNKNOWN_SERVICE
         service_idx.append(services.setdefault(service, len(services)))
         instance_idx.append(instances.setdefault(data[ia:ib].decode(), len(instances)))
@@ -266,17 +266,23 @@ def decode_traces(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded
         parent=(pid, (parent_len == 0) | (parent_len == 8)),
         adjusted=adjusted,
         attributes=with_exception_types(_with_resource_values(
-            _walked_attributes(data, keys, attrs), keys, n, _wire_resource_values(data, keys, limits, attrs), counts
+            _walked_attributes(data, keys, attrs), keys, n, _wire_resource_values(data, keys, limits, attrs, resources),
+            counts
         ) if keys else None, keys, n, exception_types(data, n) if events else None),
     )  # fmt: skip
 
 
-def _wire_resource_values(data: bytes, keys: tuple[str, ...], limits: DecodeLimits, ranges: np.ndarray) -> list:
+def _wire_resource_values(
+    data: bytes, keys: tuple[str, ...], limits: DecodeLimits, ranges: np.ndarray, resources: np.ndarray
+) -> list:
     """Per resource, its values of the ``resource_attributes`` keys (None for the others), read as
     the wire reader reads attributes; [] when none is needed: every span has its own value of
-    each, or none of the keys is anywhere in the request (a fast search)."""
-    missing = [k for j, k in enumerate(keys) if k in limits.resource_attributes and (ranges[2 * j] < 0).any()]
-    if not any(k.encode() in data for k in missing):
+    each, or none of the keys is in any Resource message (a fast search of their bytes only)."""
+    missing = [k.encode() for j, k in enumerate(keys) if k in limits.resource_attributes and (ranges[2 * j] < 0).any()]
+    if not missing:
+        return []
+    spans = resources[:, span_wire.RES_START:span_wire.RES_END + 1].tolist()
+    if not any(data.find(k, a, b) >= 0 for a, b in spans for k in missing):
         return []
     req = parse(TraceResources(), data, "ExportTraceServiceRequest")
     return [_fallback_values(_upb_attributes(rs.resource.attributes, keys), keys, limits) for rs in req.resource_spans]
@@ -303,28 +309,13 @@ def _with_resource_values(attributes, keys: tuple[str, ...], n: int, per_resourc
 
 def _walked_attributes(data: bytes, keys: tuple[str, ...], ranges: np.ndarray):
     """The wire reader's attribute byte ranges -> (keys, value table, int32 indexes); None when
-    no span had any. Values are told apart as bytes and decoded once each (not UTF-8: with
-    replacement characters)."""
-    table: dict[bytes, int] = {}
-    idx = np.full((len(keys), ranges.shape[1]), -1, dtype=np.int32)
-    buf = np.frombuffer(data, dtype=np.uint8)
-    for j in range(len(keys)):
-        present = np.flatnonzero(ranges[2 * j] >= 0)
-        if present.size:
-            idx[j, present] = _intern(data, buf, ranges[2 * j, present], ranges[2 * j + 1, present], table)
-    if not table:
+    no span had any. Values are told apart as bytes in compiled code (``intern_ranges``: most
+    spans repeat a few values, routes and environments) and each distinct one is decoded once
+    (not UTF-8: with replacement characters)."""
+    idx, first = span_attributes.intern_ranges(np.frombuffer(data, dtype=np.uint8), ranges)
+    if not first.shape[0]:
         return None  # none present: no columns to carry
-    return keys, tuple(v.decode(errors="replace") for v in table), idx
-
-
-def _intern(data: bytes, buf: np.ndarray, a: np.ndarray, b: np.ndarray, table: dict[bytes, int]) -> np.ndarray:
-    """Codes in ``table`` of the values data[a:b], new ones added in order of first appearance:
-    the values are told apart in compiled code (``distinct_values``) and only the distinct ones
-    are sliced in Python (most spans repeat a few values: routes, environments)."""
-    group, first = span_attributes.distinct_values(buf, a, b)
-    bounds = zip(a[first].tolist(), b[first].tolist(), strict=True)
-    codes = np.array([table.setdefault(data[x:y], len(table)) for x, y in bounds], dtype=np.int64)
-    return codes[group]
+    return keys, tuple(data[a:b].decode(errors="replace") for a, b in first.tolist()), idx
 
 
 def decode_traces_upb(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
