@@ -237,7 +237,8 @@ class KeyDetector:
         buckets: list[int] | None = None, bounds: tuple[float, ...] = (),
     ) -> tuple[list[Judgement], float, bool]:
         """Score a window (before learning from it): judgements, HST score, anomalous?
-        ``buckets``: the window's calls per explicit bucket (``SLOW_CALLS``)."""
+        ``buckets``: the window's calls per explicit bucket (``SLOW_CALLS``); judging them carries
+        the key's run of slow windows on, so a window is judged once."""
         k = self.cfg.band_k
         judgements = []
         for f in self.features:
