@@ -62,10 +62,11 @@ def with_dimensions(batch: SpanBatch, keys: tuple[str, ...], default: str, cache
     # one int64 code per span: its name and each key's value index (+1: absent is 0)
     code = batch.op_idx.astype(np.int64)
     radix = len(batch.attr_values) + 1
-    if len(batch.operations) * radix ** len(keys) < 2**62:
+    space = len(batch.operations) * radix ** len(keys)
+    if space < 2**62:
         for col in cols:
             code = code * radix + (col.astype(np.int64) + 1 if col is not None else 0)
-        unique, inverse = np.unique(code, return_inverse=True)
+        unique, inverse = _dense_unique(code, space)
         combos = []
         for c in unique.tolist():
             found = []
@@ -90,6 +91,16 @@ def with_dimensions(batch: SpanBatch, keys: tuple[str, ...], default: str, cache
             op = known[key] = compose(key[0], list(zip(keys, key[1:], strict=True)))
         operations.append(op)
     return dataclasses.replace(batch, operations=tuple(operations), op_idx=inverse.reshape(-1).astype(np.int32))
+
+
+def _dense_unique(code: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(code, return_inverse=True)`` for codes in ``range(space)``: by a table of the
+    codes present when the space is small (names times values: it usually is), without a sort."""
+    if space > max(4 * code.size, 1 << 16):
+        return np.unique(code, return_inverse=True)
+    present = np.zeros(space, dtype=bool)
+    present[code] = True
+    return np.flatnonzero(present), (np.cumsum(present, dtype=np.int64) - 1)[code]
 
 
 def labels(operation: str) -> tuple[str, tuple[tuple[str, str], ...]]:

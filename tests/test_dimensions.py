@@ -7,7 +7,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from pipeline.config import ConfigError, WindowsConfig
 from pipeline.decode import decode_traces, decode_traces_json, decode_traces_upb
 from pipeline.decode.common import DecodeLimits
-from pipeline.dimensions import compose, label_name, readable, split, with_dimensions
+from pipeline.dimensions import _dense_unique, compose, label_name, readable, split, with_dimensions
 from pipeline.model import SpanBatch
 from pipeline.preaggregate import WindowSpec, preaggregate
 
@@ -65,6 +65,15 @@ def test_operations_are_split_by_their_values_and_missing_ones_take_the_default(
     rows = [(p.operations, sum(p.status_counts.sum(axis=1).tolist())) for p in preaggregate(_batch(spans), spec)]
     assert sum(n for _, n in rows) == 7 and len(rows[0][0]) == 4  # four series in the one window
     assert with_dimensions(_batch(spans), (), "").operations == ("GET /a", "GET /b")
+
+
+def test_dense_unique_is_numpys_unique():
+    rng = np.random.default_rng(7)
+    for space, n in ((10, 1), (50, 1000), (1 << 16, 500), (1 << 20, 300), (1 << 40, 2000)):
+        code = rng.integers(0, space, size=n, dtype=np.int64)
+        unique, inverse = _dense_unique(code, space)
+        want_unique, want_inverse = np.unique(code, return_inverse=True)
+        assert unique.tolist() == want_unique.tolist() and inverse.tolist() == want_inverse.tolist()
 
 
 def _request(resource_env: str | None, span_env: str | None) -> bytes:

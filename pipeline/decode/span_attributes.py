@@ -102,7 +102,9 @@ def intern_ranges(buf, ranges):
     absent) told apart: ``(idx, first)``, each value's code (int32, -1 when absent) numbered in
     order of first appearance over key 0's spans, then key 1's, ..., one table for all keys; and
     each code's first byte range. An open-addressing table on FNV-1a hashes; values with equal
-    hashes are compared byte by byte. Python then slices only the distinct values."""
+    hashes are compared byte by byte; a value equal to the key's previous one (spans of one
+    operation or resource in a row) takes its code without hashing. Python then slices only the
+    distinct values."""
     keys, n = ranges.shape[0] // 2, ranges.shape[1]
     present = 0
     for j in range(keys):
@@ -118,10 +120,19 @@ def intern_ranges(buf, ranges):
     first = np.empty((present, 2), dtype=np.int64)
     codes = 0
     for j in range(keys):
+        last = -1  # the code of this key's previous value
         for i in range(n):
             a, b = ranges[2 * j, i], ranges[2 * j + 1, i]
             if a < 0:
                 continue
+            if last >= 0 and first[last, 1] - first[last, 0] == b - a:
+                x = first[last, 0]
+                k = 0
+                while k < b - a and buf[a + k] == buf[x + k]:
+                    k += 1
+                if k == b - a:
+                    idx[j, i] = last
+                    continue
             h = np.uint64(14695981039346656037)
             for k in range(a, b):
                 h ^= np.uint64(buf[k])
@@ -133,7 +144,7 @@ def intern_ranges(buf, ranges):
                     slots[slot] = codes
                     hashes[slot] = h
                     first[codes, 0], first[codes, 1] = a, b
-                    idx[j, i] = codes
+                    idx[j, i] = last = codes
                     codes += 1
                     break
                 if hashes[slot] == h and first[c, 1] - first[c, 0] == b - a:
@@ -144,7 +155,7 @@ def intern_ranges(buf, ranges):
                             same = False
                             break
                     if same:
-                        idx[j, i] = c
+                        idx[j, i] = last = c
                         break
                 slot = (slot + 1) & (size - 1)
     return idx, first[:codes]

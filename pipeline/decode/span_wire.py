@@ -30,22 +30,18 @@ import time
 import numpy as np
 from numba import njit
 
-# The protobuf wire primitives and the span attribute reader. numba's cache tracks this file only:
-# after editing protowire.py or span_attributes.py, delete pipeline/decode/__pycache__/*.nb[ic] (or
-# touch this file) so the walker is compiled again.
-from pipeline.decode.protowire import _delimited, _equals, _int32, _skip, _tag, _utf8, _varint
+# The protobuf wire primitives, the Resource and span attribute readers. numba's cache tracks this
+# file only: after editing protowire.py, resource_wire.py or span_attributes.py, delete
+# pipeline/decode/__pycache__/*.nb[ic] (or touch this file) so the walker is compiled again.
+from pipeline.decode.protowire import _delimited, _int32, _skip, _tag, _utf8, _varint
+from pipeline.decode.resource_wire import RES_END, RES_START, SPANS, _resource
 from pipeline.decode.span_attributes import NONE_AT, NONE_WANTED, _span_attribute, attribute_value, wanted_keys
 
 OK = 0
 GIVE_UP = 1
 
-_SERVICE_NAME = np.frombuffer(b"service.name", dtype=np.uint8)
-_INSTANCE_ID = np.frombuffer(b"service.instance.id", dtype=np.uint8)
-
 # Rows of the ``ints`` array returned by ``walk``, one column per span.
 RESOURCE, TRACE_LEN, SPAN_LEN, PARENT_LEN, NAME, KIND, STATUS, STATE_START, STATE_END, EVENTS = range(10)
-# Columns of the ``resources`` array, one row per ResourceSpans.
-SVC_START, SVC_END, INST_START, INST_END, SPANS, RES_START, RES_END = range(7)
 @njit(cache=True, nogil=True)
 def _count(buf):
     """(spans, resources) in the request, walking only the outer three levels; (-1, -1) if malformed."""
@@ -137,7 +133,7 @@ def _status_code(buf, a, b):
 
 @njit(cache=True, nogil=True)
 def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, table, names, n_names, wanted, wanted_at,
-                 lengths, attrs):  # fmt: skip
+                 firsts, attrs):  # fmt: skip
     """Reads the spans of the ScopeSpans in buf[sa:sb] into columns/rows from ``i`` on.
 
     Returns the next free row; ``n_names[0]`` counts the distinct names. -1: give up.
@@ -216,21 +212,33 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
                     status_a = va
                     status_b = vb
                 elif field == 9 and wanted_at.shape[0] > 1:  # an attribute, when some are wanted
-                    # the usual form, a short key then the value and nothing else, is passed over
-                    # right here when no wanted key has the key's length
-                    skip = False
+                    # The usual form, a short key then the value and nothing else, is read right
+                    # here: passed over unless its key is wanted, a short string value taken.
+                    # Any other form goes to _span_attribute, which reads every form alike.
+                    j = -2  # -2: not the usual form
+                    ke = va
                     if n > 2 and buf[va] == 0x0A and buf[va + 1] < 0x80:
                         kl = np.int64(buf[va + 1])
                         ke = va + 2 + kl
                         if ke + 1 < vb and buf[ke] == 0x12 and buf[ke + 1] < 0x80 and ke + 2 + buf[ke + 1] == vb:
-                            skip = True  # unless the key is one of the wanted ones
-                            if lengths[kl]:
-                                for j in range(wanted_at.shape[0] - 1):
-                                    wa = wanted_at[j]
-                                    if wanted_at[j + 1] - wa == kl and buf[va + 2] == wanted[wa]:
-                                        skip = False
-                                        break
-                    if not skip:
+                            j = -1
+                            c = np.int64(buf[va + 2])
+                            if (firsts[kl, c >> 6] >> np.uint64(c & 63)) & np.uint64(1):
+                                for jj in range(wanted_at.shape[0] - 1):
+                                    wa = wanted_at[jj]
+                                    if wanted_at[jj + 1] - wa == kl:
+                                        k = 0
+                                        while k < kl and buf[va + 2 + k] == wanted[wa + k]:
+                                            k += 1
+                                        if k == kl:
+                                            j = jj
+                                            break
+                    xa = ke + 4 if j >= 0 else 0  # the string value, when its AnyValue has the usual form
+                    if j >= 0 and ke + 3 < vb and buf[ke + 2] == 0x0A and buf[ke + 3] < 0x80 and xa + buf[ke + 3] == vb:
+                        if xa < vb:  # an empty string is no value
+                            attrs[2 * j, i] = xa
+                            attrs[2 * j + 1, i] = vb
+                    elif j != -1:
                         j, xa, xb = _span_attribute(buf, va, vb, wanted, wanted_at)
                         if j >= 0:
                             attrs[2 * j, i] = xa
@@ -318,78 +326,6 @@ def _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, tabl
 
 
 @njit(cache=True, nogil=True)
-def _resource(buf, a, b, resources, r):
-    """Reads ``service.name`` / ``service.instance.id`` of the Resource in buf[a:b]; False to give up.
-
-    Every attribute is walked in order and the last of each key wins, as reading the
-    parsed message does; a repeated Resource field merges into the same row."""
-    p = a
-    while p < b:
-        field, wt, p = _tag(buf, p, b)
-        if p < 0:
-            return False
-        if field != 1:
-            p = _skip(buf, p, b, wt)
-            if p < 0:
-                return False
-            continue
-        if wt != 2:
-            return False
-        ka, kb = _delimited(buf, p, b)  # one KeyValue
-        if ka < 0:
-            return False
-        p = kb
-        key_a = key_b = 0
-        val_a = val_b = 0
-        q = ka
-        while q < kb:
-            field, wt, q = _tag(buf, q, kb)
-            if q < 0:
-                return False
-            if field == 1:  # key
-                if wt != 2:
-                    return False
-                key_a, key_b = _delimited(buf, q, kb)
-                if key_a < 0 or not _utf8(buf, key_a, key_b):
-                    return False
-                q = key_b
-            elif field == 2:  # value: an AnyValue, of which only string_value is read
-                if wt != 2:
-                    return False
-                aa, ab = _delimited(buf, q, kb)
-                if aa < 0:
-                    return False
-                q = ab
-                s = aa
-                while s < ab:
-                    field, wt, s = _tag(buf, s, ab)
-                    if s < 0:
-                        return False
-                    if field == 1:
-                        if wt != 2:
-                            return False
-                        val_a, val_b = _delimited(buf, s, ab)
-                        if val_a < 0 or not _utf8(buf, val_a, val_b):
-                            return False
-                        s = val_b
-                    else:
-                        s = _skip(buf, s, ab, wt)
-                        if s < 0:
-                            return False
-            else:
-                q = _skip(buf, q, kb, wt)
-                if q < 0:
-                    return False
-        if _equals(buf, key_a, key_b, _SERVICE_NAME):
-            resources[r, SVC_START] = val_a
-            resources[r, SVC_END] = val_b
-        elif _equals(buf, key_a, key_b, _INSTANCE_ID):
-            resources[r, INST_START] = val_a
-            resources[r, INST_END] = val_b
-    return True
-
-
-@njit(cache=True, nogil=True)
 def walk(buf, wanted, wanted_at):
     """One ExportTraceServiceRequest's span fields, as arrays.
 
@@ -424,10 +360,13 @@ def walk(buf, wanted, wanted_at):
     names = np.zeros((n + 1, 2), dtype=np.int64)
     n_names = np.zeros(1, dtype=np.int64)
     attrs = np.full((2 * (wanted_at.shape[0] - 1), n), -1, dtype=np.int64)
-    lengths = np.zeros(128, dtype=np.bool_)  # the lengths (< 128) of wanted keys
+    # (length, first byte) of the wanted keys (lengths < 128): bit c of firsts[length] for byte c
+    firsts = np.zeros((128, 4), dtype=np.uint64)
     for j in range(wanted_at.shape[0] - 1):
-        if wanted_at[j + 1] - wanted_at[j] < 128:
-            lengths[wanted_at[j + 1] - wanted_at[j]] = True
+        kl = wanted_at[j + 1] - wanted_at[j]
+        if 0 < kl < 128:
+            c = np.int64(wanted[wanted_at[j]])
+            firsts[kl, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
     if outcome != OK:
         return outcome, ints, times, trace_id, span_id, parent, resources, names, 0, attrs
     end = buf.shape[0]
@@ -464,7 +403,7 @@ def walk(buf, wanted, wanted_at):
                 sa, sb = _delimited(buf, q, rb)
                 q = sb
                 i = _scope_spans(buf, sa, sb, r, i, ints, times, trace_id, span_id, parent, table, names, n_names,
-                                 wanted, wanted_at, lengths, attrs)  # fmt: skip
+                                 wanted, wanted_at, firsts, attrs)  # fmt: skip
                 if i < 0:
                     outcome = GIVE_UP
                     break
