@@ -1,7 +1,7 @@
 """Scoring harness of issue 14: real faults (Nezha OnlineBoutique and TrainTicket).
 
     .venv/bin/python -m bench.fault_eval [--only NAME...] [--config FILE] [--json FILE]
-                                         [--quiet-hours 1] [--no-quiet] [--no-plot]
+                                         [--quiet-hours 1] [--no-quiet] [--no-plot] [--phase S]
 
 Per labelled fault of ``../shared/data/faults/faults.json``: the label's fault-free recording
 looped 12 times (ids rewritten, times shifted, back to back, ending one window before the
@@ -20,6 +20,9 @@ Scores (window start times of the events, injection ``t``, horizon 60 s):
   service, then the services their rankings name);
 - early: firing alerts before t (on the fault-free loops or the recording before injection).
 
+``--phase S`` moves every scenario S seconds later as a whole (injection time too): the same
+faults at another phase against the window boundaries.
+
 Quiet: each fault-free recording looped ``--quiet-hours`` at phases 0, 3.3 and 6.7 s against
 the window boundaries, no fault: firing alerts per hour, by service and feature.
 
@@ -30,6 +33,7 @@ Prints a row per scenario and a summary; ``--json`` writes everything; plots go 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -272,12 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quiet-hours", type=float, default=1.0)
     ap.add_argument("--no-quiet", action="store_true")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--phase", type=float, default=0.0,
+                    help="move every scenario (loops, fault recording, metrics, injection time) this many seconds "
+                         "later: its phase against the window boundaries")
     ap.add_argument("--faults", default=str(FAULTS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     cache = Cache(Path(args.faults))
-    chosen = labels(Path(args.faults))
+    chosen = [dataclasses.replace(lab, phase_ns=int(round(args.phase * S))) for lab in labels(Path(args.faults))]
     if args.only:
         unknown = set(args.only) - {lab.name for lab in chosen}
         if unknown:

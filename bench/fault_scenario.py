@@ -47,10 +47,11 @@ class Label:
     type: str
     inject_unix_s: int
     baseline: str
+    phase_ns: int = 0  # the whole scenario moved this much later (its phase against the windows)
 
     @property
     def inject_ns(self) -> int:
-        return self.inject_unix_s * S
+        return self.inject_unix_s * S + self.phase_ns
 
 
 @dataclass
@@ -107,6 +108,15 @@ def copy_of(batch, shift_ns: int, k: int):
     return out
 
 
+def moved(batch, shift_ns: int):
+    """``batch`` with every time ``shift_ns`` later, ids kept."""
+    if isinstance(batch, SpanBatch):
+        return dataclasses.replace(batch, end_ns=batch.end_ns + shift_ns)
+    if isinstance(batch, MetricBatch):
+        return dataclasses.replace(batch, time_ns=batch.time_ns + shift_ns, start_ns=batch.start_ns + shift_ns)
+    return dataclasses.replace(batch, time_ns=batch.time_ns + shift_ns)
+
+
 def loop_period(batches: list, window_ns: int = WINDOW) -> int:
     """Back to back: the next copy's first span ends one mean span spacing after this copy's last
     (a period rounded up to whole windows left up to a window without spans at every loop, a dip
@@ -158,7 +168,11 @@ def build_scenario(
     first_shift = last_shift - (loops - 1) * period
     stream = list(merge_by_time([*looped(base, loops, first_shift, window_ns), *fault], list(metrics)))
     spans = sum(len(b) for b in stream if isinstance(b, SpanBatch))
-    return Scenario(label, stream, first + first_shift, last + last_shift, fault_first, fault_last, period, spans)
+    if label.phase_ns:  # everything, the fault recording and its metrics too, moved against the windows
+        stream = [moved(b, label.phase_ns) for b in stream]
+    d = label.phase_ns
+    return Scenario(label, stream, first + first_shift + d, last + last_shift + d, fault_first + d, fault_last + d,
+                    period, spans)  # fmt: skip
 
 
 class Cache:

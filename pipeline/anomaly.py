@@ -51,6 +51,7 @@ from pipeline.config import DEFAULT_BUCKETS, AnomalyConfig, MetricTargetConfig, 
 from pipeline.detectors import (
     KEY_FEATURES,
     METRIC_PREFIX,
+    RATE_FEATURES,
     SERVICE_FEATURES,
     TRAFFIC_FEATURES,
     AlertLifecycle,
@@ -183,7 +184,7 @@ class ServiceAnomaly:
                 seen.add(key)
                 self.last_seen[key] = t
                 values = _features(r, self.length_s)
-                upd, ev = self._judge_key(key, values, r.count, t, r)
+                upd, ev = self._judge_key(key, values, r.count, t, r, gap=sw.gap)
                 updates.append(upd)
                 events.extend(ev)
                 scored.append((upd.score, r, _worst(upd.judgements, k)))
@@ -196,13 +197,14 @@ class ServiceAnomaly:
                 # A known key without traffic in this window: its call rate is 0.
                 values = {"latency_p50": math.nan, "latency_p95": math.nan, "latency_p99": math.nan,
                           "error_rate": 0.0, "call_rate": 0.0}  # fmt: skip
-                upd, ev = self._judge_key(key, values, 0, t, None)
+                upd, ev = self._judge_key(key, values, 0, t, None, gap=sw.gap)
                 updates.append(upd)
                 events.extend(ev)
         length = self.length_s
         service = {"service_rate": (sw.calls + sw.logs) / length, "error_log_rate": sw.error_logs / length}
         held, spans = self._metric_values(sw, service)
-        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run, held, spans)
+        upd, ev = self._judge_key(SERVICE_KEY, service, sw.logs, t, None, sw.silent_run, judged_run, held, spans,
+                                  sw.gap)  # fmt: skip
         updates.append(upd)
         events.extend(ev)
         events.extend(self._rules(SERVICE_KEY, service, t, None))
@@ -321,11 +323,13 @@ class ServiceAnomaly:
 
     def _judge_key(
         self, key, values, calls, time, r: WindowResult | None, silent_run: int = 0, judged_run: int = 0,
-        held: tuple[str, ...] = (), spans: dict[str, int] | None = None,
+        held: tuple[str, ...] = (), spans: dict[str, int] | None = None, gap: bool = False,
     ):  # fmt: skip
         """``silent_run``: empty windows in a row up to this one; ``judged_run``: the same when
         the silence is to be judged, else 0; ``held``: features judged but not learned;
-        ``spans``: fresh metric features -> windows their point summarizes."""
+        ``spans``: fresh metric features -> windows their point summarizes; ``gap``: the window
+        was partly a gap in the input, its rates are neither judged nor learned (less was read,
+        not less sent)."""
         buckets = [sum(per_status) for per_status in zip(*r.bucket_counts)] if r is not None and r.count else None
         det = self.keys.get(key)
         if det is None:
@@ -335,9 +339,10 @@ class ServiceAnomaly:
             det.with_metrics(tuple(METRIC_PREFIX + m.name for m in self.metrics))
         if any(math.isnan(values.get(f, 0.0)) for f in det.features if not is_metric(f)):
             values = {f: (v if not math.isnan(v) else det.baselines[f].mean.get()) for f, v in values.items()}
-            judgements, hst, anomalous = det.judge(values, 0, self.length_s)
+            judgements, hst, anomalous = det.judge(values, 0, self.length_s, rates=not gap)
         else:
-            judgements, hst, anomalous = det.judge(values, calls, self.length_s, judged_run, buckets, self.bounds)
+            judgements, hst, anomalous = det.judge(values, calls, self.length_s, judged_run, buckets, self.bounds,
+                                                   not gap)  # fmt: skip
         learning = det.learning
         evidence = _evidence_windows(judgements, self.cfg.band_k, self.cfg.pending_windows, self.length_s, spans or {})
         change = det.lifecycle.observe(anomalous, evidence)
@@ -346,7 +351,8 @@ class ServiceAnomaly:
         if not anomalous:  # never learn from a window judged anomalous
             # A silence is learned once it is over (``_learn_silence``): judged against the rate
             # from before it, not against a baseline that fades toward zero as it goes on.
-            det.learn(values, calls, self.length_s, (("service_rate",) if silent_run else ()) + held, buckets)
+            skip = RATE_FEATURES if gap else ("service_rate",) if silent_run else ()
+            det.learn(values, calls, self.length_s, skip + held, buckets)
         score = _score(judgements, self.cfg.band_k)
         upd = AnomalyUpdate(self.service, key[0], key[1], time, score, hst, learning, det.lifecycle.state,
                             tuple(judgements))  # fmt: skip

@@ -234,11 +234,12 @@ class KeyDetector:
 
     def judge(
         self, values: dict[str, float], calls: int, length_s: float, silent_run: int = 0,
-        buckets: list[int] | None = None, bounds: tuple[float, ...] = (),
+        buckets: list[int] | None = None, bounds: tuple[float, ...] = (), rates: bool = True,
     ) -> tuple[list[Judgement], float, bool]:
         """Score a window (before learning from it): judgements, HST score, anomalous?
         ``buckets``: the window's calls per explicit bucket (``SLOW_CALLS``); judging them carries
-        the key's run of slow windows on, so a window is judged once."""
+        the key's run of slow windows on, so a window is judged once. ``rates`` False: the
+        window was partly a gap in the input, its ``RATE_FEATURES`` are not judged."""
         k = self.cfg.band_k
         judgements = []
         for f in self.features:
@@ -252,6 +253,7 @@ class KeyDetector:
             sigma = (hi - expected) / k
             # A metric is judged once it has learned its own points (one per export interval).
             judged = self._metric_ready(f) if is_metric(f) else not self.learning and (enough or f in RATE_FEATURES)
+            judged = judged and (rates or f not in RATE_FEATURES)
             if f == "service_rate" and silent_run > 0:
                 sigma = _silence_sigma(expected, math.sqrt(max(b.var.get(), 0.0)), silent_run, length_s)
                 lo = expected - k * sigma

@@ -21,14 +21,8 @@ import numpy as np
 from pipeline.metric_model import MetricValues
 
 # OTLP span kinds and status codes as they appear on the wire.
-SPAN_KINDS = (
-    "SPAN_KIND_UNSPECIFIED",
-    "SPAN_KIND_INTERNAL",
-    "SPAN_KIND_SERVER",
-    "SPAN_KIND_CLIENT",
-    "SPAN_KIND_PRODUCER",
-    "SPAN_KIND_CONSUMER",
-)
+SPAN_KINDS = ("SPAN_KIND_UNSPECIFIED", "SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER", "SPAN_KIND_CLIENT",
+              "SPAN_KIND_PRODUCER", "SPAN_KIND_CONSUMER")  # fmt: skip
 STATUS_CODES = ("STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR")
 STATUS_ERROR = 2
 KIND_SERVER = 2
@@ -244,6 +238,7 @@ class ServiceWindow:
     metrics: tuple[MetricValues, ...] = ()  # the service's OTLP metrics at the window's end (metric_model.py)
     idle_run: int = 0  # windows in a row, this one included, in which the service sent nothing (metrics neither)
     blind: bool = False  # an empty window in which nobody sent anything either (a gap in the input): not judged
+    gap: bool = False  # a stretch of it without anyone's data (a gap in the input): its rates are not judged
 
     def metric(self, name: str) -> MetricValues | None:
         return next((m for m in self.metrics if m.name == name), None)
@@ -257,11 +252,13 @@ class ServiceWindow:
 @dataclass(frozen=True)
 class Tick:
     """A source step read data from other services in these windows while this one sent nothing
-    in that step: its empty windows there are silence, not a gap in the input."""
+    in that step: its empty windows there are silence, not a gap in the input. ``gaps``: stretches
+    of event time (unix ns, [start, end)) in which nobody's data was read."""
 
     service: str
     windows: tuple[int, ...]  # window starts (unix ns) the step read data in
     step: tuple[int, int]
+    gaps: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

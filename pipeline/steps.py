@@ -129,6 +129,14 @@ class IncidentStep(StatefulLogic[object, object, bytes]):
 
 TICK_TTL_NS = 3600 * 10**9  # services absent from a partition this long get no more ticks
 MAX_TICKED = 10_000  # services a partition ticks for at most
+# A stretch of event time with no span or log of anyone's is a gap in the input when it is at least
+# GAP_MIN_S long and GAP_FACTOR times the longest pause the partition's input made lately (a
+# maximum halving every GAP_HALF_LIFE_S of event time; traffic driven by a few users pauses for
+# tens of seconds as a matter of course), once it has learned its pauses for GAP_WARMUP_S.
+GAP_MIN_S = 2
+GAP_FACTOR = 2.0
+GAP_HALF_LIFE_S = 3600
+GAP_WARMUP_S = 600
 
 
 def _with_rows(table: tuple[str, ...], idx: np.ndarray) -> list[str]:
@@ -140,16 +148,23 @@ class _Ticks:
     """Which services a partition has read lately, to tell each one absent from a step that the
     step read others' data over its time span (``Tick``): its empty windows there are its own
     silence, not a gap in the input. Ticks go out with the first step of each window (the one
-    whose newest event time enters it), to every service seen lately that is not in that step."""
+    whose newest event time enters it), to every service seen lately that is not in that step.
+
+    Gaps in the input (``_gaps``) go to every service seen lately, present or not: a window
+    partly in one holds less traffic because less was read, not because less was sent."""
 
     def __init__(self, window_ns: int) -> None:
         self.window_ns = window_ns
         self.seen: dict[str, int] = {}  # service -> newest event time read from it
         self.window = -1  # the window of the last step that sent ticks
+        self.frontier: int | None = None  # the newest second (unix s) in which a span or log ended
+        self.first: int | None = None  # the first such second
+        self.longest = 0.0  # the longest pause lately (seconds without spans or logs), not a gap
 
     def step(self, items: list) -> list[Tick]:
         present: dict[str, int] = {}
         times: list[np.ndarray] = []
+        traffic: list[np.ndarray] = []  # of spans and logs (metric points come once an interval)
         for item in items:
             if isinstance(item, SpanBatch) and len(item):
                 t = item.end_ns
@@ -163,6 +178,8 @@ class _Ticks:
             else:
                 continue
             times.append(t)
+            if not isinstance(item, MetricBatch):
+                traffic.append(t)
             newest = int(t.max())
             for name in names:
                 present[name] = max(present.get(name, newest), newest)
@@ -170,9 +187,12 @@ class _Ticks:
             return []
         hi = max(int(t.max()) for t in times)
         self.seen.update(present)
+        step = next(i.step for i in items if isinstance(i, SpanBatch | LogBatch | MetricBatch))
+        gaps = self._gaps(traffic)
+        out = [Tick(name, (), step, gaps) for name in self.seen] if gaps else []
         window = hi // self.window_ns
         if window == self.window:  # once per window: a scan of every service seen lately
-            return []
+            return out
         self.window = window
         if len(self.seen) > MAX_TICKED or any(t < hi - TICK_TTL_NS for t in self.seen.values()):
             keep = sorted(self.seen.items(), key=lambda kv: -kv[1])[:MAX_TICKED]
@@ -180,8 +200,27 @@ class _Ticks:
         # the windows this step read data in (not the stretch between its first and last time: a
         # step across a hole in the input must not cover the hole)
         starts = tuple((np.unique(np.concatenate(times) // self.window_ns) * self.window_ns).tolist())
-        step = next(i.step for i in items if isinstance(i, SpanBatch | LogBatch | MetricBatch))
-        return [Tick(name, starts, step) for name in self.seen if name not in present]
+        return out + [Tick(name, starts, step) for name in self.seen if name not in present]
+
+    def _gaps(self, traffic: list[np.ndarray]) -> tuple[tuple[int, int], ...]:
+        """Stretches of whole seconds after the newest second read so far in which none of this
+        step's spans or logs ended, long enough to be a gap in the input (``GAP_MIN_S``,
+        ``GAP_FACTOR``): [start, end) in unix ns. Shorter ones are the input's pauses, learned.
+        Data older than that second (late) is not looked at: it neither makes nor fills a gap."""
+        if not traffic:
+            return ()
+        secs = np.unique(np.concatenate(traffic) // 10**9)
+        if self.frontier is not None:
+            secs = np.concatenate(([self.frontier], secs[secs > self.frontier]))
+            self.longest *= 0.5 ** ((int(secs[-1]) - self.frontier) / GAP_HALF_LIFE_S)
+        self.first = int(secs[0]) if self.first is None else self.first
+        self.frontier = int(secs[-1])
+        empty = np.diff(secs) - 1
+        warm = self.frontier - self.first >= GAP_WARMUP_S
+        gap = empty >= max(GAP_MIN_S, GAP_FACTOR * self.longest) if warm else np.zeros(empty.size, dtype=bool)
+        if (~gap).any():
+            self.longest = max(self.longest, float(empty[~gap].max()))
+        return tuple(((int(secs[i]) + 1) * 10**9, int(secs[i + 1]) * 10**9) for i in np.flatnonzero(gap).tolist())
 
 
 class _JoinedPartition(StatefulSourcePartition):

@@ -59,6 +59,8 @@ from pipeline.window_ops import _Ops, _ops_from_windows, _results, _Window
 # (WindowSpec, _Ops, _Window), so their old names must keep resolving.
 __all__ = ["CardinalityLimiter", "ServiceWindows", "WindowSpec", "_Ops", "_Window"]
 
+MAX_GAPS = 64  # gaps in the input a service remembers (the newest), until its windows pass them
+
 
 class CardinalityLimiter:
     """Per-service set of live operations; those past the limit become the overflow series.
@@ -171,6 +173,7 @@ class ServiceWindows:
         self.silent_run = 0  # windows without spans, logs or calls closed since the last one with them
         self.idle_run = 0  # windows without anything (metric points neither) since the last one with data
         self.covered: set[int] = set()  # starts of windows not closed yet in which others' data was read (Tick)
+        self.gaps: list[tuple[int, int]] = []  # gaps in the input (Tick) not yet behind the closed windows
 
     def bind(
         self, spec: WindowSpec, max_operations: int, expire_ns: int, partition_idle_s: float | None,
@@ -196,6 +199,8 @@ class ServiceWindows:
         """Merge one item; returns what closed: late counts and ``ServiceWindow`` objects."""
         if isinstance(item, Tick):
             self._cover(item.windows)
+            if item.gaps and item.gaps[-1][1] > self.closed_until:
+                self.gaps = ([g for g in self.gaps if g[1] > self.closed_until] + list(item.gaps))[-MAX_GAPS:]
             return []
         self.last_activity = now
         partition, step = item.step
@@ -260,6 +265,7 @@ class ServiceWindows:
         self.__dict__.setdefault("metrics", ServiceMetrics.from_config(MetricsConfig()))
         self.__dict__.setdefault("idle_run", self.__dict__["silent_run"])
         self.__dict__.setdefault("covered", set())
+        self.__dict__.setdefault("gaps", [])
         self.__dict__.pop("late_logs", None)
         for slot in self.open.values():
             if isinstance(slot.ops, dict):  # a recovery snapshot from before the columnar windows
@@ -354,7 +360,7 @@ class ServiceWindows:
                 service=self.service, window_start=at, window_end=at + length, results=(),
                 instances=tuple(sorted(self.metrics.instances())), logs=0, error_logs=0, server_calls=0,
                 server_errors=0, server_p95=math.nan, silent_run=self.silent_run, metrics=metrics,
-                idle_run=self.idle_run, blind=blind,
+                idle_run=self.idle_run, blind=blind, gap=self._in_gap(at),
             ))  # fmt: skip
             at += length
         self.closed_until = max(self.closed_until, start)
@@ -398,6 +404,12 @@ class ServiceWindows:
                     silent_run=self.silent_run,
                     metrics=metrics,
                     idle_run=self.idle_run,
+                    gap=self._in_gap(start),
                 )
             )
         return closed
+
+    def _in_gap(self, start: int) -> bool:
+        """Is part of the window at ``start`` in a gap of the input?"""
+        end = start + self.spec.length_ns
+        return any(a < end and b > start for a, b in self.gaps)

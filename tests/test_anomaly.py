@@ -122,6 +122,30 @@ def test_traffic_drop_and_error_log_burst():
     assert ("", "error_log_rate") in fired
 
 
+def test_rates_of_windows_partly_in_a_gap_of_the_input_are_neither_judged_nor_learned():
+    """Half a window's data missing for everyone (a gap in the input): its call rates halve, but
+    less was read, not less sent; latency is still judged."""
+    import dataclasses
+
+    det = ServiceAnomaly(AnomalyConfig(), "svc", 10.0)
+    rng = np.random.default_rng(9)
+    for i in range(60):
+        det.on_window(service_window(i, normal_results(rng, i)))
+    events, judged = [], []
+    for i in range(60, 63):
+        rs = [dataclasses.replace(r, count=r.count // 2) for r in normal_results(rng, i)]
+        rs[1] = result("GET /b", count=25, p95=0.2)  # x10 slower
+        updates, ev = det.on_window(dataclasses.replace(service_window(i, rs), gap=True))
+        events += ev
+        judged += [j.feature for u in updates for j in u.judgements if j.judged]
+    assert "call_rate" not in judged and "error_log_rate" not in judged and "latency_p95" in judged
+    assert [(e.operation, e.feature[:8]) for e in events if e.state == "firing"] == [("GET /b", "latency_")]
+    # the same drop without the gap fires, and the halved rates were not learned meanwhile
+    rs = [dataclasses.replace(r, count=r.count // 2) for r in normal_results(rng, 63)]
+    events = det.on_window(service_window(63, rs))[1] + det.on_window(service_window(64, rs))[1]
+    assert ("GET /a", "call_rate") in {(e.operation, e.feature) for e in events if e.state == "firing"}
+
+
 def test_static_rule_goes_through_the_lifecycle():
     rule = RuleConfig(name="errors over 5%", feature="error_rate", above=0.05, for_s=30)
     det = ServiceAnomaly(AnomalyConfig(rules=(rule,)), "svc", 10.0)

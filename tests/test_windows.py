@@ -378,3 +378,45 @@ def test_ticks_name_the_windows_a_step_read_data_in_once_per_window():
     # the same window again: no tick; b itself present: none for b; a string table entry alone is no data
     assert ticks.step([batch([(0, 0, 2, 0, 62 * S, 1)], services=two, step=3)]) == []
     assert ticks.step([batch([(1, 0, 2, 0, 71 * S, 1)], services=two, step=4)])[0].service == "a"
+
+
+def test_gaps_in_the_input_are_pauses_longer_than_the_input_makes():
+    """A stretch without anyone's spans or logs is a gap once the partition has learned its pauses
+    (GAP_WARMUP_S) and when it is GAP_FACTOR times the longest of them lately."""
+    from pipeline.steps import GAP_WARMUP_S, _Ticks
+
+    def spans(seconds, step):
+        return batch([(0, 0, 2, 0, int(t * S), 1) for t in seconds], step=step)
+
+    ticks, step = _Ticks(10 * S), 0
+    for t0 in range(0, GAP_WARMUP_S + 40, 10):  # a span every 0.5 s, a pause of 3 s at 100 s: learned
+        step += 1
+        assert ticks.step([spans([t / 2 for t in range(2 * t0, 2 * t0 + 20) if not 100 <= t / 2 < 103], step)]) == []
+    t0 = GAP_WARMUP_S + 40  # the last span ended in the second before
+    # 8 empty seconds: a gap (twice the longest pause, 3 s, a little faded, is 5.4); then 5: a pause
+    (g,) = ticks.step([spans([t0 + 8, t0 + 9], 100)])
+    assert g.gaps == ((t0 * S, (t0 + 8) * S),) and g.windows == ()
+    assert ticks.step([spans([t0 + 15], 101)]) == []
+    # late data (behind the newest second read) neither makes nor fills a gap
+    assert ticks.step([spans([t0 + 16, t0 + 3], 102)]) == []
+    # a partition whose input pauses for 20 s as a matter of course: 30 s is no gap (then the
+    # longest pause), 60 s is
+    slow, times = _Ticks(10 * S), range(0, GAP_WARMUP_S + 100, 21)
+    for k, t in enumerate(times):
+        assert slow.step([spans([t], k)]) == []
+    last = times[-1] + 31
+    assert slow.step([spans([last], 900)]) == []
+    assert slow.step([spans([last + 61], 901)])[0].gaps == (((last + 1) * S, (last + 61) * S),)
+
+
+def test_windows_partly_in_a_gap_say_so():
+    sp = spec(length_s=10, allowed_lateness_s=0)
+    sw = ServiceWindows("svc", sp, 100, 600 * S, silent_limit=6)
+    sw.on_item(preaggregate(batch([(0, 0, 2, 0, 1 * S, 1)], step=1), sp)[0], now=0.0)
+    sw.on_item(Tick("svc", (), (0, 2), ((14 * S, 23 * S),)), now=0.0)
+    out = []
+    for k, end in ((3, 12), (4, 25), (5, 31), (6, 45), (7, 46)):
+        out += sw.on_item(preaggregate(batch([(0, 0, 2, 0, end * S, 1)], step=k), sp)[0], now=0.0)
+    assert [(w.window_start // S, w.gap) for w in out] == [(0, False), (10, True), (20, True), (30, False)]
+    sw.on_item(Tick("svc", (), (0, 8), ((50 * S, 52 * S),)), now=0.0)
+    assert sw.gaps == [(50 * S, 52 * S)]  # the one the closed windows passed is forgotten
