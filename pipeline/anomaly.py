@@ -76,7 +76,7 @@ from pipeline.model import (
     WindowResult,
     kind_name,
 )
-from pipeline.rare_events import at_once_z, counted
+from pipeline.rare_events import SLOW_CALLS, at_once_z, counted
 
 QUIET_HALF_LIFE_S = 6 * 3600.0  # how long a silence the service came back from is remembered (halving)
 SILENCE_WARMUP = 6  # silence is judged after this many times anomaly.warmup_windows (12 min by default)
@@ -344,6 +344,8 @@ class ServiceAnomaly:
             judgements, hst, anomalous = det.judge(values, calls, self.length_s, judged_run, buckets, self.bounds,
                                                    not gap)  # fmt: skip
         learning = det.learning
+        if det.tail is not None and det.tail.windows > 1:  # slow calls judged over a run of windows
+            spans = {**(spans or {}), SLOW_CALLS: det.tail.windows}
         evidence = _evidence_windows(judgements, self.cfg.band_k, self.cfg.pending_windows, self.length_s, spans or {})
         change = det.lifecycle.observe(anomalous, evidence)
         if change in ("pending", "firing"):
@@ -407,11 +409,12 @@ def _evidence_windows(judgements, k: float, m: int, length_s: float, spans: dict
       is not left pending). Not for the band's z-scores: real rates and latencies have heavier
       tails than the normal, and one window at z 6 is common enough on them (tried: the
       fault-free OnlineBoutique hour fired 8-21 times on call rates);
-    - when only fresh metric points are beyond their bands, the fewest windows those points
-      summarize (a CPU point exported once a minute is a minute of high CPU, not ten seconds
-      of it). A held point is judged again every window, so one high point would fire a window
-      later anyway; this makes it fire when it arrives, in replay too, where no window may
-      follow the last point."""
+    - when only fresh metric points, or slow calls judged over a run of windows (``SLOW_CALLS``),
+      are beyond their bands, the fewest windows those points or runs summarize (a CPU point
+      exported once a minute is a minute of high CPU, not ten seconds of it; a rare operation's
+      run of three slow windows is three windows of evidence). A held point is judged again
+      every window, so one high point would fire a window later anyway; this makes it fire when
+      it arrives, in replay too, where no window may follow the last point."""
     beyond = [j for j in judgements if _beyond(j, k)]
     strong = m if any(counted(j, length_s) and _strength(j) >= at_once_z(k, m) for j in beyond) else 1
     if not beyond or any(j.feature not in spans for j in beyond):

@@ -76,6 +76,8 @@ class CallTail:
     evidence; its run holds more): a binomial tail, an exact probability. An operation slow by
     request (two modes) learned its slow mode, and the bound lies beyond it."""
 
+    windows = 0  # windows in the run so far (a class default for snapshots of older versions)
+
     def __init__(self, buckets: int) -> None:
         self.counts = [0.0] * buckets
         self.total = 0.0
@@ -112,19 +114,21 @@ class CallTail:
 
     def end_run(self) -> None:
         self.run = (0, 0, self.run[2])
+        self.windows = 0
 
     def judge(self, window: list[int], k: float, bounds: tuple[float, ...]) -> tuple[float, float, float, float] | None:
         """Judge a window and carry the run on: (z, calls past the bound in the run, calls
         expected past it, the most past it within ``k``), or None when not judged."""
         i, p = self.bound(bounds)
         if i < 0 or len(window) != len(self.counts):
-            self.run = (0, 0, -1)
+            self.run, self.windows = (0, 0, -1), 0
             return None
         past, n = sum(window[i + 1:]), sum(window)
         if past <= n * p:  # not slower than usual: a run ends here
-            self.run = (0, 0, i)
+            self.run, self.windows = (0, 0, i), 0
             return 0.0, float(past), n * p, float(_binomial_upper(n, p, k))
         run_past, run_n, run_i = self.run if self.run[2] == i else (0, 0, i)
+        self.windows = self.windows + 1 if self.run[2] == i and run_n else 1
         past, n = past + run_past, n + run_n
         self.run = (past, n, i)
         if past < TAIL_CALLS:
