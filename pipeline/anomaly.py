@@ -344,8 +344,12 @@ class ServiceAnomaly:
             judgements, hst, anomalous = det.judge(values, calls, self.length_s, judged_run, buckets, self.bounds,
                                                    not gap)  # fmt: skip
         learning = det.learning
-        if det.tail is not None and det.tail.windows > 1:  # slow calls judged over a run of windows
-            spans = {**(spans or {}), SLOW_CALLS: det.tail.windows}
+        # slow calls and rare counts judged over a run of windows: that many windows of evidence
+        runs = {f: r.run[1] for f, r in det.rare.items() if r.run[1] > 1}
+        if det.tail is not None and det.tail.windows > 1:
+            runs[SLOW_CALLS] = det.tail.windows
+        if runs:
+            spans = {**(spans or {}), **runs}
         evidence = _evidence_windows(judgements, self.cfg.band_k, self.cfg.pending_windows, self.length_s, spans or {})
         change = det.lifecycle.observe(anomalous, evidence)
         if change in ("pending", "firing"):

@@ -262,8 +262,10 @@ class KeyDetector:
             z = (x - expected) / sigma
             rare = self.rare.get(f)
             if rare is not None and rare.rate() < RARE_BELOW:
-                expected, lo, z = rare.rate() / length_s, 0.0, rare.z(x * length_s)
+                expected, lo, z = rare.rate() / length_s, 0.0, rare.judge(x * length_s)
                 hi = rare_upper(rare, k) / length_s
+            elif rare is not None:
+                rare.end_run()
             judgements.append(Judgement(f, x, expected, lo, hi, z if judged else 0.0, judged))
         tail = None
         if self.tail is not None and buckets is not None:

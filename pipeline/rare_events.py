@@ -35,14 +35,41 @@ SLOW_FACTOR = 4.0  # ... and at least 4 times the learned median: not a blip of 
 class RareCount:
     """Long-horizon rate of a count per window: exponentially decayed sums of windows, counts
     and squared counts; the rate has half a count of prior (a never-seen event is not
-    impossible), the dispersion (variance / mean, at least 1) scales the Poisson model."""
+    impossible), the dispersion (variance / mean, at least 1) scales the Poisson model. A window
+    is judged with the run of windows in a row above the rate that it ends (``judge``): two
+    errors a window for four windows from a service that logs one an hour are as unlikely as
+    eight in one; the run's windows are learned when it ends, so the rate does not rise under it."""
+
+    run = (0.0, 0)  # counts and windows of the run so far (class defaults: older snapshots)
+    held: tuple[tuple[float, float], ...] = ()  # the run's windows judged normal: (count, length_s)
 
     def __init__(self) -> None:
         self.n = 0.0
         self.total = 0.0
         self.squares = 0.0
 
+    def judge(self, count: float) -> float:
+        """z of this window's count with the run of windows above the rate it belongs to (0, and
+        the run over, when it is not above)."""
+        if count <= self.rate():
+            self.run = (0.0, 0)
+            return 0.0
+        self.run = (self.run[0] + count, self.run[1] + 1)
+        return self.z(self.run[0], self.run[1])
+
+    def end_run(self) -> None:
+        self.run = (0.0, 0)
+
     def learn(self, count: float, length_s: float) -> None:
+        if self.run[1]:
+            self.held = (*self.held, (count, length_s))
+            return
+        held, self.held = self.held, ()
+        for c, length in held:
+            self._learn(c, length)
+        self._learn(count, length_s)
+
+    def _learn(self, count: float, length_s: float) -> None:
         keep = 1.0 - min(length_s / RARE_HORIZON_S, 1.0)
         self.n = self.n * keep + 1.0
         self.total = self.total * keep + count
@@ -58,10 +85,11 @@ class RareCount:
         mean = self.total / self.n
         return max(1.0, (self.squares / self.n - mean * mean) / mean)
 
-    def z(self, count: float) -> float:
-        """How unlikely ``count`` or more is, as a one-sided z (0 at or below the rate)."""
+    def z(self, count: float, windows: int = 1) -> float:
+        """How unlikely ``count`` or more in ``windows`` windows is, as a one-sided z (0 at or
+        below the rate)."""
         d = self.dispersion()
-        lam, k = self.rate() / d, math.floor(count / d + 1e-9)
+        lam, k = self.rate() * windows / d, math.floor(count / d + 1e-9)
         if k <= lam:
             return 0.0
         return -_NORMAL.inv_cdf(max(_poisson_tail(k, lam), 1e-300))

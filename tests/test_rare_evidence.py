@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from pipeline.anomaly import ServiceAnomaly
+from pipeline.anomaly import SERVICE_KEY, ServiceAnomaly
 from pipeline.config import DEFAULT_BUCKETS, AnomalyConfig
 from pipeline.rare_events import CallTail, RareCount, at_once_z
 from pipeline.incident_model import Evidence, ServiceSummary
@@ -62,6 +62,33 @@ def test_a_burst_of_error_logs_from_a_service_that_logs_none_fires_in_its_window
     fired = [e for e in events if e.state == "firing"]
     assert [(e.feature, e.time) for e in fired] == [("error_log_rate", 202 * L)]
     assert fired[0].observed == 0.6 and fired[0].upper < 0.6
+
+
+def test_a_few_error_logs_a_window_from_a_service_that_logs_none_fire_over_their_run() -> None:
+    """From a service that logs an error every 100 windows, two errors in a window are not enough
+    alone (z 3.8), two such windows in a row are (as two windows beyond the band); the run's windows
+    are not learned while it lasts (the rate would rise under it), and are when it ends."""
+    det = ServiceAnomaly(AnomalyConfig(), "svc", 10.0)
+    rng = np.random.default_rng(5)
+    for i in range(300):
+        det.on_window(service_window(i, [busy(rng)], logs=100, error_logs=int(i % 100 == 50)))
+    rare = det.keys[SERVICE_KEY].rare["error_log_rate"]
+    before = rare.rate()
+    got = []
+    for i in range(300, 304):
+        got += [(e.state, e.feature, e.time // L) for e in det.on_window(
+            service_window(i, [busy(rng)], logs=100, error_logs=2))[1]]  # fmt: skip
+    assert got == [("firing", "error_log_rate", 301)]
+    assert rare.rate() == before and rare.run == (8.0, 4)
+    count = RareCount()
+    for i in range(300):
+        count.learn(int(i % 100 == 50), 10.0)
+    assert count.judge(2) < 4 < count.judge(2)  # one window, then the run of two
+    count.learn(2, 10.0)  # held
+    assert count.judge(0) == 0.0 and count.run == (0.0, 0)
+    low = count.rate()
+    count.learn(0, 10.0)  # the run is over: its windows are learned, then this one
+    assert count.rate() > low and count.held == ()
 
 
 def test_a_service_that_always_logs_errors_needs_two_windows_as_before() -> None:
