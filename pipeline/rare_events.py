@@ -26,6 +26,9 @@ _NORMAL = NormalDist()
 RARE_FEATURES = ("error_log_rate",)
 RARE_HORIZON_S = 6 * 3600.0
 RARE_BELOW = 1.0  # expected counts a window below which the Poisson judgement is used
+RUN_WINDOWS = 6  # a rare count's run is its last windows in a row above the rate, this many at most,
+RUN_LEARNED = 30  # ... once this many windows are learned (a service logging 1 a window from its start
+# would otherwise run forever on the prior's rate, its windows held and never learned)
 SLOW_CALLS = "slow_calls"  # calls slower than usual, judged on windows of fewer than min_calls calls
 TAIL_SHARE = 0.01  # slow: past a bound that at most 1 in 100 learned calls passed,
 TAIL_CALLS = 5  # ... judged once the run has this many calls past the bound (as a tail quantile)
@@ -38,9 +41,11 @@ class RareCount:
     impossible), the dispersion (variance / mean, at least 1) scales the Poisson model. A window
     is judged with the run of windows in a row above the rate that it ends (``judge``): two
     errors a window for four windows from a service that logs one an hour are as unlikely as
-    eight in one; the run's windows are learned when it ends, so the rate does not rise under it."""
+    eight in one. The run is its last ``RUN_WINDOWS`` windows at most, learned as they leave it or
+    when it ends, so the rate does not rise under it, nor stay under a level that lasts."""
 
-    run = (0.0, 0)  # counts and windows of the run so far (class defaults: older snapshots)
+    run = (0.0, 0)  # counts and windows of the run (class defaults: snapshots of older versions)
+    recent: tuple[float, ...] = ()  # the run's counts, the newest last
     held: tuple[tuple[float, float], ...] = ()  # the run's windows judged normal: (count, length_s)
 
     def __init__(self) -> None:
@@ -51,22 +56,26 @@ class RareCount:
     def judge(self, count: float) -> float:
         """z of this window's count with the run of windows above the rate it belongs to (0, and
         the run over, when it is not above)."""
-        if count <= self.rate():
-            self.run = (0.0, 0)
-            return 0.0
-        self.run = (self.run[0] + count, self.run[1] + 1)
-        return self.z(self.run[0], self.run[1])
+        if count <= self.rate() or self.n < RUN_LEARNED:
+            self.end_run()
+            return self.z(count)
+        self.recent = (*self.recent, count)[-RUN_WINDOWS:]
+        self.run = (sum(self.recent), len(self.recent))
+        return self.z(*self.run)
 
     def end_run(self) -> None:
-        self.run = (0.0, 0)
+        self.run, self.recent = (0.0, 0), ()
 
     def learn(self, count: float, length_s: float) -> None:
-        if self.run[1]:
+        if self.run[1]:  # held while in the run; the oldest learned once it has left the run
             self.held = (*self.held, (count, length_s))
-            return
-        held, self.held = self.held, ()
-        for c, length in held:
-            self._learn(c, length)
+            if len(self.held) < RUN_WINDOWS:
+                return
+            (count, length_s), self.held = self.held[0], self.held[1:]
+        else:
+            for c, length in self.held:
+                self._learn(c, length)
+            self.held = ()
         self._learn(count, length_s)
 
     def _learn(self, count: float, length_s: float) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.anomaly import SERVICE_KEY, ServiceAnomaly
 from pipeline.config import DEFAULT_BUCKETS, AnomalyConfig
-from pipeline.rare_events import CallTail, RareCount, at_once_z
+from pipeline.rare_events import RUN_WINDOWS, CallTail, RareCount, at_once_z
 from pipeline.incident_model import Evidence, ServiceSummary
 from pipeline.incidents import IncidentTracker
 from pipeline.model import WindowResult
@@ -89,6 +89,18 @@ def test_a_few_error_logs_a_window_from_a_service_that_logs_none_fire_over_their
     low = count.rate()
     count.learn(0, 10.0)  # the run is over: its windows are learned, then this one
     assert count.rate() > low and count.held == ()
+
+
+def test_a_service_that_logs_an_error_every_window_from_its_start_is_its_normal() -> None:
+    """Its first windows are above the prior's rate; they are learned (no run before RUN_LEARNED
+    windows, and a run holds back RUN_WINDOWS windows at most), so its rate becomes its own."""
+    det = ServiceAnomaly(AnomalyConfig(), "svc", 10.0)
+    rng = np.random.default_rng(6)
+    events = []
+    for i in range(300):
+        events += det.on_window(service_window(i, [busy(rng)], logs=100, error_logs=1 + int(i % 7 == 3)))[1]
+    rare = det.keys[SERVICE_KEY].rare["error_log_rate"]
+    assert events == [] and rare.rate() > 0.9 and len(rare.held) < RUN_WINDOWS
 
 
 def test_a_service_that_always_logs_errors_needs_two_windows_as_before() -> None:
