@@ -66,8 +66,14 @@ class Client(threading.Thread):
 
 
 def test_kill9_three_times_loses_nothing_acknowledged(daemon_factory, tmp_path):
+    """The client keeps its event time still while it retries, and its gRPC reconnect backs off
+    (1 s, 1.6 s, 2.6 s, ...): with the 2 s idle timeout, a restored window could close on the idle
+    timer before the resent request came, its spans then (rightly) counted late, not in the window
+    (it failed twice in sixteen runs, each time one acknowledged request short, which is what a
+    late resend looks like). The idle timeout is longer than a restart here, as in the cluster test
+    below and as it should be in production."""
     out = tmp_path / "windows.jsonl"
-    d = daemon_factory(CONFIG, ["--emit-jsonl", str(out)])
+    d = daemon_factory(CONFIG.replace("idle_timeout_s = 2.0", "idle_timeout_s = 10.0"), ["--emit-jsonl", str(out)])
     client = Client(d.grpc_target, base_ns=(time.time_ns() // (10 * S) - 60) * 10 * S)
     client.start()
     rng = random.Random(20261122)
@@ -79,7 +85,7 @@ def test_kill9_three_times_loses_nothing_acknowledged(daemon_factory, tmp_path):
     client.stop.set()
     client.join(30)
     assert client.requests > 100 and client.resends > 0
-    check_nothing_acknowledged_lost(client, out)
+    check_nothing_acknowledged_lost(client, out, wait_s=60)
 
 
 def test_kill9_of_one_cluster_process_loses_nothing_acknowledged(daemon_factory, tmp_path):
