@@ -66,7 +66,7 @@ def with_dimensions(batch: SpanBatch, keys: tuple[str, ...], default: str, cache
     if space < 2**62:
         for col in cols:
             code = code * radix + (col.astype(np.int64) + 1 if col is not None else 0)
-        unique, inverse = _dense_unique(code, space)
+        unique, inverse = dense_unique(code, space)
         combos = []
         for c in unique.tolist():
             found = []
@@ -93,13 +93,16 @@ def with_dimensions(batch: SpanBatch, keys: tuple[str, ...], default: str, cache
     return dataclasses.replace(batch, operations=tuple(operations), op_idx=inverse.reshape(-1).astype(np.int32))
 
 
-def _dense_unique(code: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(code, return_inverse=True)`` for codes in ``range(space)``: by a table of the
-    codes present when the space is small (names times values: it usually is), without a sort."""
+def dense_unique(code: np.ndarray, space: int, inverse: bool = True):
+    """``np.unique(code, return_inverse=inverse)`` for codes in ``range(space)``: by a table of the
+    codes present when the space is small (names times values, seconds of a read step: it
+    usually is), without a sort."""
     if space > max(4 * code.size, 1 << 16):
-        return np.unique(code, return_inverse=True)
+        return np.unique(code, return_inverse=True) if inverse else np.unique(code)
     present = np.zeros(space, dtype=bool)
     present[code] = True
+    if not inverse:
+        return np.flatnonzero(present)
     return np.flatnonzero(present), (np.cumsum(present, dtype=np.int64) - 1)[code]
 
 

@@ -32,6 +32,7 @@ from pipeline import servicegraph
 from pipeline.config import Config, DbConfig
 from pipeline.db_analysis import DbAnalyzer
 from pipeline.deadletter import DeadLetters
+from pipeline.dimensions import dense_unique
 from pipeline.exceptions import count_exceptions
 from pipeline.incidents import IncidentTracker
 from pipeline.metric_model import MetricBatch
@@ -209,7 +210,9 @@ class _Ticks:
         Data older than that second (late) is not looked at: it neither makes nor fills a gap."""
         if not traffic:
             return ()
-        secs = np.unique(np.concatenate(traffic) // 10**9)
+        t = np.concatenate(traffic) // 10**9
+        lo = int(t.min())
+        secs = dense_unique(t - lo, int(t.max()) - lo + 1, inverse=False) + lo  # no sort: ~3 ns a span
         if self.frontier is not None:
             secs = np.concatenate(([self.frontier], secs[secs > self.frontier]))
             self.longest *= 0.5 ** ((int(secs[-1]) - self.frontier) / GAP_HALF_LIFE_S)

@@ -7,7 +7,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from pipeline.config import ConfigError, WindowsConfig
 from pipeline.decode import decode_traces, decode_traces_json, decode_traces_upb
 from pipeline.decode.common import DecodeLimits
-from pipeline.dimensions import _dense_unique, compose, label_name, readable, split, with_dimensions
+from pipeline.dimensions import compose, dense_unique, label_name, readable, split, with_dimensions
 from pipeline.model import SpanBatch
 from pipeline.preaggregate import WindowSpec, preaggregate
 
@@ -71,9 +71,10 @@ def test_dense_unique_is_numpys_unique():
     rng = np.random.default_rng(7)
     for space, n in ((10, 1), (50, 1000), (1 << 16, 500), (1 << 20, 300), (1 << 40, 2000)):
         code = rng.integers(0, space, size=n, dtype=np.int64)
-        unique, inverse = _dense_unique(code, space)
+        unique, inverse = dense_unique(code, space)
         want_unique, want_inverse = np.unique(code, return_inverse=True)
         assert unique.tolist() == want_unique.tolist() and inverse.tolist() == want_inverse.tolist()
+        assert dense_unique(code, space, inverse=False).tolist() == want_unique.tolist()
 
 
 def _request(resource_env: str | None, span_env: str | None) -> bytes:

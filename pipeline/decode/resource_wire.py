@@ -16,6 +16,18 @@ _INSTANCE_ID = np.frombuffer(b"service.instance.id", dtype=np.uint8)
 
 
 @njit(cache=True, nogil=True)
+def _string(buf, p, end, wt):
+    """A string field's bytes, its length at ``p``: (start, end), or (-1, -1) when its wire type is
+    not length-delimited, its length runs past ``end`` or it is not UTF-8 (upb refuses those)."""
+    if wt != 2:
+        return -1, -1
+    a, b = _delimited(buf, p, end)
+    if a < 0 or not _utf8(buf, a, b):
+        return -1, -1
+    return a, b
+
+
+@njit(cache=True, nogil=True)
 def _resource(buf, a, b, resources, r):
     """Reads ``service.name`` / ``service.instance.id`` of the Resource in buf[a:b]; False to give up.
 
@@ -45,10 +57,8 @@ def _resource(buf, a, b, resources, r):
             if q < 0:
                 return False
             if field == 1:  # key
-                if wt != 2:
-                    return False
-                key_a, key_b = _delimited(buf, q, kb)
-                if key_a < 0 or not _utf8(buf, key_a, key_b):
+                key_a, key_b = _string(buf, q, kb, wt)
+                if key_a < 0:
                     return False
                 q = key_b
             elif field == 2:  # value: an AnyValue, of which only string_value is read
@@ -64,10 +74,8 @@ def _resource(buf, a, b, resources, r):
                     if s < 0:
                         return False
                     if field == 1:
-                        if wt != 2:
-                            return False
-                        val_a, val_b = _delimited(buf, s, ab)
-                        if val_a < 0 or not _utf8(buf, val_a, val_b):
+                        val_a, val_b = _string(buf, s, ab, wt)
+                        if val_a < 0:
                             return False
                         s = val_b
                     else:
