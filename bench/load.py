@@ -198,10 +198,16 @@ class Template:
         self.body = bytearray(req.SerializeToString())
         at: dict[int, list] = {_TRACE_ID: [], _SPAN_ID: [], _START: [], _END: []}
         ids = []
+        # ``placed`` follows the serialized order (services, their spans, a span's fields by number):
+        # each placeholder is looked for after the one before, one pass over the body (searching the
+        # whole body for each took 11 s for 4,096 spans). The placeholders are distinct random 62-bit
+        # values: one found where its span is, not elsewhere by chance.
+        last = 0
         for needle, what, real in placed:
-            pos = self.body.find(needle)
-            if pos < 0 or self.body.find(needle, pos + 1) >= 0:
-                raise RuntimeError("a placeholder not found once in the serialized template")
+            pos = self.body.find(needle, last)
+            if pos < 0:
+                raise RuntimeError("a placeholder not found in the serialized template")
+            last = pos + len(needle)
             pos += len(needle) - 8  # the last 8 bytes: a timestamp, a span or parent id, a trace id's second half
             at[what].append(pos)
             if what == _TRACE_ID:
